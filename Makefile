@@ -1,0 +1,33 @@
+# keepax developer entry points. Everything is installed into .venv by these targets.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed-core: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-core
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed-core
+	$(PIP) install --quiet -e '.[bench]'
+	touch $@
+
+demo: $(VENV)/.installed-core
+	$(PY) examples/demo.py
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(VENV)/.installed-bench
+	$(PY) benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) demo_out bench_out

@@ -1,0 +1,31 @@
+"""keepax: fast, safe, documented checkpoints for JAX pytrees.
+
+The public surface is what this module re-exports; everything under ``keepax._src`` is
+private.
+"""
+
+from keepax import errors as errors
+from keepax._src.snapshot import CheckpointInfo as CheckpointInfo
+from keepax._src.snapshot import LeafInfo as LeafInfo
+from keepax._src.snapshot import RestoreStats as RestoreStats
+from keepax._src.snapshot import SaveResult as SaveResult
+from keepax._src.snapshot import inspect as inspect
+from keepax._src.snapshot import restore as restore
+from keepax._src.snapshot import save as save
+from keepax._src.snapshot import verify as verify
+from keepax.errors import KeepaxError as KeepaxError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "errors",
+    "save",
+    "restore",
+    "inspect",
+    "verify",
+    "CheckpointInfo",
+    "LeafInfo",
+    "RestoreStats",
+    "SaveResult",
+    "KeepaxError",
+]

@@ -1,0 +1,497 @@
+"""Array bytes <-> data files: safetensors layout, CRC-32C per chunk, parallel I/O.
+
+Each data file is a valid safetensors file: an 8-byte little-endian header length, a JSON
+header (padded with spaces so that data starts on a 64-byte boundary) naming every chunk as a
+tensor, then the chunks back to back. Our manifest records each chunk's absolute offset, so
+readers never need the safetensors header; it is there for other tools.
+
+Writing streams each chunk from the caller's memory (no staging copy for C-contiguous data),
+checksumming it just before it is written; small chunks are gathered into one ``writev``.
+Reading fills the caller's output arrays directly when a chunk is a contiguous slab of them,
+coalesces small chunks into one read, and verifies every chunk's checksum.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import crc32c as _crc32c
+import numpy as np
+
+from keepax._src import dtypes
+from keepax._src.manifest import FORMAT_NAME, FORMAT_VERSION, Chunk, DataFile
+from keepax._src.sharding import Box, intersect, local_slices
+from keepax._src.storage.base import Reader, Storage, Writer
+from keepax.errors import CorruptCheckpointError
+
+__all__ = [
+    "ChunkSource",
+    "ReadRequest",
+    "RestoreStats",
+    "checksum",
+    "write_data_files",
+    "read_requests",
+    "safetensors_header",
+]
+
+CHUNK_BYTES = 64 << 20
+"""Arrays larger than this are split into several chunks (along their first axis)."""
+
+_ALIGN = 64
+_SMALL = 256 << 10  # chunks below this are gathered (writes) or coalesced (reads)
+_BATCH_BYTES = 16 << 20  # at most this much gathered into one writev / coalesced read
+_COPY_BLOCK = 8 << 20  # non-contiguous sources are copied out in blocks of about this size
+
+
+def checksum(data: memoryview | bytes, value: int = 0) -> int:
+    """CRC-32C of ``data`` (continuing from ``value``); releases the GIL on large buffers."""
+    return _crc32c.crc32c(data, value)
+
+
+def _bytes_view(array: np.ndarray) -> memoryview:
+    """A flat byte view of a C-contiguous array (any dtype, including ml_dtypes)."""
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
+@dataclasses.dataclass
+class ChunkSource:
+    """A chunk to write.
+
+    Attributes:
+      leaf: Index of the leaf the chunk belongs to.
+      name: Tensor name in the safetensors header.
+      start: Box start in the global array.
+      shape: Box shape.
+      dtype: The array's dtype.
+      data: Returns the chunk's values as a NumPy array of ``shape`` (any memory layout);
+        called once, by the thread that writes the chunk.
+    """
+
+    leaf: int
+    name: str
+    start: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    data: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def safetensors_header(sources: Sequence[ChunkSource], file_tag: str) -> bytes:
+    """Builds the length-prefixed, 64-byte-aligned safetensors header for these chunks."""
+    header: dict[str, Any] = {
+        "__metadata__": {
+            "format": FORMAT_NAME,
+            "format_version": f"{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}",
+            "file": file_tag,
+        }
+    }
+    offset = 0
+    for source in sources:
+        code = dtypes.safetensors_code(source.dtype)
+        shape = list(source.shape) if code is not None else [source.nbytes]
+        header[source.name] = {
+            "dtype": code or "U8",
+            "shape": shape,
+            "data_offsets": [offset, offset + source.nbytes],
+        }
+        offset += source.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * ((-(8 + len(text))) % _ALIGN)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _plan_files(sources: Sequence[ChunkSource], max_files: int) -> list[list[ChunkSource]]:
+    """Spreads chunks over at most ``max_files`` files of about equal size, keeping leaf order
+    within each file."""
+    total = sum(s.nbytes for s in sources)
+    nfiles = max(1, min(max_files, len(sources), math.ceil(total / (CHUNK_BYTES))))
+    if nfiles == 1:
+        return [list(sources)]
+    loads = [0] * nfiles
+    assigned: list[list[tuple[int, ChunkSource]]] = [[] for _ in range(nfiles)]
+    for order, source in sorted(enumerate(sources), key=lambda p: -p[1].nbytes):
+        target = loads.index(min(loads))
+        loads[target] += source.nbytes
+        assigned[target].append((order, source))
+    return [[s for _, s in sorted(group, key=lambda p: p[0])] for group in assigned if group]
+
+
+def _write_one(writer: Writer, sources: Sequence[ChunkSource], header: bytes) -> list[int]:
+    """Writes header then chunks; returns each chunk's CRC-32C."""
+    crcs: list[int] = []
+    pending: list[memoryview] = [memoryview(header)]
+    pending_bytes = len(header)
+    for source in sources:
+        array = source.data()
+        if array.shape != source.shape:
+            raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
+        if array.flags.c_contiguous:
+            view = _bytes_view(array)
+            crcs.append(checksum(view))
+            if len(view) >= _SMALL:
+                if pending:
+                    writer.writev(pending)
+                    pending, pending_bytes = [], 0
+                writer.write(view)
+            else:
+                pending.append(view)
+                pending_bytes += len(view)
+                if pending_bytes >= _BATCH_BYTES or len(pending) >= 1024:
+                    writer.writev(pending)
+                    pending, pending_bytes = [], 0
+            continue
+        # Non-contiguous (strided, Fortran-ordered, ...): copy out in bounded row blocks.
+        if pending:
+            writer.writev(pending)
+            pending, pending_bytes = [], 0
+        row_bytes = max(1, array[:1].nbytes if array.ndim else array.nbytes)
+        rows = max(1, _COPY_BLOCK // row_bytes)
+        crc = 0
+        for r in range(0, array.shape[0], rows):
+            block = np.ascontiguousarray(array[r : r + rows])
+            view = _bytes_view(block)
+            crc = checksum(view, crc)
+            writer.write(view)
+        crcs.append(crc)
+    if pending:
+        writer.writev(pending)
+    return crcs
+
+
+def write_data_files(
+    storage: Storage,
+    directory: str,
+    sources: Sequence[ChunkSource],
+    *,
+    prefix: str,
+    max_files: int = 4,
+    workers: int = 4,
+) -> tuple[list[DataFile], dict[int, list[tuple[ChunkSource, Chunk]]]]:
+    """Writes chunks into a few data files, in parallel, each made durable before returning.
+
+    Args:
+      storage: Where to write.
+      directory: The (staging) checkpoint directory, relative to the storage root.
+      sources: The chunks, in leaf order.
+      prefix: File name prefix, unique per writing process (``p00000``).
+      max_files: At most this many files.
+      workers: Threads writing files concurrently.
+
+    Returns:
+      The files written (names relative to the checkpoint) and, per leaf index, its chunks
+      with their file index (into the returned list), offset and checksum.
+    """
+    groups = _plan_files(sources, max_files)
+    names = [f"data/{prefix}-{i:03d}.safetensors" for i in range(len(groups))]
+    headers = [safetensors_header(g, f"{prefix}-{i:03d}") for i, g in enumerate(groups)]
+
+    def write(i: int) -> list[int]:
+        writer = storage.create(f"{directory}/{names[i]}")
+        try:
+            crcs = _write_one(writer, groups[i], headers[i])
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        return crcs
+
+    if len(groups) == 1:
+        all_crcs = [write(0)]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(min(workers, len(groups))) as pool:
+            all_crcs = list(pool.map(write, range(len(groups))))
+
+    files = []
+    chunks: dict[int, list[tuple[ChunkSource, Chunk]]] = {}
+    for i, (group, header, crcs) in enumerate(zip(groups, headers, all_crcs)):
+        offset = len(header)
+        for source, crc in zip(group, crcs):
+            chunk = Chunk(i, offset, source.nbytes, source.start, source.shape, crc)
+            chunks.setdefault(source.leaf, []).append((source, chunk))
+            offset += source.nbytes
+        files.append(DataFile(names[i], offset))
+    return files, chunks
+
+
+@dataclasses.dataclass
+class ReadRequest:
+    """Fill ``out`` (a C-contiguous array holding box ``box`` of a leaf) from that leaf's
+    chunks.
+
+    Attributes:
+      leaf: The leaf's key path, for error messages.
+      chunks: The leaf's chunks (all of them; only those overlapping ``box`` are read).
+      box: The box of the global array that ``out`` holds.
+      out: Destination array, C-contiguous, of the leaf's stored dtype and ``box``'s shape.
+    """
+
+    leaf: str
+    chunks: Sequence[Chunk]
+    box: Box
+    out: np.ndarray
+
+
+@dataclasses.dataclass
+class RestoreStats:
+    """What a restore read.
+
+    Attributes:
+      bytes_read: Bytes read from data files (manifest and marker not included).
+      chunks_read: Chunks read (and verified).
+      files_opened: Data files opened.
+    """
+
+    bytes_read: int = 0
+    chunks_read: int = 0
+    files_opened: int = 0
+
+
+@dataclasses.dataclass
+class _Piece:
+    """One chunk to read, and where its bytes go."""
+
+    request: ReadRequest
+    chunk: Chunk
+    direct: memoryview | None  # where to read the chunk straight into, if possible
+
+
+def _direct_view(request: ReadRequest, chunk: Chunk) -> memoryview | None:
+    """The slab of ``request.out`` a chunk fills exactly, if it is contiguous there."""
+    (start, shape), out = request.box, request.out
+    if len(shape) == 0:
+        return _bytes_view(out)
+    if tuple(chunk.shape[1:]) != tuple(shape[1:]) or tuple(chunk.start[1:]) != tuple(start[1:]):
+        return None
+    if chunk.start[0] < start[0] or chunk.start[0] + chunk.shape[0] > start[0] + shape[0]:
+        return None
+    row = math.prod(shape[1:]) * out.dtype.itemsize
+    begin = (chunk.start[0] - start[0]) * row
+    return _bytes_view(out)[begin : begin + chunk.nbytes]
+
+
+class _Files:
+    """Opens data files lazily (once each) and checks their sizes against the manifest."""
+
+    def __init__(self, storage: Storage, directory: str, files: Sequence[DataFile], where: str):
+        self._storage, self._directory, self._files, self._where = storage, directory, files, where
+        self._open: dict[int, Reader] = {}
+        self._lock = threading.Lock()
+
+    def get(self, index: int, stats: RestoreStats) -> Reader:
+        with self._lock:
+            reader = self._open.get(index)
+            if reader is None:
+                entry = self._files[index]
+                try:
+                    reader = self._storage.open(f"{self._directory}/{entry.name}")
+                except FileNotFoundError as e:
+                    raise CorruptCheckpointError(
+                        f"data file {entry.name} is missing; the checkpoint is damaged",
+                        path=self._where,
+                    ) from e
+                if reader.size() != entry.nbytes:
+                    reader.close()
+                    raise CorruptCheckpointError(
+                        f"data file {entry.name} has {reader.size()} bytes, the manifest says "
+                        f"{entry.nbytes}; the checkpoint is truncated or damaged",
+                        path=self._where,
+                    )
+                self._open[index] = reader
+                stats.files_opened += 1
+            return reader
+
+    def close(self) -> None:
+        for reader in self._open.values():
+            reader.close()
+        self._open.clear()
+
+
+def _verify(view: memoryview, piece: _Piece, files: Sequence[DataFile], where: str) -> None:
+    actual = checksum(view)
+    if actual != piece.chunk.crc32c:
+        chunk = piece.chunk
+        raise CorruptCheckpointError(
+            f"checksum mismatch in {files[chunk.file].name} at bytes "
+            f"{chunk.offset}..{chunk.offset + chunk.nbytes} (chunk starting at {list(chunk.start)}"
+            f", shape {list(chunk.shape)}): stored {chunk.crc32c:#010x}, read {actual:#010x}; "
+            "the data file is damaged: restore an earlier checkpoint",
+            path=where,
+            leaf=piece.request.leaf,
+        )
+
+
+def _scatter(piece: _Piece, data: memoryview) -> None:
+    """Copies a verified chunk's bytes into the part of the output it overlaps."""
+    request, chunk = piece.request, piece.chunk
+    chunk_box = (chunk.start, chunk.shape)
+    overlap = intersect(chunk_box, request.box)
+    if overlap is None:
+        return
+    values = np.frombuffer(data, dtype=request.out.dtype).reshape(chunk.shape)
+    request.out[local_slices(overlap, request.box)] = values[local_slices(overlap, chunk_box)]
+
+
+def read_requests(
+    storage: Storage,
+    directory: str,
+    files: Sequence[DataFile],
+    requests: Sequence[ReadRequest],
+    *,
+    where: str,
+    workers: int = 8,
+) -> RestoreStats:
+    """Reads and verifies the chunks that the requests need, filling their outputs.
+
+    Raises:
+      CorruptCheckpointError: a file is missing or has the wrong size, or a checksum fails.
+    """
+    stats = RestoreStats()
+    pieces: list[_Piece] = []
+    for request in requests:
+        for chunk in request.chunks:
+            if intersect((chunk.start, chunk.shape), request.box) is None or chunk.nbytes == 0:
+                continue
+            pieces.append(_Piece(request, chunk, _direct_view(request, chunk)))
+    opened = _Files(storage, directory, files, where)
+
+    def read_one(piece: _Piece) -> int:
+        reader = opened.get(piece.chunk.file, stats)
+        target = piece.direct
+        if target is None:
+            target = memoryview(bytearray(piece.chunk.nbytes))
+        if reader.read_into(piece.chunk.offset, target) != piece.chunk.nbytes:
+            raise CorruptCheckpointError(
+                f"data file {files[piece.chunk.file].name} ends inside a chunk",
+                path=where,
+                leaf=piece.request.leaf,
+            )
+        _verify(target, piece, files, where)
+        if piece.direct is None:
+            _scatter(piece, target)
+        return piece.chunk.nbytes
+
+    def read_group(group: list[_Piece]) -> int:
+        """Reads adjacent small chunks of one file with one request."""
+        first, last = group[0].chunk, group[-1].chunk
+        span = last.offset + last.nbytes - first.offset
+        buffer = memoryview(bytearray(span))
+        reader = opened.get(first.file, stats)
+        if reader.read_into(first.offset, buffer) != span:
+            raise CorruptCheckpointError(
+                f"data file {files[first.file].name} ends inside a chunk", path=where
+            )
+        for piece in group:
+            begin = piece.chunk.offset - first.offset
+            view = buffer[begin : begin + piece.chunk.nbytes]
+            _verify(view, piece, files, where)
+            if piece.direct is not None:
+                piece.direct[:] = view
+            else:
+                _scatter(piece, view)
+        return span
+
+    tasks: list[tuple[Callable[[Any], int], Any]] = []
+    small = sorted(
+        (p for p in pieces if p.chunk.nbytes < _SMALL), key=lambda p: (p.chunk.file, p.chunk.offset)
+    )
+    group: list[_Piece] = []
+    for piece in small:
+        if group:
+            prev = group[-1].chunk
+            gap = piece.chunk.offset - (prev.offset + prev.nbytes)
+            span = piece.chunk.offset + piece.chunk.nbytes - group[0].chunk.offset
+            if piece.chunk.file != prev.file or not 0 <= gap <= _SMALL or span > _BATCH_BYTES:
+                tasks.append((read_group, group))
+                group = []
+        group.append(piece)
+    if group:
+        tasks.append((read_group, group))
+    tasks.extend((read_one, p) for p in pieces if p.chunk.nbytes >= _SMALL)
+
+    try:
+        if len(tasks) <= 1:
+            total = sum(fn(arg) for fn, arg in tasks)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(min(workers, len(tasks))) as pool:
+                total = sum(pool.map(lambda t: t[0](t[1]), tasks))
+    finally:
+        opened.close()
+    stats.bytes_read = total
+    stats.chunks_read = len(pieces)
+    return stats
+
+
+def check_sizes(
+    storage: Storage, directory: str, files: Sequence[DataFile], indices: Any, where: str
+) -> None:
+    """Checks that the given data files exist with the sizes the manifest records.
+
+    Called before any output is allocated, so that a manifest declaring more bytes than the
+    files hold cannot cause a large allocation.
+
+    Raises:
+      CorruptCheckpointError: a file is missing or has another size.
+    """
+    opened = _Files(storage, directory, files, where)
+    try:
+        for index in sorted(indices):
+            opened.get(index, RestoreStats())
+    finally:
+        opened.close()
+
+
+def verify_chunks(
+    storage: Storage,
+    directory: str,
+    files: Sequence[DataFile],
+    pieces: Sequence[tuple[str, Chunk]],
+    *,
+    where: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Re-reads chunks and checks their checksums; returns one message per problem.
+
+    Args:
+      pieces: (leaf path, chunk) pairs.
+      progress: Called with (bytes checked, total bytes) after each chunk.
+    """
+    problems: list[str] = []
+    bad_files: set[int] = set()
+    for index in sorted({c.file for _, c in pieces}):
+        try:
+            check_sizes(storage, directory, files, [index], where)
+        except CorruptCheckpointError as e:
+            problems.append(str(e))
+            bad_files.add(index)
+    opened = _Files(storage, directory, files, where)
+    total = sum(c.nbytes for _, c in pieces)
+    done = 0
+    buffer = bytearray(max((c.nbytes for _, c in pieces), default=0))
+    try:
+        for leaf, chunk in sorted(pieces, key=lambda p: (p[1].file, p[1].offset)):
+            if chunk.file not in bad_files:
+                view = memoryview(buffer)[: chunk.nbytes]
+                n = opened.get(chunk.file, RestoreStats()).read_into(chunk.offset, view)
+                actual = checksum(view[:n])
+                if n != chunk.nbytes or actual != chunk.crc32c:
+                    problems.append(
+                        f"{leaf}: checksum mismatch in {files[chunk.file].name} at bytes "
+                        f"{chunk.offset}..{chunk.offset + chunk.nbytes} (chunk starting at "
+                        f"{list(chunk.start)}): stored {chunk.crc32c:#010x}, read {actual:#010x}"
+                    )
+            done += chunk.nbytes
+            if progress is not None:
+                progress(done, total)
+    finally:
+        opened.close()
+    return problems

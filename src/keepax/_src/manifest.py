@@ -1,0 +1,389 @@
+"""The manifest (``manifest.json``) and the commit marker (``keepax.commit``).
+
+Both are JSON. This module turns them into dataclasses and back, and validates untrusted
+input: a manifest read from storage is checked field by field before anything is allocated or
+opened, so a hostile or damaged manifest can only produce a :class:`CorruptCheckpointError`
+or :class:`FormatVersionError`. The normative description is ``docs/FORMAT.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any
+
+from keepax._src import dtypes
+from keepax.errors import CorruptCheckpointError, FormatVersionError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "COMMIT_FILE",
+    "DATA_DIR",
+    "Chunk",
+    "ArrayLeaf",
+    "ValueLeaf",
+    "DataFile",
+    "Manifest",
+    "CommitMarker",
+]
+
+FORMAT_NAME = "keepax"
+FORMAT_VERSION = (1, 0)
+"""(major, minor). Readers reject a newer major version and accept any minor version."""
+
+MANIFEST_FILE = "manifest.json"
+COMMIT_FILE = "keepax.commit"
+DATA_DIR = "data"
+
+ARRAY_TYPES = ("jax", "numpy", "npscalar", "bytes", "prngkey")
+VALUE_TYPES = ("int", "float", "bool", "complex", "str")
+
+_DATA_FILE_RE = re.compile(r"^data/[A-Za-z0-9_.-]{1,128}\.safetensors$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """A box of one array, stored contiguously (C order) in one data file.
+
+    Attributes:
+      file: Index into :attr:`Manifest.files`.
+      offset: Absolute byte offset of the chunk in that file.
+      nbytes: Size in bytes (``prod(shape) * itemsize``).
+      start: Index of the box's first element in the global array.
+      shape: Shape of the box.
+      crc32c: CRC-32C (Castagnoli) of the chunk's bytes.
+    """
+
+    file: int
+    offset: int
+    nbytes: int
+    start: tuple[int, ...]
+    shape: tuple[int, ...]
+    crc32c: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayLeaf:
+    """A leaf whose bytes live in data files.
+
+    Attributes:
+      path: The leaf's key path (``jax.tree_util.keystr``).
+      type: What the leaf was: ``jax`` (a ``jax.Array``), ``numpy`` (an ``np.ndarray``),
+        ``npscalar`` (a NumPy scalar), ``bytes``, or ``prngkey`` (a typed PRNG key array,
+        stored as its key data).
+      shape: Shape of the stored array (for ``prngkey``, of the key data).
+      dtype: Manifest dtype name of the stored array.
+      chunks: Where the bytes are.
+      impl: For ``prngkey``: the PRNG implementation name (``threefry2x32``, ...).
+      sharding: Informational description of the saved sharding, if any.
+    """
+
+    path: str
+    type: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[Chunk, ...]
+    impl: str | None = None
+    sharding: dict[str, Any] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtypes.dtype_from_name(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueLeaf:
+    """A Python value stored in the manifest itself.
+
+    Attributes:
+      path: The leaf's key path.
+      type: ``int``, ``float``, ``bool``, ``complex`` or ``str``.
+      value: JSON value: an int, a bool, a string, the 16-hex-digit IEEE-754 bits of a float,
+        or a pair of those for a complex.
+    """
+
+    path: str
+    type: str
+    value: Any
+
+    nbytes = 0
+
+
+Leaf = ArrayLeaf | ValueLeaf
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFile:
+    """A data file of the checkpoint: its path relative to the checkpoint and its size."""
+
+    name: str
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """Everything about a checkpoint except the array bytes."""
+
+    version: tuple[int, int]
+    tree: dict[str, Any]
+    leaves: tuple[Leaf, ...]
+    files: tuple[DataFile, ...]
+    metadata: dict[str, Any]
+    created: float
+    writer: dict[str, Any]
+
+    def to_json(self) -> bytes:
+        """Serialises the manifest (UTF-8 JSON)."""
+        leaves = []
+        for leaf in self.leaves:
+            if isinstance(leaf, ArrayLeaf):
+                entry: dict[str, Any] = {
+                    "path": leaf.path,
+                    "type": leaf.type,
+                    "shape": list(leaf.shape),
+                    "dtype": leaf.dtype,
+                    "chunks": [
+                        {
+                            "file": c.file,
+                            "offset": c.offset,
+                            "nbytes": c.nbytes,
+                            "start": list(c.start),
+                            "shape": list(c.shape),
+                            "crc32c": c.crc32c,
+                        }
+                        for c in leaf.chunks
+                    ],
+                }
+                if leaf.impl is not None:
+                    entry["impl"] = leaf.impl
+                if leaf.sharding is not None:
+                    entry["sharding"] = leaf.sharding
+            else:
+                entry = {"path": leaf.path, "type": leaf.type, "value": leaf.value}
+            leaves.append(entry)
+        doc = {
+            "format": FORMAT_NAME,
+            "version": f"{self.version[0]}.{self.version[1]}",
+            "created": self.created,
+            "writer": self.writer,
+            "metadata": self.metadata,
+            "files": [{"name": f.name, "nbytes": f.nbytes} for f in self.files],
+            "tree": self.tree,
+            "leaves": leaves,
+        }
+        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, where: str) -> Manifest:
+        """Parses and validates an untrusted manifest.
+
+        Args:
+          data: The file's bytes.
+          where: The checkpoint path, for error messages.
+
+        Raises:
+          CorruptCheckpointError: if the JSON is invalid or inconsistent.
+          FormatVersionError: if it was written by a newer major format version.
+        """
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CorruptCheckpointError(
+                f"{MANIFEST_FILE} is not valid JSON ({e}); the checkpoint is damaged: restore "
+                "an earlier one",
+                path=where,
+            ) from e
+        return _Validator(where).manifest(doc)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitMarker:
+    """The commit marker, written last: it names the manifest's size and checksum."""
+
+    version: tuple[int, int]
+    manifest_nbytes: int
+    manifest_crc32c: int
+    committed: float
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "format": FORMAT_NAME,
+                "version": f"{self.version[0]}.{self.version[1]}",
+                "manifest_nbytes": self.manifest_nbytes,
+                "manifest_crc32c": self.manifest_crc32c,
+                "committed": self.committed,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, where: str) -> CommitMarker:
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptCheckpointError(f"{COMMIT_FILE} is not valid JSON ({e})", path=where) from e
+        v = _Validator(where)
+        v.obj(doc, COMMIT_FILE)
+        version = v.version(doc)
+        return cls(
+            version=version,
+            manifest_nbytes=v.nat(doc.get("manifest_nbytes"), "manifest_nbytes"),
+            manifest_crc32c=v.nat(doc.get("manifest_crc32c"), "manifest_crc32c"),
+            committed=v.number(doc.get("committed"), "committed"),
+        )
+
+
+class _Validator:
+    """Checks untrusted JSON, raising CorruptCheckpointError naming the checkpoint and field."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self._files: list[DataFile] = []
+        self._claimed: list[int] = []
+
+    def fail(self, message: str, leaf: str | None = None) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"invalid manifest: {message}; the checkpoint is damaged or was not written by "
+            "keepax",
+            path=self.where,
+            leaf=leaf,
+        )
+
+    def obj(self, x: Any, what: str) -> dict[str, Any]:
+        if not isinstance(x, dict):
+            raise self.fail(f"{what} must be an object")
+        return x
+
+    def nat(self, x: Any, what: str, leaf: str | None = None) -> int:
+        if not isinstance(x, int) or isinstance(x, bool) or x < 0:
+            raise self.fail(f"{what} must be a non-negative integer, got {x!r:.40}", leaf)
+        return x
+
+    def number(self, x: Any, what: str) -> float:
+        if not isinstance(x, int | float) or isinstance(x, bool):
+            raise self.fail(f"{what} must be a number")
+        return float(x)
+
+    def ints(self, x: Any, what: str, leaf: str | None = None) -> tuple[int, ...]:
+        if not isinstance(x, list) or len(x) > 64:
+            raise self.fail(f"{what} must be a list of at most 64 integers", leaf)
+        return tuple(self.nat(i, what, leaf) for i in x)
+
+    def version(self, doc: dict[str, Any]) -> tuple[int, int]:
+        if doc.get("format") != FORMAT_NAME:
+            raise self.fail(f"format is {doc.get('format')!r:.40}, expected {FORMAT_NAME!r}")
+        text = doc.get("version")
+        m = re.fullmatch(r"(\d{1,6})\.(\d{1,6})", text) if isinstance(text, str) else None
+        if m is None:
+            raise self.fail(f"version must be 'MAJOR.MINOR', got {text!r:.40}")
+        major, minor = int(m.group(1)), int(m.group(2))
+        if major > FORMAT_VERSION[0]:
+            raise FormatVersionError(
+                f"written in keepax format {major}.{minor}, but this keepax reads format "
+                f"{FORMAT_VERSION[0]}.x only; upgrade keepax to read it",
+                path=self.where,
+            )
+        if major < 1:
+            raise FormatVersionError(f"unknown keepax format version {text}", path=self.where)
+        return major, minor
+
+    def manifest(self, doc: Any) -> Manifest:
+        doc = self.obj(doc, "the manifest")
+        version = self.version(doc)
+        files = []
+        for i, f in enumerate(self._list(doc.get("files"), "files")):
+            f = self.obj(f, f"files[{i}]")
+            name = f.get("name")
+            if not isinstance(name, str) or not _DATA_FILE_RE.match(name) or ".." in name:
+                raise self.fail(f"files[{i}].name {name!r:.80} is not a data file name")
+            files.append(DataFile(name, self.nat(f.get("nbytes"), f"files[{i}].nbytes")))
+        self._files = files
+        self._claimed = [0] * len(files)
+        leaves = tuple(
+            self._leaf(x, i, len(files)) for i, x in enumerate(self._list(doc.get("leaves"), "leaves"))
+        )
+        tree = self.obj(doc.get("tree"), "tree")
+        metadata = doc.get("metadata", {})
+        writer = doc.get("writer", {})
+        return Manifest(
+            version=version,
+            tree=tree,
+            leaves=leaves,
+            files=tuple(files),
+            metadata=self.obj(metadata, "metadata"),
+            created=self.number(doc.get("created", 0), "created"),
+            writer=self.obj(writer, "writer"),
+        )
+
+    def _list(self, x: Any, what: str) -> list[Any]:
+        if not isinstance(x, list):
+            raise self.fail(f"{what} must be a list")
+        return x
+
+    def _leaf(self, x: Any, index: int, nfiles: int) -> Leaf:
+        x = self.obj(x, f"leaves[{index}]")
+        path = x.get("path")
+        if not isinstance(path, str):
+            raise self.fail(f"leaves[{index}].path must be a string")
+        kind = x.get("type")
+        if kind in VALUE_TYPES:
+            if "value" not in x:
+                raise self.fail("value leaf without a value", path)
+            return ValueLeaf(path, kind, x["value"])
+        if kind not in ARRAY_TYPES:
+            raise self.fail(f"unknown leaf type {kind!r:.40}", path)
+        shape = self.ints(x.get("shape"), "shape", path)
+        try:
+            dtype = dtypes.dtype_from_name(x.get("dtype"))
+        except ValueError as e:
+            raise self.fail(str(e), path) from e
+        chunks = []
+        volume = 0
+        files = self._files
+        for j, c in enumerate(self._list(x.get("chunks"), "chunks")):
+            c = self.obj(c, f"chunks[{j}]")
+            chunk = Chunk(
+                file=self.nat(c.get("file"), "chunk file", path),
+                offset=self.nat(c.get("offset"), "chunk offset", path),
+                nbytes=self.nat(c.get("nbytes"), "chunk nbytes", path),
+                start=self.ints(c.get("start"), "chunk start", path),
+                shape=self.ints(c.get("shape"), "chunk shape", path),
+                crc32c=self.nat(c.get("crc32c"), "chunk crc32c", path),
+            )
+            if chunk.file >= nfiles:
+                raise self.fail(f"chunk {j} names file {chunk.file} of {nfiles}", path)
+            if chunk.offset + chunk.nbytes > files[chunk.file].nbytes:
+                raise self.fail(f"chunk {j} lies beyond the end of {files[chunk.file].name}", path)
+            self._claimed[chunk.file] += chunk.nbytes
+            if self._claimed[chunk.file] > files[chunk.file].nbytes:
+                raise self.fail(f"chunks claim more bytes than {files[chunk.file].name} has", path)
+            if len(chunk.start) != len(shape) or len(chunk.shape) != len(shape):
+                raise self.fail(f"chunk {j} has the wrong rank", path)
+            if any(s + n > d for s, n, d in zip(chunk.start, chunk.shape, shape)):
+                raise self.fail(f"chunk {j} lies outside the array", path)
+            if chunk.nbytes != math.prod(chunk.shape) * dtype.itemsize:
+                raise self.fail(f"chunk {j} size {chunk.nbytes} does not match its shape", path)
+            volume += math.prod(chunk.shape)
+            chunks.append(chunk)
+        if volume != math.prod(shape):
+            raise self.fail(
+                f"chunks cover {volume} elements of an array of {math.prod(shape)}", path
+            )
+        impl = x.get("impl")
+        if kind == "prngkey" and not isinstance(impl, str):
+            raise self.fail("prngkey leaf without impl", path)
+        sharding = x.get("sharding")
+        return ArrayLeaf(
+            path=path,
+            type=kind,
+            shape=shape,
+            dtype=dtype.name,
+            chunks=tuple(chunks),
+            impl=impl if isinstance(impl, str) else None,
+            sharding=sharding if isinstance(sharding, dict) else None,
+        )

@@ -1,0 +1,106 @@
+"""Boxes (hyper-rectangles of an array), which shards a process writes, and target shards.
+
+A *box* is ``(start, shape)``: two tuples of ints. Chunks on disk and shards in memory are
+both boxes of the global array, so reading a target shard is intersecting boxes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = [
+    "Box",
+    "box_from_index",
+    "intersect",
+    "split_rows",
+    "local_slices",
+    "owned_shards",
+    "target_boxes",
+]
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def box_from_index(index: Sequence[slice], shape: Sequence[int]) -> Box:
+    """Converts a shard's index (a tuple of slices, as JAX gives it) into a box."""
+    start, size = [], []
+    for axis, dim in enumerate(shape):
+        sl = index[axis] if axis < len(index) else slice(None)
+        lo, hi, step = sl.indices(dim)
+        if step != 1:
+            raise ValueError(f"strided shard index {index!r} is not supported")
+        start.append(lo)
+        size.append(max(0, hi - lo))
+    return tuple(start), tuple(size)
+
+
+def intersect(a: Box, b: Box) -> Box | None:
+    """The intersection of two boxes, or None if it is empty."""
+    start, shape = [], []
+    for a0, an, b0, bn in zip(a[0], a[1], b[0], b[1]):
+        lo, hi = max(a0, b0), min(a0 + an, b0 + bn)
+        if hi <= lo:
+            return None
+        start.append(lo)
+        shape.append(hi - lo)
+    return tuple(start), tuple(shape)
+
+
+def local_slices(inner: Box, outer: Box) -> tuple[slice, ...]:
+    """Slices selecting box ``inner`` inside an array holding box ``outer``."""
+    return tuple(slice(i0 - o0, i0 - o0 + n) for i0, o0, n in zip(inner[0], outer[0], inner[1]))
+
+
+def split_rows(box: Box, itemsize: int, max_bytes: int) -> Iterator[Box]:
+    """Splits a box along its first axis into boxes of at most ``max_bytes`` (at least a row)."""
+    start, shape = box
+    if not shape or math.prod(shape) * itemsize <= max_bytes or shape[0] <= 1:
+        yield box
+        return
+    row_bytes = math.prod(shape[1:]) * itemsize
+    rows = max(1, max_bytes // max(1, row_bytes))
+    for r in range(0, shape[0], rows):
+        n = min(rows, shape[0] - r)
+        yield (start[0] + r,) + start[1:], (n,) + shape[1:]
+
+
+def owned_shards(array: jax.Array) -> list[tuple[Box, Any]]:
+    """The shards of a ``jax.Array`` this process must write: one replica of each, as
+    (box, shard data) pairs. Replicas with ``replica_id != 0`` are skipped, so every unique
+    shard is written exactly once across all processes."""
+    shape = array.shape
+    if len(array.sharding.device_set) == 1:
+        return [(((0,) * len(shape), tuple(shape)), array)]
+    out = []
+    for shard in array.addressable_shards:
+        if shard.replica_id != 0:
+            continue
+        out.append((box_from_index(shard.index, shape), shard.data))
+    return out
+
+
+def target_boxes(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> dict[Box, list[Any]]:
+    """The unique boxes this process must hold for ``sharding``, with the devices of each."""
+    boxes: dict[Box, list[Any]] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        boxes.setdefault(box_from_index(index, shape), []).append(device)
+    return boxes
+
+
+def aligned_empty(shape: Sequence[int], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data is ``alignment``-byte aligned.
+
+    JAX's CPU backend adopts aligned host buffers without copying them.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    raw = np.empty(nbytes + alignment, np.uint8)
+    offset = (-raw.ctypes.data) % alignment
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)

@@ -1,0 +1,783 @@
+"""Save, restore, inspect and verify one checkpoint.
+
+``save``: tree -> (structure, leaves) -> chunks -> data files -> manifest -> commit marker ->
+commit (rename into place). ``restore``: commit marker -> manifest (checked against the
+marker) -> which leaves and which boxes are needed -> ranged, verified reads -> arrays placed
+on the requested shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from keepax._src import dtypes, format, sharding, tree
+from keepax._src.format import ChunkSource, ReadRequest, RestoreStats
+from keepax._src.manifest import (
+    COMMIT_FILE,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    ArrayLeaf,
+    CommitMarker,
+    Manifest,
+    ValueLeaf,
+)
+from keepax._src.storage import Storage, is_hidden_name, split_checkpoint_path
+from keepax.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    KeepaxError,
+    NotCommittedError,
+    TreeMismatchError,
+    UnsupportedLeafError,
+)
+
+__all__ = [
+    "save",
+    "restore",
+    "inspect",
+    "verify",
+    "SaveResult",
+    "CheckpointInfo",
+    "LeafInfo",
+    "RestoreStats",
+]
+
+_VERSION = "0.1.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveResult:
+    """What :func:`save` wrote.
+
+    Attributes:
+      path: The checkpoint's path or URL.
+      bytes_written: Bytes of data files, manifest and marker.
+      files: Number of data files.
+      seconds: Wall time of the save.
+    """
+
+    path: str
+    bytes_written: int
+    files: int
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaves: what a tree's leaves are and how they are stored.
+
+
+def _is_key_array(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _check_dtype(dtype: np.dtype, path: str) -> None:
+    if not dtypes.is_storable(dtype):
+        raise UnsupportedLeafError(
+            f"arrays of dtype {dtype} cannot be stored (only numeric, bool and JAX's extra "
+            "dtypes); convert the leaf, e.g. to str or bytes",
+            leaf=path,
+        )
+
+
+def _value_leaf(value: Any, path: str) -> ValueLeaf | None:
+    """The manifest entry of a Python scalar or str leaf; None for other leaves."""
+    if isinstance(value, bool):
+        return ValueLeaf(path, "bool", value)
+    if isinstance(value, int):
+        return ValueLeaf(path, "int", int(value))
+    if isinstance(value, float):
+        return ValueLeaf(path, "float", tree.encode_float(float(value)))
+    if isinstance(value, complex):
+        return ValueLeaf(
+            path, "complex", [tree.encode_float(value.real), tree.encode_float(value.imag)]
+        )
+    if isinstance(value, str):
+        return ValueLeaf(path, "str", str(value))
+    return None
+
+
+def _describe_sharding(array: jax.Array) -> dict[str, Any] | None:
+    s = array.sharding
+    if isinstance(s, jax.sharding.NamedSharding):
+        spec = [list(p) if isinstance(p, tuple) else p for p in s.spec]
+        return {"kind": "named", "mesh": dict(s.mesh.shape), "spec": spec}
+    if len(s.device_set) > 1:
+        return {"kind": type(s).__name__, "devices": len(s.device_set)}
+    return None
+
+
+def _array_sources(
+    index: int, path: str, value: Any
+) -> tuple[str, np.dtype, tuple[int, ...], list[ChunkSource], dict[str, Any]]:
+    """Classifies an array-like leaf; returns (type, dtype, shape, chunks, extra fields)."""
+    extra: dict[str, Any] = {}
+    if isinstance(value, jax.Array):
+        if value.is_deleted():
+            raise UnsupportedLeafError(
+                "this jax.Array was deleted (or donated) before the save; save before donating",
+                leaf=path,
+            )
+        kind = "jax"
+        if _is_key_array(value):
+            kind = "prngkey"
+            extra["impl"] = str(jax.random.key_impl(value))
+            value = jax.random.key_data(value)
+        extra["sharding"] = _describe_sharding(value)
+        shards = sharding.owned_shards(value)
+        array = value
+    else:
+        if isinstance(value, np.ndarray):
+            kind, array = "numpy", value
+        elif isinstance(value, np.generic):
+            kind, array = "npscalar", np.asarray(value)
+        elif isinstance(value, bytes | bytearray):
+            kind, array = "bytes", np.frombuffer(bytes(value), np.uint8)
+        else:
+            raise UnsupportedLeafError(
+                f"leaves of type {type(value).__module__}.{type(value).__qualname__} cannot be "
+                "stored; use arrays, Python/NumPy scalars, str, bytes or None, or register the "
+                "type as a pytree node",
+                leaf=path,
+            )
+        shards = [(((0,) * array.ndim, tuple(array.shape)), array)]
+    dtype = np.dtype(array.dtype)
+    _check_dtype(dtype, path)
+    shape = tuple(int(d) for d in array.shape)
+    sources = []
+    for box, data in shards:
+        for sub in sharding.split_rows(box, dtype.itemsize, format.CHUNK_BYTES):
+            if math.prod(sub[1]) == 0:
+                continue
+            name = path or "<root>"
+            if sub[1] != shape:
+                name = f"{name}@{','.join(map(str, sub[0]))}"
+            sources.append(
+                ChunkSource(
+                    leaf=index,
+                    name=name,
+                    start=sub[0],
+                    shape=sub[1],
+                    dtype=dtype,
+                    data=_chunk_getter(data, sharding.local_slices(sub, box)),
+                )
+            )
+    return kind, dtype, shape, sources, extra
+
+
+def _chunk_getter(data: Any, slices: tuple[slice, ...]) -> Callable[[], np.ndarray]:
+    def get() -> np.ndarray:
+        host = np.asarray(data)
+        return host[slices] if slices else host
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------
+# Save.
+
+
+def save(
+    path: str,
+    tree_: Any,
+    *,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> SaveResult:
+    """Saves a pytree as a checkpoint, durably and atomically.
+
+    Data files are written and fsynced into a hidden staging directory beside ``path``, then
+    the manifest and the commit marker, then the directory is renamed into place. A crash at
+    any point leaves either no checkpoint at ``path`` or a complete one (and never damages an
+    existing one).
+
+    Args:
+      path: Directory to create (local path or ``memory://store/name``).
+      tree_: Any pytree of ``jax.Array`` (sharded or not), NumPy arrays and scalars, Python
+        ``int``/``float``/``bool``/``complex``/``str``/``bytes``, ``None`` and typed PRNG keys,
+        in dicts, lists, tuples, namedtuples, dataclasses and registered pytree nodes.
+      metadata: JSON-serialisable user metadata stored in the manifest.
+      overwrite: Replace an existing checkpoint at ``path`` (atomically: if this save fails,
+        the old one is intact).
+
+    Returns:
+      What was written.
+
+    Raises:
+      CheckpointExistsError: ``path`` exists and ``overwrite`` is false.
+      UnsupportedLeafError: a leaf (named by key path) cannot be stored.
+      KeepaxError: ``metadata`` is not JSON-serialisable.
+    """
+    began = time.perf_counter()
+    storage, name = split_checkpoint_path(path)
+    where = storage.display(name)
+    if storage.exists(name) and not overwrite:
+        raise CheckpointExistsError(
+            "a checkpoint (or file) already exists here; pass overwrite=True to replace it",
+            path=where,
+        )
+    metadata = _check_metadata(metadata, where)
+    structure = tree.describe(tree_)
+
+    leaves: list[Any] = []
+    sources: list[ChunkSource] = []
+    array_info: dict[int, tuple[str, np.dtype, tuple[int, ...], dict[str, Any]]] = {}
+    for index, (key_path, value) in enumerate(zip(structure.paths, structure.leaves)):
+        leaf_path = tree.keystr(key_path)
+        value_leaf = _value_leaf(value, leaf_path)
+        if value_leaf is not None:
+            leaves.append(value_leaf)
+            continue
+        kind, dtype, shape, leaf_sources, extra = _array_sources(index, leaf_path, value)
+        array_info[index] = (kind, dtype, shape, extra)
+        sources.extend(leaf_sources)
+        leaves.append(None)
+
+    staging = storage.staging_name(name)
+    try:
+        files, chunks = format.write_data_files(
+            storage, staging, sources, prefix=f"p{jax.process_index():05d}"
+        )
+        for index, (kind, dtype, shape, extra) in array_info.items():
+            leaves[index] = ArrayLeaf(
+                path=tree.keystr(structure.paths[index]),
+                type=kind,
+                shape=shape,
+                dtype=dtypes.dtype_name(dtype),
+                chunks=tuple(c for _, c in chunks.get(index, [])),
+                impl=extra.get("impl"),
+                sharding=extra.get("sharding"),
+            )
+        manifest = Manifest(
+            version=FORMAT_VERSION,
+            tree=structure.node,
+            leaves=tuple(leaves),
+            files=tuple(files),
+            metadata=metadata,
+            created=time.time(),
+            writer={
+                "keepax": _VERSION,
+                "jax": jax.__version__,
+                "process_count": jax.process_count(),
+            },
+        )
+        manifest_bytes = manifest.to_json()
+        storage.write_bytes(f"{staging}/{MANIFEST_FILE}", manifest_bytes)
+        marker = CommitMarker(
+            FORMAT_VERSION, len(manifest_bytes), format.checksum(manifest_bytes), time.time()
+        )
+        marker_bytes = marker.to_json()
+        storage.write_bytes(f"{staging}/{COMMIT_FILE}", marker_bytes)
+        try:
+            storage.commit(staging, name, replace=overwrite)
+        except FileExistsError as e:
+            raise CheckpointExistsError(
+                "another save created this checkpoint first; pass overwrite=True to replace it",
+                path=where,
+            ) from e
+    except BaseException:
+        if storage.atomic_rename:
+            _delete_quietly(storage, staging)
+        raise
+    written = sum(f.nbytes for f in files) + len(manifest_bytes) + len(marker_bytes)
+    return SaveResult(where, written, len(files), time.perf_counter() - began)
+
+
+def _delete_quietly(storage: Storage, path: str) -> None:
+    try:
+        storage.delete(path)
+    except OSError:
+        pass  # A leftover staging directory is invisible to readers and removed later.
+
+
+def _check_metadata(metadata: Any, where: str) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise KeepaxError(f"metadata must be a dict, got {type(metadata).__name__}", path=where)
+    try:
+        return json.loads(json.dumps(metadata, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise KeepaxError(
+            f"metadata is not JSON-serialisable ({e}); convert arrays with .tolist() and "
+            "non-finite floats to strings",
+            path=where,
+        ) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening a committed checkpoint.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opened:
+    storage: Storage
+    name: str
+    where: str
+    manifest: Manifest
+
+
+def _open(path: str) -> _Opened:
+    storage, name = split_checkpoint_path(path)
+    where = storage.display(name)
+    if not storage.is_dir(name):
+        parent = name.rpartition("/")[0]
+        pending = [
+            n for n in storage.list(parent) if is_hidden_name(n) and n.startswith(f"{name}.")
+        ] if storage.exists(parent) or not parent else []
+        hint = " (a save to it started but never finished)" if pending else ""
+        kind = "is a file, not a checkpoint directory" if storage.exists(name) else "does not exist"
+        raise CheckpointNotFoundError(f"the checkpoint {kind}{hint}", path=where)
+    try:
+        marker_bytes = storage.read_bytes(f"{name}/{COMMIT_FILE}")
+    except FileNotFoundError:
+        entries = storage.list(name)
+        if MANIFEST_FILE in entries or "data" in entries:
+            raise NotCommittedError(
+                f"the save that wrote this checkpoint never finished (no {COMMIT_FILE}); it is "
+                "incomplete: delete it, or restore an earlier checkpoint",
+                path=where,
+            ) from None
+        raise CheckpointNotFoundError(
+            f"not a keepax checkpoint (no {COMMIT_FILE} or {MANIFEST_FILE})", path=where
+        ) from None
+    marker = CommitMarker.from_json(marker_bytes, where=where)
+    try:
+        manifest_bytes = storage.read_bytes(f"{name}/{MANIFEST_FILE}")
+    except FileNotFoundError:
+        raise CorruptCheckpointError(
+            f"{MANIFEST_FILE} is missing from a committed checkpoint", path=where
+        ) from None
+    if (
+        len(manifest_bytes) != marker.manifest_nbytes
+        or format.checksum(manifest_bytes) != marker.manifest_crc32c
+    ):
+        raise CorruptCheckpointError(
+            f"{MANIFEST_FILE} does not match its checksum in {COMMIT_FILE} (truncated or "
+            "modified); the checkpoint is damaged: restore an earlier one",
+            path=where,
+        )
+    return _Opened(storage, name, where, Manifest.from_json(manifest_bytes, where=where))
+
+
+# ---------------------------------------------------------------------------------------------
+# Restore.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """What the caller wants a leaf restored as (from its `like` leaf)."""
+
+    kind: str  # "jax", "numpy", "npscalar", "prngkey", "bytes", or a value type
+    shape: tuple[int, ...] | None = None
+    dtype: np.dtype | None = None
+    sharding: jax.sharding.Sharding | None = None
+
+
+def _target_of(like_leaf: Any) -> _Target | None:
+    x = like_leaf
+    if isinstance(x, jax.ShapeDtypeStruct | jax.Array):
+        if _is_key_array(x):
+            return _Target("prngkey", tuple(x.shape), None, getattr(x, "sharding", None))
+        return _Target("jax", tuple(x.shape), np.dtype(x.dtype), getattr(x, "sharding", None))
+    if isinstance(x, np.ndarray):
+        return _Target("numpy", tuple(x.shape), x.dtype)
+    if isinstance(x, np.generic):
+        return _Target("npscalar", (), np.dtype(x.dtype))
+    if isinstance(x, bytes):
+        return _Target("bytes")
+    for kind, types in (("bool", bool), ("int", int), ("float", float), ("complex", complex),
+                        ("str", str)):
+        if isinstance(x, types):
+            return _Target(kind)
+    return None
+
+
+_ARRAYISH = ("jax", "numpy", "npscalar")
+
+
+def _resolve_cast(dtype: Any) -> Any:
+    if dtype is None or (isinstance(dtype, str) and dtype == "like"):
+        return dtype
+    return np.dtype(dtypes.dtype_from_name(jnp.dtype(dtype).name))
+
+
+def _final_dtype(stored: np.dtype, target: _Target | None, cast: Any) -> np.dtype:
+    """The dtype a leaf is restored as."""
+    if isinstance(cast, np.dtype):
+        return cast if jnp.issubdtype(stored, jnp.floating) else stored
+    if cast == "like" and target is not None and target.dtype is not None:
+        return target.dtype
+    return stored
+
+
+def _check_leaf(leaf: Any, target: _Target | None, cast: Any) -> str | None:
+    """Why a stored leaf cannot be restored as the target, or None."""
+    if target is None:
+        return f"{leaf.path}: like holds an unsupported leaf type"
+    if isinstance(leaf, ValueLeaf):
+        if target.kind != leaf.type:
+            return f"{leaf.path}: checkpoint holds a {leaf.type}, like a {target.kind}"
+        return None
+    if leaf.type in _ARRAYISH:
+        if target.kind not in _ARRAYISH:
+            return f"{leaf.path}: checkpoint holds an array, like a {target.kind}"
+    elif leaf.type != target.kind:
+        return f"{leaf.path}: checkpoint holds {leaf.type}, like a {target.kind}"
+    if leaf.type == "prngkey":
+        key_shape = leaf.shape[: len(target.shape or ())]
+        if tuple(key_shape) != target.shape:
+            return f"{leaf.path}: key shape {key_shape} in checkpoint, {target.shape} in like"
+        return None
+    if target.shape is not None and tuple(leaf.shape) != target.shape:
+        return f"{leaf.path}: shape {tuple(leaf.shape)} in checkpoint, {target.shape} in like"
+    if target.dtype is not None:
+        final = _final_dtype(dtypes.dtype_from_name(leaf.dtype), target, cast)
+        if final != target.dtype:
+            hint = "pass dtype='like' to cast" if cast is None else "adjust dtype="
+            return (
+                f"{leaf.path}: dtype {final} from checkpoint, {target.dtype} in like ({hint})"
+            )
+    return None
+
+
+def _normalize_select(select: Any) -> list[tuple[Any, ...]] | None:
+    if select is None:
+        return None
+    if isinstance(select, str | tuple):
+        select = [select]
+    out = []
+    for s in select:
+        if isinstance(s, str):
+            out.append(tuple(p for p in s.split("/") if p))
+        elif isinstance(s, tuple | list):
+            out.append(tuple(s))
+        else:
+            raise TypeError(f"select entries must be str or tuples of keys, got {s!r}")
+    return out
+
+
+def restore(
+    path: str,
+    like: Any = None,
+    *,
+    select: str | Sequence[str | tuple[Any, ...]] | None = None,
+    partial: bool = False,
+    dtype: Any = None,
+    stats: RestoreStats | None = None,
+) -> Any:
+    """Restores a checkpoint.
+
+    Args:
+      path: The checkpoint's path or URL.
+      like: Optional pytree of the same structure, whose leaves are arrays (``jax.Array``,
+        ``np.ndarray``), ``jax.ShapeDtypeStruct`` (with or without ``sharding``) or values of
+        the expected Python types. Arrays come back as the ``like`` leaf's kind: ``jax.Array``
+        placed on its sharding (the default device when it has none), or NumPy. Without
+        ``like``, the tree comes back as nested dicts, lists and tuples of NumPy arrays and
+        Python values (namedtuples, dataclasses and custom nodes as dicts), on any machine.
+      select: Restore only these subtrees: key paths given as ``"params/dense"`` (``str()`` of
+        each key) or as tuples of keys. Other leaves' bytes are not read.
+      partial: With ``like``, allow the checkpoint to hold leaves ``like`` lacks (they are not
+        read). Leaves in ``like`` but not in the checkpoint are always an error.
+      dtype: ``None`` (default): dtypes must match ``like`` exactly. ``"like"``: cast each leaf
+        to its ``like`` dtype. A dtype: cast every floating-point array to it.
+      stats: If given, filled with what was read.
+
+    Returns:
+      The restored tree.
+
+    Raises:
+      CheckpointNotFoundError, NotCommittedError, CorruptCheckpointError, FormatVersionError:
+        the checkpoint is missing, incomplete, damaged or too new.
+      TreeMismatchError: ``like`` does not match; the message lists every offending leaf.
+    """
+    opened = _open(path)
+    manifest = opened.manifest
+    cast = _resolve_cast(dtype)
+    key_paths = tree.leaf_paths(manifest.tree)
+    if sorted(key_paths) != list(range(len(manifest.leaves))):
+        raise CorruptCheckpointError("tree and leaves disagree", path=opened.where)
+    selectors = _normalize_select(select)
+    wanted = set(key_paths)
+    if selectors is not None:
+        wanted = {i for i, p in key_paths.items() if any(tree.path_matches(p, s) for s in selectors)}
+        if not wanted:
+            top = sorted({str(tree._entry_name(p[0])) for p in key_paths.values() if p})
+            raise KeepaxError(
+                f"select={select!r} matches no leaf; top-level keys are {top}",
+                path=opened.where,
+            )
+
+    targets: dict[int, _Target | None] = {}
+    like_order: list[int] = []
+    if like is not None:
+        like_leaves, like_def = jax.tree_util.tree_flatten_with_path(like)
+        by_path = {manifest.leaves[i].path: i for i in wanted}
+        problems: list[str] = []
+        for like_path, like_leaf in like_leaves:
+            text = tree.keystr(like_path)
+            index = by_path.get(text)
+            if index is None:
+                problems.append(f"{text}: in like but not in the checkpoint")
+                like_order.append(-1)
+                continue
+            target = _target_of(like_leaf)
+            targets[index] = target
+            like_order.append(index)
+            problem = _check_leaf(manifest.leaves[index], target, cast)
+            if problem:
+                problems.append(problem)
+        extra = sorted(set(wanted) - set(targets))
+        if extra and not partial:
+            problems.extend(
+                f"{manifest.leaves[i].path}: in the checkpoint but not in like (pass "
+                "partial=True to skip such leaves)"
+                for i in extra
+            )
+        if problems:
+            shown = "\n  ".join(problems[:25])
+            more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
+            raise TreeMismatchError(
+                f"the checkpoint does not match like ({len(problems)} problem"
+                f"{'s' if len(problems) != 1 else ''}):\n  {shown}{more}",
+                path=opened.where,
+                leaf=problems[0].split(":", 1)[0],
+            )
+        wanted = set(targets)
+
+    values = _read_leaves(opened, sorted(wanted), targets, cast, stats)
+    if like is not None:
+        return jax.tree_util.tree_unflatten(like_def, [values[i] for i in like_order])
+    keep = None
+    if selectors is not None:
+        keep = lambda p: any(tree.path_matches(p, s) for s in selectors)  # noqa: E731
+    return tree.rebuild_plain(manifest.tree, values.__getitem__, keep=keep)
+
+
+def _decode_value(leaf: ValueLeaf, where: str) -> Any:
+    v, kind = leaf.value, leaf.type
+    try:
+        if kind == "bool" and isinstance(v, bool):
+            return v
+        if kind == "int" and isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if kind == "str" and isinstance(v, str):
+            return v
+        if kind == "float" and isinstance(v, str):
+            return tree.decode_float(v)
+        if kind == "complex" and isinstance(v, list) and len(v) == 2:
+            return complex(tree.decode_float(v[0]), tree.decode_float(v[1]))
+    except (ValueError, TypeError, struct.error):
+        pass
+    raise CorruptCheckpointError(f"invalid {kind} value {v!r:.60}", path=where, leaf=leaf.path)
+
+
+def _read_leaves(
+    opened: _Opened,
+    indices: Sequence[int],
+    targets: dict[int, _Target | None],
+    cast: Any,
+    stats: RestoreStats | None,
+) -> dict[int, Any]:
+    manifest = opened.manifest
+    values: dict[int, Any] = {}
+    requests: list[ReadRequest] = []
+    finishers: list[tuple[int, ArrayLeaf, _Target | None, dict[Any, Any]]] = []
+    needed_files = {c.file for i in indices if isinstance(manifest.leaves[i], ArrayLeaf)
+                    for c in manifest.leaves[i].chunks}
+    format.check_sizes(opened.storage, opened.name, manifest.files, needed_files, opened.where)
+    for index in indices:
+        leaf = manifest.leaves[index]
+        target = targets.get(index)
+        if isinstance(leaf, ValueLeaf):
+            values[index] = _decode_value(leaf, opened.where)
+            continue
+        stored = dtypes.dtype_from_name(leaf.dtype)
+        shape = tuple(leaf.shape)
+        boxes: dict[Any, Any]
+        if target is not None and target.kind == "jax" and target.sharding is not None:
+            boxes = sharding.target_boxes(target.sharding, shape)
+        else:
+            boxes = {((0,) * len(shape), shape): None}
+        buffers = {}
+        for box in boxes:
+            out = sharding.aligned_empty(box[1], stored)
+            buffers[box] = out
+            requests.append(ReadRequest(leaf.path, leaf.chunks, box, out))
+        finishers.append((index, leaf, target, {b: (boxes[b], buffers[b]) for b in boxes}))
+    read = format.read_requests(
+        opened.storage, opened.name, manifest.files, requests, where=opened.where
+    )
+    if stats is not None:
+        stats.bytes_read += read.bytes_read
+        stats.chunks_read += read.chunks_read
+        stats.files_opened += read.files_opened
+    for index, leaf, target, parts in finishers:
+        values[index] = _finish(leaf, target, cast, parts)
+    return values
+
+
+def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if array.dtype == dtype:
+        return array
+    out = sharding.aligned_empty(array.shape, dtype)
+    np.copyto(out, array, casting="unsafe")
+    return out
+
+
+def _finish(leaf: ArrayLeaf, target: _Target | None, cast: Any, parts: dict[Any, Any]) -> Any:
+    """Turns the host buffers read for a leaf into the value the caller asked for."""
+    stored = dtypes.dtype_from_name(leaf.dtype)
+    final = _final_dtype(stored, target, cast)
+    if leaf.type == "prngkey":
+        ((_, host),) = parts.values()
+        keys = jax.random.wrap_key_data(host, impl=leaf.impl)
+        if target is not None and target.sharding is not None:
+            keys = jax.device_put(keys, target.sharding)
+        return keys
+    if leaf.type == "bytes":
+        ((_, host),) = parts.values()
+        return host.tobytes()
+    kind = target.kind if target is not None else ("npscalar" if leaf.type == "npscalar" else "numpy")
+    if kind != "jax":
+        ((_, host),) = parts.values()
+        host = _cast(host, final)
+        return host[()] if kind == "npscalar" else host
+    shape = tuple(leaf.shape)
+    if target is None or target.sharding is None:
+        ((_, host),) = parts.values()
+        return jax.device_put(_cast(host, final))
+    arrays = []
+    for devices, host in parts.values():
+        host = _cast(host, final)
+        arrays.extend(jax.device_put(host, d) for d in devices)
+    return jax.make_array_from_single_device_arrays(shape, target.sharding, arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspect and verify.
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+    """One leaf of a checkpoint, as :func:`inspect` describes it.
+
+    Attributes:
+      path: Key path (``jax.tree_util.keystr``).
+      type: ``jax``, ``numpy``, ``npscalar``, ``bytes``, ``prngkey``, ``int``, ``float``,
+        ``bool``, ``complex`` or ``str``.
+      shape: Array shape (None for Python values).
+      dtype: Dtype name (None for Python values).
+      nbytes: Bytes stored in data files.
+      chunks: Number of chunks.
+      value: For Python values, the value itself; else None.
+      sharding: The saved sharding, if the leaf was a sharded ``jax.Array``.
+    """
+
+    path: str
+    type: str
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    nbytes: int
+    chunks: int
+    value: Any = None
+    sharding: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What :func:`inspect` tells about a checkpoint, without reading array data.
+
+    Attributes:
+      path: The checkpoint's path or URL.
+      format_version: ``"MAJOR.MINOR"``.
+      created: Unix time the manifest was written.
+      metadata: The user metadata given to ``save``.
+      leaves: Every leaf, in flatten order.
+      tree: The structure as plain dicts/lists/tuples with :class:`LeafInfo` at the leaves.
+      files: (name, size in bytes) of each data file.
+      writer: Versions and process count of the writer.
+    """
+
+    path: str
+    format_version: str
+    created: float
+    metadata: dict[str, Any]
+    leaves: tuple[LeafInfo, ...]
+    tree: Any
+    files: tuple[tuple[str, int], ...]
+    writer: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of array data."""
+        return sum(leaf.nbytes for leaf in self.leaves)
+
+
+def inspect(path: str) -> CheckpointInfo:
+    """Describes a committed checkpoint (structure, shapes, dtypes, sizes, metadata) without
+    reading any array data.
+
+    Raises:
+      CheckpointNotFoundError, NotCommittedError, CorruptCheckpointError, FormatVersionError.
+    """
+    opened = _open(path)
+    m = opened.manifest
+    infos = []
+    for leaf in m.leaves:
+        if isinstance(leaf, ArrayLeaf):
+            infos.append(
+                LeafInfo(leaf.path, leaf.type, tuple(leaf.shape), leaf.dtype, leaf.nbytes,
+                         len(leaf.chunks), None, leaf.sharding)
+            )
+        else:
+            infos.append(
+                LeafInfo(leaf.path, leaf.type, None, None, 0, 0,
+                         _decode_value(leaf, opened.where))
+            )
+    return CheckpointInfo(
+        path=opened.where,
+        format_version=f"{m.version[0]}.{m.version[1]}",
+        created=m.created,
+        metadata=m.metadata,
+        leaves=tuple(infos),
+        tree=tree.rebuild_plain(m.tree, infos.__getitem__),
+        files=tuple((f.name, f.nbytes) for f in m.files),
+        writer=m.writer,
+    )
+
+
+def verify(path: str, *, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Re-reads every chunk of a checkpoint and checks its checksum.
+
+    Args:
+      path: The checkpoint's path or URL.
+      progress: Called with (bytes checked so far, total bytes) as the check advances.
+
+    Returns:
+      One message per problem found (empty when the checkpoint is sound). Each names the
+      data file, the byte range and the leaf.
+
+    Raises:
+      CheckpointNotFoundError, NotCommittedError, CorruptCheckpointError, FormatVersionError:
+        the checkpoint cannot be opened at all.
+    """
+    opened = _open(path)
+    m = opened.manifest
+    pieces = [
+        (leaf.path, c) for leaf in m.leaves if isinstance(leaf, ArrayLeaf) for c in leaf.chunks
+    ]
+    return format.verify_chunks(
+        opened.storage, opened.name, m.files, pieces, where=opened.where, progress=progress
+    )

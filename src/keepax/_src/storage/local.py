@@ -1,0 +1,175 @@
+"""Local file system storage: positional I/O on file descriptors, fsync, atomic rename."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+
+from keepax._src.storage.base import Reader, Storage, Writer
+
+__all__ = ["LocalStorage"]
+
+_IOV_MAX = 1024
+
+# renameat2(2) flags (Linux >= 3.15, glibc >= 2.28).
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _load_renameat2():  # noqa: ANN202 - ctypes function or None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+def _rename2(source: str, target: str, flags: int) -> None:
+    """Calls renameat2; raises NotImplementedError where the system lacks it or the flag."""
+    if _renameat2 is None:
+        raise NotImplementedError("renameat2 unavailable")
+    if _renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise NotImplementedError(os.strerror(err))
+        raise OSError(err, os.strerror(err), source, None, target)
+
+
+class _LocalWriter(Writer):
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def write(self, data: memoryview) -> None:
+        data = data.cast("B") if data.ndim != 1 or data.format != "B" else data
+        while len(data):
+            n = os.write(self._fd, data)
+            data = data[n:]
+
+    def writev(self, buffers: list[memoryview]) -> None:
+        pending = [b.cast("B") if b.ndim != 1 or b.format != "B" else b for b in buffers]
+        pending = [b for b in pending if len(b)]
+        while pending:
+            batch = pending[:_IOV_MAX]
+            n = os.writev(self._fd, batch)
+            # Drop what was fully written, keep the rest of a partly written buffer.
+            done = 0
+            while done < len(batch) and n >= len(batch[done]):
+                n -= len(batch[done])
+                done += 1
+            pending = pending[done:]
+            if n:
+                pending[0] = pending[0][n:]
+
+    def close(self) -> None:
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _LocalReader(Reader):
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._size = os.fstat(self._fd).st_size
+
+    def read_into(self, offset: int, out: memoryview) -> int:
+        out = out.cast("B") if out.ndim != 1 or out.format != "B" else out
+        total = 0
+        while total < len(out):
+            n = os.preadv(self._fd, [out[total:]], offset + total)
+            if n == 0:
+                break
+            total += n
+        return total
+
+    def size(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class LocalStorage(Storage):
+    """Files under a local directory.
+
+    Data files are written with ``write``/``writev`` and ``fsync``ed on close; commits rename a
+    staging directory into place with ``renameat2`` (``RENAME_NOREPLACE``, or
+    ``RENAME_EXCHANGE`` to replace atomically), then ``fsync`` the parent directory.
+    """
+
+    atomic_rename = True
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.url = os.fspath(root)
+
+    def _abs(self, path: str) -> str:
+        return os.path.join(self.root, path) if path else self.root
+
+    def create(self, path: str) -> Writer:
+        full = self._abs(path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        return _LocalWriter(full)
+
+    def open(self, path: str) -> Reader:
+        return _LocalReader(self._abs(path))
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(self._abs(path))
+
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(self._abs(path))
+
+    def list(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self._abs(path)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def delete(self, path: str) -> None:
+        full = self._abs(path)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full)
+        elif os.path.lexists(full):
+            os.unlink(full)
+
+    def rename_dir(self, source: str, target: str, *, exchange: bool = False) -> None:
+        src, dst = self._abs(source), self._abs(target)
+        if exchange:
+            _rename2(src, dst, _RENAME_EXCHANGE)
+            return
+        try:
+            _rename2(src, dst, _RENAME_NOREPLACE)
+        except NotImplementedError:
+            if os.path.lexists(dst):
+                raise FileExistsError(errno.EEXIST, "target exists", dst) from None
+            os.rename(src, dst)
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                raise FileExistsError(errno.EEXIST, "target exists", dst) from None
+            raise
+
+    def sync_dir(self, path: str) -> None:
+        fd = os.open(self._abs(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,123 @@
+"""The ``keepax`` command line: look inside checkpoints and check them.
+
+Commands:
+  ``keepax show PATH``    the tree: every leaf's type, shape, dtype and size, plus totals.
+  ``keepax verify PATH``  re-read every chunk and check its checksum; exit 1 naming bad chunks.
+
+Exit status: 0 on success, 1 when ``verify`` finds damage, 2 when the checkpoint cannot be
+opened (missing, incomplete, unreadable). The CLI uses the public API only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from collections.abc import Sequence
+
+import keepax
+from keepax.errors import KeepaxError
+
+__all__ = ["main"]
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _show(args: argparse.Namespace) -> int:
+    info = keepax.inspect(args.path)
+    created = datetime.datetime.fromtimestamp(info.created, datetime.UTC)
+    print(f"checkpoint  {info.path}")
+    print(f"format      keepax {info.format_version}")
+    print(f"created     {created:%Y-%m-%d %H:%M:%S} UTC")
+    writer = ", ".join(f"{k} {v}" for k, v in info.writer.items())
+    print(f"writer      {writer}")
+    if info.metadata:
+        print(f"metadata    {json.dumps(info.metadata, sort_keys=True)}")
+    rows = []
+    for leaf in info.leaves:
+        if leaf.shape is None:
+            text = repr(leaf.value)
+            shape, dtype, size = (text if len(text) <= 40 else text[:37] + "..."), "", ""
+        else:
+            shape = "(" + ", ".join(map(str, leaf.shape)) + ("," if len(leaf.shape) == 1 else "") + ")"
+            dtype, size = leaf.dtype or "", _size(leaf.nbytes)
+        sharded = ""
+        if leaf.sharding and leaf.sharding.get("kind") == "named":
+            sharded = f"mesh {leaf.sharding['mesh']} spec {leaf.sharding['spec']}"
+        rows.append([leaf.path or "<root>", leaf.type, shape, dtype, size, sharded])
+    print()
+    print(_table(rows, ["leaf", "type", "shape / value", "dtype", "size", "sharding"]))
+    arrays = sum(1 for leaf in info.leaves if leaf.shape is not None)
+    print(
+        f"\n{len(info.leaves)} leaves ({arrays} arrays), {_size(info.nbytes)} of array data in "
+        f"{len(info.files)} data file{'s' if len(info.files) != 1 else ''} "
+        f"({_size(sum(n for _, n in info.files))})"
+    )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    bar = None
+    if sys.stderr.isatty() and not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
+                   file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    try:
+        problems = keepax.verify(args.path, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if problems:
+        for problem in problems:
+            print(f"BAD  {problem}")
+        print(f"{args.path}: {len(problems)} problem{'s' if len(problems) != 1 else ''} found")
+        return 1
+    info = keepax.inspect(args.path)
+    print(f"{info.path}: OK ({len(info.leaves)} leaves, {_size(info.nbytes)} checked)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="keepax", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    show = commands.add_parser("show", help="show a checkpoint's tree, shapes, dtypes and sizes")
+    show.add_argument("path", help="checkpoint directory or URL")
+    show.set_defaults(run=_show)
+    verify = commands.add_parser("verify", help="recompute every checksum")
+    verify.add_argument("path", help="checkpoint directory or URL")
+    verify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    verify.set_defaults(run=_verify)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except KeepaxError as e:
+        print(f"keepax {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The errors keepax raises.
+
+Every error is a :class:`KeepaxError`. Each carries the checkpoint ``path``, the ``step``
+(when a manager is involved) and the ``leaf`` key path (when one leaf is at fault), and its
+message says what to do next. Several subclasses also derive from the matching built-in
+exception (``FileNotFoundError``, ``ValueError``, ``TypeError``), so existing ``except``
+clauses keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KeepaxError",
+    "CheckpointNotFoundError",
+    "CheckpointExistsError",
+    "NotCommittedError",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "TreeMismatchError",
+    "UnsupportedLeafError",
+]
+
+
+class KeepaxError(Exception):
+    """Base class of every error keepax raises.
+
+    Attributes:
+      path: The checkpoint path or URL concerned, if any.
+      step: The step concerned, if any.
+      leaf: The key path of the leaf concerned (as ``jax.tree_util.keystr`` prints it), if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        step: int | None = None,
+        leaf: str | None = None,
+    ) -> None:
+        self.path = path
+        self.step = step
+        self.leaf = leaf
+        context = []
+        if path is not None:
+            context.append(f"checkpoint {path!s}")
+        if step is not None:
+            context.append(f"step {step}")
+        if leaf is not None:
+            context.append(f"leaf {leaf}")
+        prefix = f"[{', '.join(context)}] " if context else ""
+        super().__init__(prefix + message)
+
+
+class CheckpointNotFoundError(KeepaxError, FileNotFoundError):
+    """No checkpoint (committed or not) exists at the path."""
+
+
+class CheckpointExistsError(KeepaxError, FileExistsError):
+    """A checkpoint already exists where a new one was to be written."""
+
+
+class NotCommittedError(KeepaxError):
+    """The path holds a checkpoint whose save never finished (no commit marker)."""
+
+
+class CorruptCheckpointError(KeepaxError):
+    """Bytes on storage do not match what the manifest promises (checksum, size, JSON)."""
+
+
+class FormatVersionError(KeepaxError):
+    """The checkpoint was written in a format version this keepax cannot read."""
+
+
+class TreeMismatchError(KeepaxError, ValueError):
+    """The checkpoint's tree does not match the ``like`` tree (missing, extra, shape, dtype)."""
+
+
+class UnsupportedLeafError(KeepaxError, TypeError):
+    """A leaf of the tree to save has a type keepax does not store."""
