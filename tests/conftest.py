@@ -1,0 +1,29 @@
+"""Test configuration: JAX runs strictly, on 8 virtual CPU devices."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+# Must be set before JAX initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_enable_x64", False)
+
+from keepax._src.storage import memory  # noqa: E402
+
+
+@pytest.fixture(params=["local", "memory"])
+def root(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:  # noqa: ANN001
+    """A directory URL to save checkpoints under, on each storage backend."""
+    if request.param == "local":
+        yield str(tmp_path)
+        return
+    name = f"test-{os.getpid()}-{id(request)}"
+    yield f"memory://{name}"
+    memory.clear(name)
