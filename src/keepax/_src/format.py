@@ -258,11 +258,23 @@ class RestoreStats:
 
 @dataclasses.dataclass
 class _Piece:
-    """One chunk to read, and where its bytes go."""
+    """One chunk to read (once), and every place its bytes go."""
 
-    request: ReadRequest
     chunk: Chunk
-    direct: memoryview | None  # where to read the chunk straight into, if possible
+    leaf: str
+    targets: list[tuple[ReadRequest, memoryview | None]]  # (request, direct slab or None)
+
+    def landing(self) -> memoryview | None:
+        """A direct slab to read the chunk straight into, if some target has one."""
+        return next((view for _, view in self.targets if view is not None), None)
+
+    def deliver(self, data: memoryview, landed: memoryview | None = None) -> None:
+        """Copies verified chunk bytes to every target except the slab they were read into."""
+        for request, view in self.targets:
+            if view is None:
+                _scatter(request, self.chunk, data)
+            elif view is not landed:
+                view[:] = data
 
 
 def _direct_view(request: ReadRequest, chunk: Chunk) -> memoryview | None:
@@ -326,13 +338,12 @@ def _verify(view: memoryview, piece: _Piece, files: Sequence[DataFile], where: s
             f", shape {list(chunk.shape)}): stored {chunk.crc32c:#010x}, read {actual:#010x}; "
             "the data file is damaged: restore an earlier checkpoint",
             path=where,
-            leaf=piece.request.leaf,
+            leaf=piece.leaf,
         )
 
 
-def _scatter(piece: _Piece, data: memoryview) -> None:
-    """Copies a verified chunk's bytes into the part of the output it overlaps."""
-    request, chunk = piece.request, piece.chunk
+def _scatter(request: ReadRequest, chunk: Chunk, data: memoryview) -> None:
+    """Copies a verified chunk's bytes into the part of a request's output it overlaps."""
     chunk_box = (chunk.start, chunk.shape)
     overlap = intersect(chunk_box, request.box)
     if overlap is None:
@@ -356,28 +367,31 @@ def read_requests(
       CorruptCheckpointError: a file is missing or has the wrong size, or a checksum fails.
     """
     stats = RestoreStats()
-    pieces: list[_Piece] = []
+    by_chunk: dict[tuple[int, int], _Piece] = {}
     for request in requests:
         for chunk in request.chunks:
-            if intersect((chunk.start, chunk.shape), request.box) is None or chunk.nbytes == 0:
+            if chunk.nbytes == 0 or intersect((chunk.start, chunk.shape), request.box) is None:
                 continue
-            pieces.append(_Piece(request, chunk, _direct_view(request, chunk)))
+            piece = by_chunk.setdefault(
+                (chunk.file, chunk.offset), _Piece(chunk, request.leaf, [])
+            )
+            piece.targets.append((request, _direct_view(request, chunk)))
+    pieces = list(by_chunk.values())
     opened = _Files(storage, directory, files, where)
 
     def read_one(piece: _Piece) -> int:
         reader = opened.get(piece.chunk.file, stats)
-        target = piece.direct
-        if target is None:
-            target = memoryview(bytearray(piece.chunk.nbytes))
-        if reader.read_into(piece.chunk.offset, target) != piece.chunk.nbytes:
+        landing = landed = piece.landing()
+        if landing is None:
+            landing = memoryview(bytearray(piece.chunk.nbytes))
+        if reader.read_into(piece.chunk.offset, landing) != piece.chunk.nbytes:
             raise CorruptCheckpointError(
                 f"data file {files[piece.chunk.file].name} ends inside a chunk",
                 path=where,
-                leaf=piece.request.leaf,
+                leaf=piece.leaf,
             )
-        _verify(target, piece, files, where)
-        if piece.direct is None:
-            _scatter(piece, target)
+        _verify(landing, piece, files, where)
+        piece.deliver(landing, landed)
         return piece.chunk.nbytes
 
     def read_group(group: list[_Piece]) -> int:
@@ -394,10 +408,7 @@ def read_requests(
             begin = piece.chunk.offset - first.offset
             view = buffer[begin : begin + piece.chunk.nbytes]
             _verify(view, piece, files, where)
-            if piece.direct is not None:
-                piece.direct[:] = view
-            else:
-                _scatter(piece, view)
+            piece.deliver(view)
         return span
 
     tasks: list[tuple[Callable[[Any], int], Any]] = []

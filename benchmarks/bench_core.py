@@ -1,0 +1,907 @@
+#!/usr/bin/env python
+"""keepax core benchmark: save / restore against raw disk I/O and Orbax, plus peak memory.
+
+One run measures, for each state (a ~1 GiB and a ~4 GiB transformer-like train state of
+float32 arrays, and a tree of 10,000 x 1 KiB arrays):
+
+- raw write + fsync of the same bytes (4 files, 4 threads) and raw read of them (warm page
+  cache, and cold after ``drop_caches`` when that is writable);
+- ``keepax.save`` (durable), ``keepax.restore(like=state)`` warm and cold, and
+  ``keepax.restore`` without ``like`` (NumPy) warm;
+- Orbax's default ``StandardCheckpointer`` save (until ``wait_until_finished``) and restore,
+  warm and cold (skipped with a note when orbax-checkpoint cannot be imported);
+- peak extra resident memory of keepax (and Orbax) save and restore, each in a fresh process.
+
+Every state's timings come from one worker process that runs all systems round-robin within
+each repeat (the order rotates from repeat to repeat), so slow disk phases hit every system
+alike; ratios are of medians, and medians of per-repeat paired ratios are given too.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_core.py                      # --sizes 1,4 --repeats 5
+    .venv/bin/python benchmarks/bench_core.py --sizes 1 --repeats 1  # quick smoke run
+
+Prints a JSON document (also written to ``<dir>/core.json``) then a Markdown summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+MIB = 1 << 20
+GIB = 1 << 30
+
+# Targets from the issue (1 GiB state, medians).
+TARGET_SAVE_VS_RAW = 1.15
+TARGET_RESTORE_VS_RAW = 1.15
+TARGET_VS_ORBAX = 2.5
+TARGET_MANY_SECONDS = 1.0
+TARGET_EXTRA_MIB = 64.0
+
+
+def log(*parts: Any) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# States.
+
+
+def _aligned_empty(n: int, dtype: Any, alignment: int = 64) -> Any:
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    raw = np.empty(n * dtype.itemsize + alignment, np.uint8)
+    off = (-raw.ctypes.data) % alignment
+    return raw[off : off + n * dtype.itemsize].view(dtype)
+
+
+def transformer_spec(gib: float) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """(key path, shape) of every leaf of a transformer-like train state of about ``gib`` GiB.
+
+    1 GiB: vocab 32768, d_model 1024, d_ff 4096, 16 layers, 196 arrays.
+    4 GiB: vocab 65536, d_model 2048, d_ff 8192, 16 layers, 196 arrays.
+    """
+    if gib <= 2.5:
+        vocab, d, ff = 32768, 1024, 4096
+    else:
+        vocab, d, ff = 65536, 2048, 8192
+    per_layer = (4 * d * d + 2 * d * ff) * 4
+    fixed = 2 * vocab * d * 4
+    layers = max(1, round((gib * GIB - fixed) / per_layer))
+    spec: list[tuple[tuple[str, ...], tuple[int, ...]]] = [
+        (("params", "embed", "embedding"), (vocab, d)),
+    ]
+    for i in range(layers):
+        p = ("params", f"layer_{i:02d}")
+        for name in ("query", "key", "value", "out"):
+            spec.append((p + ("attn", name, "kernel"), (d, d)))
+        spec.append((p + ("mlp", "wi", "kernel"), (d, ff)))
+        spec.append((p + ("mlp", "wi", "bias"), (ff,)))
+        spec.append((p + ("mlp", "wo", "kernel"), (ff, d)))
+        spec.append((p + ("mlp", "wo", "bias"), (d,)))
+        for ln in ("ln_attn", "ln_mlp"):
+            spec.append((p + (ln, "scale"), (d,)))
+            spec.append((p + (ln, "bias"), (d,)))
+    spec.append((("params", "final_ln", "scale"), (d,)))
+    spec.append((("params", "final_ln", "bias"), (d,)))
+    spec.append((("params", "lm_head", "kernel"), (d, vocab)))
+    return spec
+
+
+def many_spec(count: int = 10_000, elems: int = 256) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """``count`` float32 arrays of ``elems`` elements (1 KiB), 100 per group."""
+    return [((f"group_{i // 100:03d}", f"w_{i % 100:02d}"), (elems,)) for i in range(count)]
+
+
+def state_spec(name: str) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    if name == "10k":
+        return many_spec()
+    return transformer_spec(float(name))
+
+
+def build_state(name: str, seed: int = 0) -> dict[str, Any]:
+    """Random N(0, 0.02) float32 jax.Arrays on CPU (every page touched; incompressible-ish
+    like real weights). Host buffers are 64-byte aligned so ``device_put`` adopts them."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tree: dict[str, Any] = {}
+    block = 16 << 20
+    for path, shape in state_spec(name):
+        n = math.prod(shape)
+        buf = _aligned_empty(n, np.float32)
+        for i in range(0, n, block):
+            rng.standard_normal(dtype=np.float32, out=buf[i : i + block])
+        buf *= np.float32(0.02)
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = jax.device_put(buf.reshape(shape))
+        del buf
+    jax.block_until_ready(tree)
+    return tree
+
+
+def tree_nbytes(tree: Any) -> int:
+    import jax
+
+    return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(tree))
+
+
+def state_label(name: str) -> str:
+    return "10,000 x 1 KiB" if name == "10k" else f"{name} GiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw I/O baselines.
+
+
+def _write_all(fd: int, buffers: list[memoryview]) -> None:
+    pending = [b for b in buffers if len(b)]
+    while pending:
+        batch = pending[:1024]
+        n = os.writev(fd, batch)
+        done = 0
+        while done < len(batch) and n >= len(batch[done]):
+            n -= len(batch[done])
+            done += 1
+        pending = pending[done:]
+        if n:
+            pending[0] = pending[0][n:]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raw_write(tree: Any, directory: str, nfiles: int = 4) -> int:
+    """Writes every leaf's bytes into ``nfiles`` files with ``nfiles`` threads, fsyncs the
+    files and the directory. Returns bytes written."""
+    import jax
+    import numpy as np
+
+    views = [memoryview(np.asarray(x).reshape(-1).view(np.uint8)) for x in jax.tree_util.tree_leaves(tree)]
+    groups: list[list[memoryview]] = [[] for _ in range(nfiles)]
+    loads = [0] * nfiles
+    for v in sorted(views, key=len, reverse=True):
+        i = loads.index(min(loads))
+        groups[i].append(v)
+        loads[i] += len(v)
+    os.makedirs(directory)
+
+    def write(i: int) -> None:
+        fd = os.open(os.path.join(directory, f"raw-{i}.bin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, groups[i])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    with concurrent.futures.ThreadPoolExecutor(nfiles) as pool:
+        list(pool.map(write, range(nfiles)))
+    _fsync_dir(directory)
+    return sum(loads)
+
+
+def raw_read(directory: str) -> int:
+    """Reads every file of ``directory`` into fresh 64-byte-aligned buffers, one thread per
+    file. Returns bytes read."""
+    import numpy as np
+
+    names = sorted(os.listdir(directory))
+
+    def read(name: str) -> int:
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            buf = memoryview(_aligned_empty(size, np.uint8))
+            total = 0
+            while total < size:
+                n = os.preadv(fd, [buf[total:]], total)
+                if n == 0:
+                    break
+                total += n
+            return total
+        finally:
+            os.close(fd)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(names))) as pool:
+        return sum(pool.map(read, names))
+
+
+def can_drop_caches() -> bool:
+    if not os.access(DROP_CACHES, os.W_OK):
+        return False
+    try:
+        drop_caches()
+    except OSError:
+        return False
+    return True
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open(DROP_CACHES, "w") as f:
+        f.write("3\n")
+
+
+def remove(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
+# ---------------------------------------------------------------------------------------------
+# Orbax.
+
+
+def import_orbax() -> tuple[Any, str | None]:
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+        import orbax.checkpoint as ocp
+
+        return ocp, None
+    except Exception as e:  # noqa: BLE001 - any import problem means "skip Orbax"
+        return None, f"orbax-checkpoint unavailable ({type(e).__name__}: {e}); Orbax skipped"
+
+
+def abstract_of(tree: Any) -> Any:
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: timings of every system for one state.
+
+
+def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+
+    import keepax
+
+    name, repeats = args._state, args.repeats
+    cold = can_drop_caches()
+    ocp, orbax_note = (None, "Orbax disabled (--no-orbax)") if args.no_orbax else import_orbax()
+    t0 = time.perf_counter()
+    state = build_state(name)
+    build_s = time.perf_counter() - t0
+    nbytes = tree_nbytes(state)
+    nleaves = len(jax.tree_util.tree_leaves(state))
+    log(f"[{state_label(name)}] built {nleaves} arrays, {nbytes / MIB:.1f} MiB in {build_s:.1f} s")
+    root = os.path.join(args.dir, f"work-{name}")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    abstract = abstract_of(state)
+    ckptr = ocp.StandardCheckpointer() if ocp is not None else None
+
+    times: dict[str, list[float]] = {}
+    extra: dict[str, list[float]] = {}
+
+    def record(op: str, seconds: float) -> None:
+        times.setdefault(op, []).append(seconds)
+        log(f"[{state_label(name)}]   {op:<26s} {seconds:8.3f} s")
+
+    def timed(fn: Any) -> tuple[float, Any]:
+        gc.collect()
+        start = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - start, out
+
+    last: dict[str, str] = {}
+
+    def run_raw(r: int) -> None:
+        path = os.path.join(root, f"raw-{r}")
+        record("raw_write", timed(lambda: raw_write(state, path))[0])
+        if cold:
+            drop_caches()
+            record("raw_read_cold", timed(lambda: raw_read(path))[0])
+        record("raw_read_warm", timed(lambda: raw_read(path))[0])
+        remove(path)
+
+    def run_keepax(r: int) -> None:
+        path = os.path.join(root, f"keepax-{r}")
+        if "keepax" in last:
+            remove(last.pop("keepax"))
+        record("keepax_save", timed(lambda: keepax.save(path, state))[0])
+
+        def restore_like() -> None:
+            out = keepax.restore(path, like=state)
+            jax.block_until_ready(out)
+
+        if cold:
+            drop_caches()
+            record("keepax_restore_cold", timed(restore_like)[0])
+        record("keepax_restore_warm", timed(restore_like)[0])
+        record("keepax_restore_numpy_warm", timed(lambda: keepax.restore(path))[0])
+        last["keepax"] = path
+
+    def run_orbax(r: int) -> None:
+        path = os.path.join(root, f"orbax-{r}")
+        if "orbax" in last:
+            remove(last.pop("orbax"))
+        gc.collect()
+        start = time.perf_counter()
+        ckptr.save(path, state)
+        blocked = time.perf_counter() - start
+        ckptr.wait_until_finished()
+        record("orbax_save", time.perf_counter() - start)
+        extra.setdefault("orbax_save_blocking", []).append(blocked)
+
+        def restore_like() -> None:
+            out = ckptr.restore(path, abstract)
+            jax.block_until_ready(out)
+
+        if cold:
+            drop_caches()
+            record("orbax_restore_cold", timed(restore_like)[0])
+        record("orbax_restore_warm", timed(restore_like)[0])
+        last["orbax"] = path
+
+    systems = [("raw", run_raw), ("keepax", run_keepax)]
+    if ckptr is not None:
+        systems.append(("orbax", run_orbax))
+    order_log = []
+    for r in range(repeats):
+        k = r % len(systems)
+        order = systems[k:] + systems[:k]
+        order_log.append([s for s, _ in order])
+        log(f"[{state_label(name)}] repeat {r + 1}/{repeats}: {' -> '.join(s for s, _ in order)}")
+        for _, fn in order:
+            fn(r)
+    if ckptr is not None:
+        ckptr.close()
+    loadavg = os.getloadavg()
+    return {
+        "state": name,
+        "label": state_label(name),
+        "arrays": nleaves,
+        "bytes": nbytes,
+        "build_seconds": build_s,
+        "repeats": repeats,
+        "cold_measured": cold,
+        "orbax_note": orbax_note,
+        "order": order_log,
+        "times": times,
+        "extra_times": extra,
+        "loadavg_end": loadavg,
+        # Left for the memory workers, deleted by the parent afterwards.
+        "keepax_ckpt": last.get("keepax"),
+        "orbax_ckpt": last.get("orbax"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: peak memory of one operation, in a fresh process.
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _Sampler(threading.Thread):
+    def __init__(self, interval: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._stop = interval, _rss(), threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self.join()
+        self.peak = max(self.peak, _rss())
+        return self.peak
+
+
+def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+
+    import keepax
+
+    name, op, ckpt = args._state, args._op, args._ckpt
+    ocp = None
+    if op.startswith("orbax"):
+        ocp, note = import_orbax()
+        if ocp is None:
+            return {"op": op, "skipped": note}
+    state = build_state(name)
+    nbytes = tree_nbytes(state)
+
+    # Warm up imports, thread pools and code paths on a tiny tree, outside the measurement.
+    tiny = {"a": jax.numpy.ones((8, 8)), "b": jax.numpy.zeros(3)}
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        if ocp is None:
+            keepax.save(os.path.join(tmp, "w"), tiny)
+            jax.block_until_ready(keepax.restore(os.path.join(tmp, "w"), like=tiny))
+        else:
+            c = ocp.StandardCheckpointer()
+            c.save(os.path.join(tmp, "w"), tiny)
+            c.wait_until_finished()
+            jax.block_until_ready(c.restore(os.path.join(tmp, "w"), abstract_of(tiny)))
+            c.close()
+    ckptr = ocp.StandardCheckpointer() if ocp is not None else None
+    abstract = abstract_of(state)
+    target = os.path.join(args.dir, f"mem-{name}-{op}")
+    shutil.rmtree(target, ignore_errors=True)
+    gc.collect()
+    hwm_ok = _reset_hwm()
+    baseline = _rss()
+    sampler = _Sampler()
+    sampler.start()
+    start = time.perf_counter()
+    out = None
+    if op == "keepax_save":
+        keepax.save(target, state)
+    elif op == "keepax_restore":
+        out = keepax.restore(ckpt, like=state)
+        jax.block_until_ready(out)
+    elif op == "orbax_save":
+        ckptr.save(target, state)
+        ckptr.wait_until_finished()
+    elif op == "orbax_restore":
+        out = ckptr.restore(ckpt, abstract)
+        jax.block_until_ready(out)
+    else:
+        raise ValueError(op)
+    seconds = time.perf_counter() - start
+    sampled = sampler.stop()
+    hwm = _hwm() if hwm_ok else None
+    after = _rss()
+    restored = tree_nbytes(out) if out is not None else 0
+    peak = max(sampled, hwm or 0)
+    if ckptr is not None:
+        ckptr.close()
+    shutil.rmtree(target, ignore_errors=True)
+    return {
+        "op": op,
+        "state_bytes": nbytes,
+        "baseline_rss": baseline,
+        "peak_rss_sampled": sampled,
+        "peak_rss_hwm": hwm,
+        "rss_after": after,
+        "restored_bytes": restored,
+        "extra_peak_bytes": peak - baseline - restored,
+        "extra_peak_mib": (peak - baseline - restored) / MIB,
+        "seconds": seconds,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: cProfile of keepax save and restore (optional, --profile).
+
+
+def profile_worker(args: argparse.Namespace) -> dict[str, Any]:
+    import cProfile
+    import io
+    import pstats
+
+    import jax
+
+    import keepax
+
+    name = args._state
+    state = build_state(name)
+    path = os.path.join(args.dir, f"prof-{name}")
+    shutil.rmtree(path, ignore_errors=True)
+    reports = {}
+    for what, fn in (
+        ("save", lambda: keepax.save(path, state)),
+        ("restore_like", lambda: jax.block_until_ready(keepax.restore(path, like=state))),
+        ("restore_numpy", lambda: keepax.restore(path)),
+    ):
+        prof = cProfile.Profile()
+        start = time.perf_counter()
+        prof.enable()
+        fn()
+        prof.disable()
+        seconds = time.perf_counter() - start
+        buf = io.StringIO()
+        stats = pstats.Stats(prof, stream=buf)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(30)
+        out = os.path.join(args.dir, f"profile-{name}-{what}.txt")
+        with open(out, "w") as f:
+            f.write(f"# keepax {what}, state {state_label(name)}, {seconds:.3f} s under cProfile\n")
+            f.write(buf.getvalue())
+        reports[what] = {"seconds_profiled": seconds, "file": out}
+        log(f"[{state_label(name)}] profile {what}: {seconds:.3f} s -> {out}")
+    shutil.rmtree(path, ignore_errors=True)
+    return reports
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: orchestration, summary, report.
+
+
+def run_worker(args: argparse.Namespace, kind: str, state: str, **extra: Any) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("r", suffix=".json", dir=args.dir, delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", kind, "--_state", state,
+           "--_out", out, "--dir", args.dir, "--repeats", str(extra.pop("repeats", args.repeats))]
+    if args.no_orbax:
+        cmd.append("--no-orbax")
+    for k, v in extra.items():
+        cmd += [f"--_{k}", str(v)]
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    proc = subprocess.run(cmd, stdout=sys.stderr, env=env)
+    try:
+        if proc.returncode != 0:
+            return {"error": f"worker {kind} {state} {extra} exited with {proc.returncode}"}
+        with open(out) as f:
+            return json.load(f)
+    finally:
+        os.unlink(out)
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": values,
+    }
+
+
+def _median(t: dict[str, list[float]], op: str) -> float | None:
+    v = t.get(op)
+    return statistics.median(v) if v else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _paired(t: dict[str, list[float]], a: str, b: str) -> float | None:
+    if not t.get(a) or not t.get(b) or len(t[a]) != len(t[b]):
+        return None
+    return statistics.median(x / y for x, y in zip(t[a], t[b]))
+
+
+RATIOS = [
+    # name, numerator, denominator
+    ("keepax_save / raw_write", "keepax_save", "raw_write"),
+    ("keepax_restore_cold / raw_read_cold", "keepax_restore_cold", "raw_read_cold"),
+    ("keepax_restore_warm / raw_read_warm", "keepax_restore_warm", "raw_read_warm"),
+    ("orbax_save / keepax_save", "orbax_save", "keepax_save"),
+    ("orbax_restore_cold / keepax_restore_cold", "orbax_restore_cold", "keepax_restore_cold"),
+    ("orbax_restore_warm / keepax_restore_warm", "orbax_restore_warm", "keepax_restore_warm"),
+]
+
+
+def analyse(run: dict[str, Any]) -> dict[str, Any]:
+    t = run["times"]
+    stats = {op: summarize(v) for op, v in t.items()}
+    for op, v in run.get("extra_times", {}).items():
+        stats[op] = summarize(v)
+    ratios = {}
+    for label, a, b in RATIOS:
+        ratios[label] = {
+            "of_medians": _ratio(_median(t, a), _median(t, b)),
+            "median_of_paired": _paired(t, a, b),
+        }
+    if run["state"] == "10k":
+        s, rc, rw = (_median(t, op) for op in ("keepax_save", "keepax_restore_cold", "keepax_restore_warm"))
+        ratios["keepax save + restore_cold seconds"] = {"of_medians": (s + rc) if s and rc else None}
+        ratios["keepax save + restore_warm seconds"] = {"of_medians": (s + rw) if s and rw else None}
+    return {"stats": stats, "ratios": ratios}
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """PASS/MISS rows. Official targets are on the 1 GiB state; other sizes are informational."""
+    rows = []
+
+    def add(state: str, what: str, value: float | None, goal: str, ok: bool | None, official: bool) -> None:
+        status = "n/a" if ok is None else ("PASS" if ok else "MISS")
+        rows.append({"state": state, "target": what, "value": value, "goal": goal, "status": status,
+                     "official": official})
+
+    for name, entry in result["states"].items():
+        if "analysis" not in entry:
+            continue
+        r = entry["analysis"]["ratios"]
+        official = name == "1"
+        label = entry["label"]
+        if name == "10k":
+            v = r["keepax save + restore_cold seconds"]["of_medians"]
+            add(label, "keepax save + restore(like, cold) of 10,000 x 1 KiB", v,
+                f"< {TARGET_MANY_SECONDS:g} s", None if v is None else v < TARGET_MANY_SECONDS, True)
+            v = r["keepax save + restore_warm seconds"]["of_medians"]
+            add(label, "keepax save + restore(like, warm) of 10,000 x 1 KiB", v,
+                f"< {TARGET_MANY_SECONDS:g} s", None if v is None else v < TARGET_MANY_SECONDS, True)
+        else:
+            v = r["keepax_save / raw_write"]["of_medians"]
+            add(label, "save / raw write+fsync", v, f"<= {TARGET_SAVE_VS_RAW}",
+                None if v is None else v <= TARGET_SAVE_VS_RAW, official)
+            v = r["keepax_restore_cold / raw_read_cold"]["of_medians"]
+            add(label, "cold restore / raw cold read", v, f"<= {TARGET_RESTORE_VS_RAW}",
+                None if v is None else v <= TARGET_RESTORE_VS_RAW, official)
+            for key, what in (("orbax_save / keepax_save", "Orbax save / keepax save"),
+                              ("orbax_restore_cold / keepax_restore_cold", "Orbax restore / keepax restore (cold)"),
+                              ("orbax_restore_warm / keepax_restore_warm", "Orbax restore / keepax restore (warm)")):
+                v = r[key]["of_medians"]
+                add(label, what, v, f">= {TARGET_VS_ORBAX}", None if v is None else v >= TARGET_VS_ORBAX,
+                    official)
+        for op, what in (("keepax_save", "save peak extra RSS (MiB)"),
+                         ("keepax_restore", "restore peak extra RSS beyond restored arrays (MiB)")):
+            m = entry.get("memory", {}).get(op)
+            v = m.get("extra_peak_mib") if m else None
+            add(label, what, v, f"<= {TARGET_EXTRA_MIB:g}", None if v is None else v <= TARGET_EXTRA_MIB, official)
+    return rows
+
+
+def machine_info(directory: str) -> dict[str, Any]:
+    from importlib import metadata
+
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        pass
+    fs = None
+    try:
+        best = ""
+        real = os.path.realpath(directory)
+        with open("/proc/mounts") as f:
+            for line in f:
+                dev, mnt, kind = line.split()[:3]
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, fs = mnt, f"{kind} on {dev} (mounted at {mnt})"
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        ram = psutil.virtual_memory().total
+    except ImportError:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    commit = None
+    try:
+        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True).stdout.strip()
+        if dirty:
+            commit += " (src/ modified)"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "nproc_affinity": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "ram_bytes": ram,
+        "ram_gib": round(ram / GIB, 1),
+        "filesystem": fs,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": {p: version(p) for p in ("keepax", "jax", "jaxlib", "numpy", "orbax-checkpoint",
+                                              "crc32c", "psutil")},
+        "keepax_commit": commit,
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def fmt(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "—"
+    return f"{v:.3f}{unit}" if abs(v) < 100 else f"{v:.1f}{unit}"
+
+
+OPS = [
+    ("raw_write", "raw write + fsync (4 files, 4 threads)"),
+    ("raw_read_cold", "raw read, cold"),
+    ("raw_read_warm", "raw read, warm"),
+    ("keepax_save", "keepax.save"),
+    ("keepax_restore_cold", "keepax.restore(like), cold"),
+    ("keepax_restore_warm", "keepax.restore(like), warm"),
+    ("keepax_restore_numpy_warm", "keepax.restore() NumPy, warm"),
+    ("orbax_save", "Orbax save (until finished)"),
+    ("orbax_save_blocking", "Orbax save, blocking part"),
+    ("orbax_restore_cold", "Orbax restore, cold"),
+    ("orbax_restore_warm", "Orbax restore, warm"),
+]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    out = []
+    m = result["machine"]
+    out.append(f"## keepax core benchmark — {m['date_utc']}\n")
+    out.append(f"{m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, {m['filesystem']}, "
+               f"Linux {m['kernel']}, Python {m['python']}, " +
+               ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + "\n")
+    for name, entry in result["states"].items():
+        if "error" in entry:
+            out.append(f"### {entry.get('label', name)}: ERROR {entry['error']}\n")
+            continue
+        st = entry["analysis"]["stats"]
+        out.append(f"### {entry['label']}: {entry['arrays']} arrays, {entry['bytes'] / MIB:.1f} MiB, "
+                   f"{entry['repeats']} repeats\n")
+        if entry.get("orbax_note"):
+            out.append(f"Note: {entry['orbax_note']}\n")
+        if not entry["cold_measured"]:
+            out.append(f"Note: {DROP_CACHES} not writable: cold reads not measured.\n")
+        out.append("| operation | median s | min s | max s | median GB/s |")
+        out.append("|---|---:|---:|---:|---:|")
+        for op, label in OPS:
+            if op in st:
+                s = st[op]
+                gbs = entry["bytes"] / s["median"] / 1e9 if s["median"] else None
+                out.append(f"| {label} | {fmt(s['median'])} | {fmt(s['min'])} | {fmt(s['max'])} | "
+                           f"{fmt(gbs)} |")
+        out.append("")
+        out.append("| ratio | of medians | median of per-repeat pairs |")
+        out.append("|---|---:|---:|")
+        for label, r in entry["analysis"]["ratios"].items():
+            out.append(f"| {label} | {fmt(r.get('of_medians'))} | {fmt(r.get('median_of_paired'))} |")
+        out.append("")
+        mem = entry.get("memory")
+        if mem:
+            out.append("| peak extra RSS (fresh process) | MiB | baseline RSS MiB | restored MiB | seconds |")
+            out.append("|---|---:|---:|---:|---:|")
+            for op, v in mem.items():
+                if "extra_peak_mib" not in v:
+                    out.append(f"| {op} | {v.get('skipped') or v.get('error')} | | | |")
+                    continue
+                out.append(f"| {op} | {v['extra_peak_mib']:.1f} | {v['baseline_rss'] / MIB:.0f} | "
+                           f"{v['restored_bytes'] / MIB:.0f} | {v['seconds']:.2f} |")
+            out.append("")
+    out.append("### Targets\n")
+    out.append("| state | target | value | goal | result |")
+    out.append("|---|---|---:|---|---|")
+    for row in result["targets"]:
+        tag = "" if row["official"] else " (informational)"
+        out.append(f"| {row['state']} | {row['target']}{tag} | {fmt(row['value'])} | {row['goal']} | "
+                   f"**{row['status']}** |")
+    return "\n".join(out) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1,4", help="transformer state sizes in GiB (default 1,4)")
+    p.add_argument("--repeats", type=int, default=5, help="repeats per measurement (default 5)")
+    p.add_argument("--repeats-large", type=int, default=None,
+                   help="repeats for states above 2 GiB (default: --repeats)")
+    p.add_argument("--dir", default=os.path.join(REPO, "bench_out"),
+                   help="where checkpoints and core.json are written (default bench_out/)")
+    p.add_argument("--no-many", action="store_true", help="skip the 10,000 x 1 KiB tree")
+    p.add_argument("--no-orbax", action="store_true", help="skip Orbax")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--profile", action="store_true",
+                   help="also write cProfile reports of keepax save/restore (1 GiB, 10k) to --dir")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoints written")
+    p.add_argument("--_worker", choices=["timing", "memory", "profile"], help=argparse.SUPPRESS)
+    p.add_argument("--_state", help=argparse.SUPPRESS)
+    p.add_argument("--_op", help=argparse.SUPPRESS)
+    p.add_argument("--_ckpt", help=argparse.SUPPRESS)
+    p.add_argument("--_out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.dir = os.path.abspath(args.dir)
+    os.makedirs(args.dir, exist_ok=True)
+    if args._worker:
+        fn = {"timing": timing_worker, "memory": memory_worker, "profile": profile_worker}[args._worker]
+        result = fn(args)
+        with open(args._out, "w") as f:
+            json.dump(result, f)
+        return 0
+
+    states = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    for s in states:
+        float(s)  # validate
+    if not args.no_many:
+        states.insert(0, "10k")
+    began = time.perf_counter()
+    result: dict[str, Any] = {
+        "benchmark": "keepax core",
+        "command": " ".join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO)
+                             else sys.executable, os.path.relpath(os.path.abspath(__file__), REPO),
+                             *sys.argv[1:]]),
+        "machine": machine_info(args.dir),
+        "cold_reads": can_drop_caches(),
+        "states": {},
+        "notes": [],
+    }
+    if not result["cold_reads"]:
+        result["notes"].append(f"{DROP_CACHES} not writable: cold reads skipped")
+    for state in states:
+        repeats = args.repeats
+        if state != "10k" and float(state) > 2 and args.repeats_large:
+            repeats = args.repeats_large
+        log(f"=== {state_label(state)}: timings ({repeats} repeats) ===")
+        run = run_worker(args, "timing", state, repeats=repeats)
+        entry: dict[str, Any] = dict(run)
+        if "error" not in run:
+            entry["analysis"] = analyse(run)
+            if not args.no_memory:
+                entry["memory"] = {}
+                for op in ("keepax_save", "keepax_restore", "orbax_save", "orbax_restore"):
+                    if op.startswith("orbax") and (args.no_orbax or run.get("orbax_note")):
+                        continue
+                    ckpt = run.get("keepax_ckpt" if op.startswith("keepax") else "orbax_ckpt") or ""
+                    log(f"=== {state_label(state)}: peak memory of {op} (fresh process) ===")
+                    mem = run_worker(args, "memory", state, op=op, ckpt=ckpt)
+                    entry["memory"][op] = mem
+                    if "extra_peak_mib" in mem:
+                        log(f"    extra peak RSS {mem['extra_peak_mib']:.1f} MiB")
+            if args.profile and (state == "10k" or state == "1"):
+                entry["profile"] = run_worker(args, "profile", state)
+            if not args.keep:
+                shutil.rmtree(os.path.join(args.dir, f"work-{state}"), ignore_errors=True)
+        result["states"][state] = entry
+    result["targets"] = targets(result)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["total_seconds"] = time.perf_counter() - began
+    text = json.dumps(result, indent=2)
+    with open(os.path.join(args.dir, "core.json"), "w") as f:
+        f.write(text + "\n")
+    table = markdown(result)
+    with open(os.path.join(args.dir, "core.md"), "w") as f:
+        f.write(table)
+    print(text)
+    print()
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Pins the public surface: adding or removing a public name must be a deliberate change."""
+
+from __future__ import annotations
+
+import keepax
+import keepax.errors
+
+
+def test_public_names() -> None:
+    assert sorted(keepax.__all__) == sorted([
+        "errors", "save", "restore", "inspect", "verify",
+        "CheckpointInfo", "LeafInfo", "RestoreStats", "SaveResult", "KeepaxError",
+    ])
+    for name in keepax.__all__:
+        assert hasattr(keepax, name)
+
+
+def test_error_hierarchy() -> None:
+    e = keepax.errors
+    assert sorted(e.__all__) == sorted([
+        "KeepaxError", "CheckpointNotFoundError", "CheckpointExistsError", "NotCommittedError",
+        "CorruptCheckpointError", "FormatVersionError", "TreeMismatchError",
+        "UnsupportedLeafError",
+    ])
+    for name in e.__all__:
+        assert issubclass(getattr(e, name), e.KeepaxError)
+    assert issubclass(e.CheckpointNotFoundError, FileNotFoundError)
+    assert issubclass(e.TreeMismatchError, ValueError)
+    assert issubclass(e.UnsupportedLeafError, TypeError)
+
+
+def test_errors_name_path_step_and_leaf() -> None:
+    err = keepax.errors.TreeMismatchError("bad", path="/x/ckpt", step=3, leaf="['w']")
+    assert str(err) == "[checkpoint /x/ckpt, step 3, leaf ['w']] bad"
+    assert (err.path, err.step, err.leaf) == ("/x/ckpt", 3, "['w']")

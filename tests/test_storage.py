@@ -1,0 +1,133 @@
+"""One conformance suite that every storage backend must pass."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from keepax._src.storage import (
+    LocalStorage,
+    MemoryStorage,
+    Storage,
+    is_hidden_name,
+    memory,
+    open_root,
+    split_checkpoint_path,
+)
+
+
+@pytest.fixture(params=["local", "memory"])
+def storage(request: pytest.FixtureRequest, tmp_path) -> Storage:  # noqa: ANN001
+    if request.param == "local":
+        yield LocalStorage(tmp_path / "root")
+    else:
+        yield MemoryStorage(f"memory://conformance-{id(request)}/root")
+        memory.clear(f"conformance-{id(request)}")
+
+
+def read_all(storage: Storage, path: str) -> bytes:
+    return storage.read_bytes(path)
+
+
+def test_write_read_and_ranged_reads(storage: Storage) -> None:
+    writer = storage.create("a/b/file.bin")
+    writer.write(memoryview(b"hello "))
+    writer.writev([memoryview(b"big "), memoryview(b""), memoryview(b"world")])
+    writer.close()
+    assert read_all(storage, "a/b/file.bin") == b"hello big world"
+    reader = storage.open("a/b/file.bin")
+    assert reader.size() == 15
+    out = bytearray(5)
+    assert reader.read_into(6, memoryview(out)) == 5 and out == b"big w"
+    tail = bytearray(10)
+    assert reader.read_into(10, memoryview(tail)) == 5  # short read only at the end
+    reader.close()
+
+
+def test_writev_many_buffers(storage: Storage) -> None:
+    parts = [bytes([i % 256]) * (i % 7) for i in range(3000)]  # > IOV_MAX buffers
+    writer = storage.create("many")
+    writer.writev([memoryview(p) for p in parts])
+    writer.close()
+    assert read_all(storage, "many") == b"".join(parts)
+
+
+def test_missing_files(storage: Storage) -> None:
+    with pytest.raises(FileNotFoundError):
+        storage.open("nope")
+    assert not storage.exists("nope") and not storage.is_dir("nope")
+    assert storage.list("nope") == []
+    storage.delete("nope")  # ignored
+
+
+def test_list_exists_delete(storage: Storage) -> None:
+    storage.write_bytes("d/x", b"1")
+    storage.write_bytes("d/sub/y", b"2")
+    storage.write_bytes("e", b"3")
+    assert storage.list("") == ["d", "e"]
+    assert storage.list("d") == ["sub", "x"]
+    assert storage.is_dir("d") and not storage.is_dir("e") and storage.exists("e")
+    storage.delete("d")
+    assert not storage.exists("d") and storage.exists("e")
+    storage.delete("e")
+    assert storage.list("") == []
+
+
+def test_rename_never_replaces_and_exchange_swaps(storage: Storage) -> None:
+    storage.write_bytes("one/f", b"1")
+    storage.write_bytes("two/f", b"2")
+    with pytest.raises(FileExistsError):
+        storage.rename_dir("one", "two")
+    assert read_all(storage, "two/f") == b"2"
+    storage.rename_dir("one", "three")
+    assert not storage.exists("one") and read_all(storage, "three/f") == b"1"
+    storage.rename_dir("three", "two", exchange=True)
+    assert read_all(storage, "two/f") == b"1" and read_all(storage, "three/f") == b"2"
+
+
+def test_commit_protocol(storage: Storage) -> None:
+    staging = storage.staging_name("ckpt")
+    assert is_hidden_name(staging) and staging != "ckpt"
+    storage.write_bytes(f"{staging}/f", b"new")
+    assert not storage.exists("ckpt")
+    storage.commit(staging, "ckpt", replace=False)
+    assert read_all(storage, "ckpt/f") == b"new" and not storage.exists(staging)
+
+    again = storage.staging_name("ckpt")
+    storage.write_bytes(f"{again}/f", b"other")
+    with pytest.raises(FileExistsError):
+        storage.commit(again, "ckpt", replace=False)
+    assert read_all(storage, "ckpt/f") == b"new"
+    storage.commit(again, "ckpt", replace=True)
+    assert read_all(storage, "ckpt/f") == b"other"
+    assert [n for n in storage.list("") if is_hidden_name(n)] == [], storage.list("")
+
+
+def test_abort_leaves_nothing_committed(storage: Storage) -> None:
+    writer = storage.create("x")
+    writer.write(memoryview(b"partial"))
+    writer.abort()
+    assert not storage.exists("x") or read_all(storage, "x") in (b"", b"partial")
+
+
+def test_path_resolution(tmp_path) -> None:
+    storage, name = split_checkpoint_path(str(tmp_path / "ckpt"))
+    assert isinstance(storage, LocalStorage) and name == "ckpt"
+    assert storage.display(name).endswith("ckpt")
+    storage, name = split_checkpoint_path("memory://store/dir/ckpt")
+    assert isinstance(storage, MemoryStorage) and name == "ckpt"
+    assert storage.display(name) == "memory://store/dir/ckpt"
+    assert isinstance(open_root(f"file://{tmp_path}"), LocalStorage)
+    with pytest.raises(ValueError, match="memory://store/name"):
+        split_checkpoint_path("memory://store")
+    with pytest.raises(ValueError, match="not supported"):
+        open_root("ftp://host/x")
+
+
+def test_local_files_are_synced_and_visible_to_the_os(tmp_path) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.write_bytes("f", b"abc")
+    with open(os.path.join(tmp_path, "f"), "rb") as f:
+        assert f.read() == b"abc"
+    storage.sync_dir("")
