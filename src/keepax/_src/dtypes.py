@@ -7,6 +7,8 @@ is stored under that code, any other dtype as raw bytes (``U8``) typed by our ma
 
 from __future__ import annotations
 
+import functools
+
 import ml_dtypes
 import numpy as np
 
@@ -31,9 +33,27 @@ _SAFETENSORS_CODES: dict[str, str] = {
 }
 
 
+_NAMES: dict[np.dtype, str] = {}
+
+
 def dtype_name(dtype: np.dtype) -> str:
     """Returns the manifest name of a NumPy (or ml_dtypes) dtype."""
-    return np.dtype(dtype).name
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = _NAMES[dtype] = np.dtype(dtype).name
+    return name
+
+
+@functools.lru_cache(maxsize=256)
+def _lookup(name: str) -> np.dtype:
+    extra = getattr(ml_dtypes, name, None) if name.isidentifier() else None
+    try:
+        dtype = np.dtype(extra if isinstance(extra, type) else name)
+    except TypeError as e:
+        raise ValueError(f"unknown dtype {name!r}") from e
+    if dtype.name != name or not is_storable(dtype):
+        raise ValueError(f"unsupported dtype {name!r}")
+    return dtype
 
 
 def dtype_from_name(name: str) -> np.dtype:
@@ -42,18 +62,9 @@ def dtype_from_name(name: str) -> np.dtype:
     Raises:
       ValueError: if the name is not a dtype this installation knows.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"invalid dtype name {name!r}")
-    extra = getattr(ml_dtypes, name, None)
-    if extra is not None:
-        return np.dtype(extra)
-    try:
-        dtype = np.dtype(name)
-    except TypeError as e:
-        raise ValueError(f"unknown dtype {name!r}") from e
-    if dtype.kind in "OUSVMm" or dtype.name != name:
-        raise ValueError(f"unsupported dtype {name!r}")
-    return dtype
+    if not isinstance(name, str) or not name or len(name) > 64:
+        raise ValueError(f"invalid dtype name {name!r:.70}")
+    return _lookup(name)
 
 
 def is_storable(dtype: np.dtype) -> bool:
@@ -67,4 +78,4 @@ def is_storable(dtype: np.dtype) -> bool:
 
 def safetensors_code(dtype: np.dtype) -> str | None:
     """Returns the safetensors code for a dtype, or None when it must be stored as raw bytes."""
-    return _SAFETENSORS_CODES.get(np.dtype(dtype).name)
+    return _SAFETENSORS_CODES.get(dtype_name(dtype))

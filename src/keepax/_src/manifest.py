@@ -238,6 +238,14 @@ class CommitMarker:
         )
 
 
+def _nat(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _nats(x: Any, n: int) -> bool:
+    return type(x) is list and len(x) == n and all(type(i) is int and i >= 0 for i in x)
+
+
 class _Validator:
     """Checks untrusted JSON, raising CorruptCheckpointError naming the checkpoint and field."""
 
@@ -325,6 +333,35 @@ class _Validator:
             raise self.fail(f"{what} must be a list")
         return x
 
+    def _chunk(
+        self, c: Any, j: int, path: str, shape: tuple[int, ...], itemsize: int
+    ) -> Chunk:
+        try:
+            file, offset, nbytes = c["file"], c["offset"], c["nbytes"]
+            start, box, crc = c["start"], c["shape"], c["crc32c"]
+        except (KeyError, TypeError):
+            raise self.fail(f"chunk {j} must be an object with file, offset, nbytes, start, "
+                            "shape and crc32c", path) from None
+        if not (_nat(file) and _nat(offset) and _nat(nbytes) and _nat(crc)):
+            raise self.fail(f"chunk {j}: file, offset, nbytes and crc32c must be non-negative "
+                            "integers", path)
+        if not (_nats(start, len(shape)) and _nats(box, len(shape))):
+            raise self.fail(f"chunk {j}: start and shape must be {len(shape)} non-negative "
+                            "integers", path)
+        if file >= len(self._files):
+            raise self.fail(f"chunk {j} names file {file} of {len(self._files)}", path)
+        entry = self._files[file]
+        if offset + nbytes > entry.nbytes:
+            raise self.fail(f"chunk {j} lies beyond the end of {entry.name}", path)
+        self._claimed[file] += nbytes
+        if self._claimed[file] > entry.nbytes:
+            raise self.fail(f"chunks claim more bytes than {entry.name} has", path)
+        if any(s + n > d for s, n, d in zip(start, box, shape)):
+            raise self.fail(f"chunk {j} lies outside the array", path)
+        if nbytes != math.prod(box) * itemsize:
+            raise self.fail(f"chunk {j} size {nbytes} does not match its shape", path)
+        return Chunk(file, offset, nbytes, tuple(start), tuple(box), crc)
+
     def _leaf(self, x: Any, index: int, nfiles: int) -> Leaf:
         x = self.obj(x, f"leaves[{index}]")
         path = x.get("path")
@@ -338,38 +375,14 @@ class _Validator:
         if kind not in ARRAY_TYPES:
             raise self.fail(f"unknown leaf type {kind!r:.40}", path)
         shape = self.ints(x.get("shape"), "shape", path)
+        name = x.get("dtype")
         try:
-            dtype = dtypes.dtype_from_name(x.get("dtype"))
+            itemsize = dtypes.dtype_from_name(name).itemsize
         except ValueError as e:
             raise self.fail(str(e), path) from e
-        chunks = []
-        volume = 0
-        files = self._files
-        for j, c in enumerate(self._list(x.get("chunks"), "chunks")):
-            c = self.obj(c, f"chunks[{j}]")
-            chunk = Chunk(
-                file=self.nat(c.get("file"), "chunk file", path),
-                offset=self.nat(c.get("offset"), "chunk offset", path),
-                nbytes=self.nat(c.get("nbytes"), "chunk nbytes", path),
-                start=self.ints(c.get("start"), "chunk start", path),
-                shape=self.ints(c.get("shape"), "chunk shape", path),
-                crc32c=self.nat(c.get("crc32c"), "chunk crc32c", path),
-            )
-            if chunk.file >= nfiles:
-                raise self.fail(f"chunk {j} names file {chunk.file} of {nfiles}", path)
-            if chunk.offset + chunk.nbytes > files[chunk.file].nbytes:
-                raise self.fail(f"chunk {j} lies beyond the end of {files[chunk.file].name}", path)
-            self._claimed[chunk.file] += chunk.nbytes
-            if self._claimed[chunk.file] > files[chunk.file].nbytes:
-                raise self.fail(f"chunks claim more bytes than {files[chunk.file].name} has", path)
-            if len(chunk.start) != len(shape) or len(chunk.shape) != len(shape):
-                raise self.fail(f"chunk {j} has the wrong rank", path)
-            if any(s + n > d for s, n, d in zip(chunk.start, chunk.shape, shape)):
-                raise self.fail(f"chunk {j} lies outside the array", path)
-            if chunk.nbytes != math.prod(chunk.shape) * dtype.itemsize:
-                raise self.fail(f"chunk {j} size {chunk.nbytes} does not match its shape", path)
-            volume += math.prod(chunk.shape)
-            chunks.append(chunk)
+        chunk_list = self._list(x.get("chunks"), "chunks")
+        chunks = [self._chunk(c, j, path, shape, itemsize) for j, c in enumerate(chunk_list)]
+        volume = sum(math.prod(c.shape) for c in chunks)
         if volume != math.prod(shape):
             raise self.fail(
                 f"chunks cover {volume} elements of an array of {math.prod(shape)}", path
@@ -382,7 +395,7 @@ class _Validator:
             path=path,
             type=kind,
             shape=shape,
-            dtype=dtype.name,
+            dtype=name,
             chunks=tuple(chunks),
             impl=impl if isinstance(impl, str) else None,
             sharding=sharding if isinstance(sharding, dict) else None,

@@ -21,6 +21,8 @@ __all__ = [
     "local_slices",
     "owned_shards",
     "target_boxes",
+    "aligned_empty",
+    "HostArena",
 ]
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]
@@ -104,3 +106,29 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype, alignment: int = 64) ->
     raw = np.empty(nbytes + alignment, np.uint8)
     offset = (-raw.ctypes.data) % alignment
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+class HostArena:
+    """Hands out small aligned host arrays carved from shared blocks.
+
+    Allocating thousands of tiny arrays one by one costs more than reading them; carving them
+    from 4 MiB blocks does not. Arrays of ``min_own`` bytes or more get their own buffer, so a
+    large restored array never keeps others alive.
+    """
+
+    def __init__(self, block: int = 4 << 20, min_own: int = 64 << 10, alignment: int = 64):
+        self._block, self._min_own, self._alignment = block, min_own, alignment
+        self._buffer: np.ndarray | None = None
+        self._used = 0
+
+    def empty(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes >= self._min_own or nbytes == 0:
+            return aligned_empty(shape, dtype, self._alignment)
+        if self._buffer is None or self._used + nbytes > len(self._buffer):
+            self._buffer = aligned_empty((self._block,), np.uint8, self._alignment)
+            self._used = 0
+        out = self._buffer[self._used : self._used + nbytes]
+        self._used += -(-nbytes // self._alignment) * self._alignment
+        return out.view(dtype).reshape(shape)

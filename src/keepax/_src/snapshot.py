@@ -154,18 +154,25 @@ def _array_sources(
     dtype = np.dtype(array.dtype)
     _check_dtype(dtype, path)
     shape = tuple(int(d) for d in array.shape)
+    name = path or "<root>"
     sources = []
+    if len(shards) == 1 and math.prod(shape) * dtype.itemsize <= format.CHUNK_BYTES:
+        # The common case (an unsharded array of modest size): one chunk, no slicing.
+        if math.prod(shape):
+            data = shards[0][1]
+            sources.append(
+                ChunkSource(index, name, (0,) * len(shape), shape, dtype, lambda: np.asarray(data))
+            )
+        return kind, dtype, shape, sources, extra
     for box, data in shards:
         for sub in sharding.split_rows(box, dtype.itemsize, format.CHUNK_BYTES):
             if math.prod(sub[1]) == 0:
                 continue
-            name = path or "<root>"
-            if sub[1] != shape:
-                name = f"{name}@{','.join(map(str, sub[0]))}"
+            chunk_name = name if sub[1] == shape else f"{name}@{','.join(map(str, sub[0]))}"
             sources.append(
                 ChunkSource(
                     leaf=index,
-                    name=name,
+                    name=chunk_name,
                     start=sub[0],
                     shape=sub[1],
                     dtype=dtype,
@@ -594,9 +601,14 @@ def _read_leaves(
     values: dict[int, Any] = {}
     requests: list[ReadRequest] = []
     finishers: list[tuple[int, ArrayLeaf, _Target | None, dict[Any, Any]]] = []
-    needed_files = {c.file for i in indices if isinstance(manifest.leaves[i], ArrayLeaf)
-                    for c in manifest.leaves[i].chunks}
+    needed_files = {
+        c.file
+        for i in indices
+        if isinstance(manifest.leaves[i], ArrayLeaf)
+        for c in manifest.leaves[i].chunks
+    }
     format.check_sizes(opened.storage, opened.name, manifest.files, needed_files, opened.where)
+    arena = sharding.HostArena()
     for index in indices:
         leaf = manifest.leaves[index]
         target = targets.get(index)
@@ -610,12 +622,12 @@ def _read_leaves(
             boxes = sharding.target_boxes(target.sharding, shape)
         else:
             boxes = {((0,) * len(shape), shape): None}
-        buffers = {}
-        for box in boxes:
-            out = sharding.aligned_empty(box[1], stored)
-            buffers[box] = out
+        parts = {}
+        for box, devices in boxes.items():
+            out = arena.empty(box[1], stored)
+            parts[box] = (devices, out)
             requests.append(ReadRequest(leaf.path, leaf.chunks, box, out))
-        finishers.append((index, leaf, target, {b: (boxes[b], buffers[b]) for b in boxes}))
+        finishers.append((index, leaf, target, parts))
     read = format.read_requests(
         opened.storage, opened.name, manifest.files, requests, where=opened.where
     )
@@ -623,9 +635,35 @@ def _read_leaves(
         stats.bytes_read += read.bytes_read
         stats.chunks_read += read.chunks_read
         stats.files_opened += read.files_opened
-    for index, leaf, target, parts in finishers:
-        values[index] = _finish(leaf, target, cast, parts)
+    placer = _Placer()
+    pending = [(index, _finish(leaf, target, cast, parts, placer))
+               for index, leaf, target, parts in finishers]
+    placer.run()
+    for index, make in pending:
+        values[index] = make()
     return values
+
+
+class _Placer:
+    """Collects host-to-device transfers and makes them in one batched ``jax.device_put``
+    (per-array calls cost ~100 us each, which dominates restores of many small arrays)."""
+
+    def __init__(self) -> None:
+        self._hosts: list[np.ndarray] = []
+        self._dests: list[Any] = []
+        self._results: list[jax.Array] = []
+
+    def put(self, host: np.ndarray, dest: Any) -> int:
+        self._hosts.append(host)
+        self._dests.append(dest)
+        return len(self._hosts) - 1
+
+    def run(self) -> None:
+        if self._hosts:
+            self._results = jax.device_put(self._hosts, self._dests)
+
+    def get(self, i: int) -> jax.Array:
+        return self._results[i]
 
 
 def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -636,8 +674,14 @@ def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def _finish(leaf: ArrayLeaf, target: _Target | None, cast: Any, parts: dict[Any, Any]) -> Any:
-    """Turns the host buffers read for a leaf into the value the caller asked for."""
+def _finish(
+    leaf: ArrayLeaf, target: _Target | None, cast: Any, parts: dict[Any, Any], placer: _Placer
+) -> Callable[[], Any]:
+    """Turns the host buffers read for a leaf into the value the caller asked for.
+
+    Device transfers are queued on ``placer``; the returned function, called after
+    ``placer.run()``, gives the value.
+    """
     stored = dtypes.dtype_from_name(leaf.dtype)
     final = _final_dtype(stored, target, cast)
     if leaf.type == "prngkey":
@@ -645,24 +689,35 @@ def _finish(leaf: ArrayLeaf, target: _Target | None, cast: Any, parts: dict[Any,
         keys = jax.random.wrap_key_data(host, impl=leaf.impl)
         if target is not None and target.sharding is not None:
             keys = jax.device_put(keys, target.sharding)
-        return keys
+        return lambda: keys
     if leaf.type == "bytes":
         ((_, host),) = parts.values()
-        return host.tobytes()
-    kind = target.kind if target is not None else ("npscalar" if leaf.type == "npscalar" else "numpy")
+        data = host.tobytes()
+        return lambda: data
+    kind = target.kind if target is not None else (
+        "npscalar" if leaf.type == "npscalar" else "numpy"
+    )
     if kind != "jax":
         ((_, host),) = parts.values()
         host = _cast(host, final)
-        return host[()] if kind == "npscalar" else host
+        value = host[()] if kind == "npscalar" else host
+        return lambda: value
     shape = tuple(leaf.shape)
     if target is None or target.sharding is None:
         ((_, host),) = parts.values()
-        return jax.device_put(_cast(host, final))
-    arrays = []
+        i = placer.put(_cast(host, final), jax.devices()[0])
+        return lambda: placer.get(i)
+    if len(parts) == 1 and len(target.sharding.device_set) == 1:
+        ((_, host),) = parts.values()
+        i = placer.put(_cast(host, final), target.sharding)
+        return lambda: placer.get(i)
+    slots = []
     for devices, host in parts.values():
         host = _cast(host, final)
-        arrays.extend(jax.device_put(host, d) for d in devices)
-    return jax.make_array_from_single_device_arrays(shape, target.sharding, arrays)
+        slots.extend(placer.put(host, d) for d in devices)
+    return lambda: jax.make_array_from_single_device_arrays(
+        shape, target.sharding, [placer.get(i) for i in slots]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
