@@ -20,7 +20,7 @@ def test_error_hierarchy() -> None:
     assert sorted(e.__all__) == sorted([
         "KeepaxError", "CheckpointNotFoundError", "CheckpointExistsError", "NotCommittedError",
         "CorruptCheckpointError", "FormatVersionError", "TreeMismatchError",
-        "UnsupportedLeafError",
+        "UnsupportedLeafError", "PolicyError",
     ])
     for name in e.__all__:
         assert issubclass(getattr(e, name), e.KeepaxError)

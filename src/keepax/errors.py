@@ -18,6 +18,7 @@ __all__ = [
     "FormatVersionError",
     "TreeMismatchError",
     "UnsupportedLeafError",
+    "PolicyError",
 ]
 
 
@@ -78,3 +79,7 @@ class TreeMismatchError(KeepaxError, ValueError):
 
 class UnsupportedLeafError(KeepaxError, TypeError):
     """A leaf of the tree to save has a type keepax does not store."""
+
+
+class PolicyError(KeepaxError, ValueError):
+    """A save or retention policy, or a manager option, is invalid (raised at construction)."""
