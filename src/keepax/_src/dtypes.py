@@ -70,8 +70,11 @@ def dtype_from_name(name: str) -> np.dtype:
 def is_storable(dtype: np.dtype) -> bool:
     """Whether arrays of this dtype can be stored (numeric, bool, and ml_dtypes types)."""
     dtype = np.dtype(dtype)
-    if dtype.kind in "biufc":
+    if dtype.kind in "biu":
         return True
+    if dtype.kind in "fc":
+        # float128/complex256 are platform-dependent (x87 extended precision): not portable.
+        return dtype.itemsize <= (8 if dtype.kind == "f" else 16)
     # ml_dtypes types (bfloat16, float8_*, int4, ...) are kind 'V' with a registered name.
     return dtype.kind == "V" and getattr(ml_dtypes, dtype.name, None) is not None
 

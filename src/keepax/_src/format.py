@@ -487,18 +487,25 @@ def verify_chunks(
     opened = _Files(storage, directory, files, where)
     total = sum(c.nbytes for _, c in pieces)
     done = 0
-    buffer = bytearray(max((c.nbytes for _, c in pieces), default=0))
+    buffer = memoryview(bytearray(_BATCH_BYTES))
     try:
         for leaf, chunk in sorted(pieces, key=lambda p: (p[1].file, p[1].offset)):
             if chunk.file not in bad_files:
-                view = memoryview(buffer)[: chunk.nbytes]
-                n = opened.get(chunk.file, RestoreStats()).read_into(chunk.offset, view)
-                actual = checksum(view[:n])
-                if n != chunk.nbytes or actual != chunk.crc32c:
+                # Checked in bounded blocks: a huge chunk never needs a huge buffer.
+                reader = opened.get(chunk.file, RestoreStats())
+                actual, position, end = 0, chunk.offset, chunk.offset + chunk.nbytes
+                while position < end:
+                    view = buffer[: min(len(buffer), end - position)]
+                    n = reader.read_into(position, view)
+                    actual = checksum(view[:n], actual)
+                    position += n
+                    if n < len(view):
+                        break
+                if position != end or actual != chunk.crc32c:
                     problems.append(
                         f"{leaf}: checksum mismatch in {files[chunk.file].name} at bytes "
-                        f"{chunk.offset}..{chunk.offset + chunk.nbytes} (chunk starting at "
-                        f"{list(chunk.start)}): stored {chunk.crc32c:#010x}, read {actual:#010x}"
+                        f"{chunk.offset}..{end} (chunk starting at {list(chunk.start)}): stored "
+                        f"{chunk.crc32c:#010x}, read {actual:#010x}"
                     )
             done += chunk.nbytes
             if progress is not None:

@@ -42,7 +42,9 @@ DATA_DIR = "data"
 ARRAY_TYPES = ("jax", "numpy", "npscalar", "bytes", "prngkey")
 VALUE_TYPES = ("int", "float", "bool", "complex", "str")
 
-_DATA_FILE_RE = re.compile(r"^data/[A-Za-z0-9_.-]{1,128}\.safetensors$")
+_DATA_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.safetensors")
+_VERSION_RE = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
+_MAX_DIM = 1 << 48  # larger dimensions are rejected before any arithmetic or allocation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,8 +192,8 @@ class Manifest:
           FormatVersionError: if it was written by a newer major format version.
         """
         try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            doc = json.loads(data, parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CorruptCheckpointError(
                 f"{MANIFEST_FILE} is not valid JSON ({e}); the checkpoint is damaged: restore "
                 "an earlier one",
@@ -224,8 +226,8 @@ class CommitMarker:
     @classmethod
     def from_json(cls, data: bytes, *, where: str) -> CommitMarker:
         try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            doc = json.loads(data, parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CorruptCheckpointError(f"{COMMIT_FILE} is not valid JSON ({e})", path=where) from e
         v = _Validator(where)
         v.obj(doc, COMMIT_FILE)
@@ -238,12 +240,37 @@ class CommitMarker:
         )
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _nat(x: Any) -> bool:
     return type(x) is int and x >= 0
 
 
 def _nats(x: Any, n: int) -> bool:
-    return type(x) is list and len(x) == n and all(type(i) is int and i >= 0 for i in x)
+    return type(x) is list and len(x) == n and all(type(i) is int and 0 <= i <= _MAX_DIM for i in x)
+
+
+def _boxes_disjoint(chunks: list[Chunk]) -> bool:
+    """Whether no two chunks of one array overlap (a sweep along the most-split axis)."""
+    boxes = [c for c in chunks if c.nbytes]
+    if len(boxes) < 2 or not boxes[0].shape:
+        return True
+    rank = len(boxes[0].shape)
+    axis = max(range(rank), key=lambda a: len({c.start[a] for c in boxes}))
+    boxes.sort(key=lambda c: c.start[axis])
+    active: list[Chunk] = []
+    for c in boxes:
+        active = [a for a in active if a.start[axis] + a.shape[axis] > c.start[axis]]
+        for a in active:
+            if all(
+                max(a.start[d], c.start[d]) < min(a.start[d] + a.shape[d], c.start[d] + c.shape[d])
+                for d in range(rank)
+            ):
+                return False
+        active.append(c)
+    return True
 
 
 class _Validator:
@@ -280,13 +307,16 @@ class _Validator:
     def ints(self, x: Any, what: str, leaf: str | None = None) -> tuple[int, ...]:
         if not isinstance(x, list) or len(x) > 64:
             raise self.fail(f"{what} must be a list of at most 64 integers", leaf)
-        return tuple(self.nat(i, what, leaf) for i in x)
+        out = tuple(self.nat(i, what, leaf) for i in x)
+        if any(i > _MAX_DIM for i in out):
+            raise self.fail(f"{what} has a dimension above 2**48", leaf)
+        return out
 
     def version(self, doc: dict[str, Any]) -> tuple[int, int]:
         if doc.get("format") != FORMAT_NAME:
             raise self.fail(f"format is {doc.get('format')!r:.40}, expected {FORMAT_NAME!r}")
         text = doc.get("version")
-        m = re.fullmatch(r"(\d{1,6})\.(\d{1,6})", text) if isinstance(text, str) else None
+        m = _VERSION_RE.fullmatch(text) if isinstance(text, str) else None
         if m is None:
             raise self.fail(f"version must be 'MAJOR.MINOR', got {text!r:.40}")
         major, minor = int(m.group(1)), int(m.group(2))
@@ -307,14 +337,17 @@ class _Validator:
         for i, f in enumerate(self._list(doc.get("files"), "files")):
             f = self.obj(f, f"files[{i}]")
             name = f.get("name")
-            if not isinstance(name, str) or not _DATA_FILE_RE.match(name) or ".." in name:
+            if not isinstance(name, str) or not _DATA_FILE_RE.fullmatch(name) or ".." in name:
                 raise self.fail(f"files[{i}].name {name!r:.80} is not a data file name")
+            if any(f.name == name for f in files):
+                raise self.fail(f"files[{i}].name {name!r:.80} is listed twice")
             files.append(DataFile(name, self.nat(f.get("nbytes"), f"files[{i}].nbytes")))
         self._files = files
         self._claimed = [0] * len(files)
         leaves = tuple(
             self._leaf(x, i, len(files)) for i, x in enumerate(self._list(doc.get("leaves"), "leaves"))
         )
+        self._check_byte_ranges(leaves)
         tree = self.obj(doc.get("tree"), "tree")
         metadata = doc.get("metadata", {})
         writer = doc.get("writer", {})
@@ -327,6 +360,19 @@ class _Validator:
             created=self.number(doc.get("created", 0), "created"),
             writer=self.obj(writer, "writer"),
         )
+
+    def _check_byte_ranges(self, leaves: tuple[Leaf, ...]) -> None:
+        """No two chunks may share bytes of a data file."""
+        ranges = sorted(
+            (c.file, c.offset, c.offset + c.nbytes, leaf.path)
+            for leaf in leaves
+            if isinstance(leaf, ArrayLeaf)
+            for c in leaf.chunks
+            if c.nbytes
+        )
+        for (f0, _, end0, _), (f1, begin1, _, path) in zip(ranges, ranges[1:]):
+            if f0 == f1 and begin1 < end0:
+                raise self.fail(f"chunks overlap in {self._files[f1].name}", path)
 
     def _list(self, x: Any, what: str) -> list[Any]:
         if not isinstance(x, list):
@@ -387,6 +433,8 @@ class _Validator:
             raise self.fail(
                 f"chunks cover {volume} elements of an array of {math.prod(shape)}", path
             )
+        if not _boxes_disjoint(chunks):
+            raise self.fail("chunks of the array overlap", path)
         impl = x.get("impl")
         if kind == "prngkey" and not isinstance(impl, str):
             raise self.fail("prngkey leaf without impl", path)

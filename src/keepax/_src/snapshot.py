@@ -92,6 +92,8 @@ def _check_dtype(dtype: np.dtype, path: str) -> None:
 
 def _value_leaf(value: Any, path: str) -> ValueLeaf | None:
     """The manifest entry of a Python scalar or str leaf; None for other leaves."""
+    if isinstance(value, np.generic):
+        return None  # np.float64 subclasses float, but is stored as an array ("npscalar").
     if isinstance(value, bool):
         return ValueLeaf(path, "bool", value)
     if isinstance(value, int):
@@ -153,10 +155,20 @@ def _array_sources(
         shards = [(((0,) * array.ndim, tuple(array.shape)), array)]
     dtype = np.dtype(array.dtype)
     _check_dtype(dtype, path)
+    if dtype.byteorder == ">":
+        # The format stores little-endian bytes (docs/FORMAT.md); convert big-endian input.
+        dtype = dtype.newbyteorder("<")
+        array = array.astype(dtype)
+        shards = [(shards[0][0], array)]
     shape = tuple(int(d) for d in array.shape)
     name = path or "<root>"
     sources = []
-    if len(shards) == 1 and math.prod(shape) * dtype.itemsize <= format.CHUNK_BYTES:
+    whole = ((0,) * len(shape), shape)
+    if (
+        len(shards) == 1
+        and shards[0][0] == whole
+        and math.prod(shape) * dtype.itemsize <= format.CHUNK_BYTES
+    ):
         # The common case (an unsharded array of modest size): one chunk, no slicing.
         if math.prod(shape):
             data = shards[0][1]
@@ -228,6 +240,17 @@ def save(
     began = time.perf_counter()
     storage, name = split_checkpoint_path(path)
     where = storage.display(name)
+    if is_hidden_name(name):
+        raise KeepaxError(
+            "checkpoint names must not contain '.keepax-' (reserved for staging directories)",
+            path=where,
+        )
+    if jax.process_count() > 1:
+        raise KeepaxError(
+            "keepax.save is single-process for now: in a multi-process run every process would "
+            "commit its own partial checkpoint; save from a single-process run",
+            path=where,
+        )
     if storage.exists(name) and not overwrite:
         raise CheckpointExistsError(
             "a checkpoint (or file) already exists here; pass overwrite=True to replace it",
@@ -255,6 +278,8 @@ def save(
         files, chunks = format.write_data_files(
             storage, staging, sources, prefix=f"p{jax.process_index():05d}"
         )
+        if files:
+            storage.sync_dir(f"{staging}/data")
         for index, (kind, dtype, shape, extra) in array_info.items():
             leaves[index] = ArrayLeaf(
                 path=tree.keystr(structure.paths[index]),
@@ -304,7 +329,7 @@ def _delete_quietly(storage: Storage, path: str) -> None:
     try:
         storage.delete(path)
     except OSError:
-        pass  # A leftover staging directory is invisible to readers and removed later.
+        pass  # A leftover staging directory is invisible to readers (its name is hidden).
 
 
 def _check_metadata(metadata: Any, where: str) -> dict[str, Any]:
@@ -332,11 +357,20 @@ class _Opened:
     name: str
     where: str
     manifest: Manifest
+    key_paths: dict[int, tree.KeyPath]
+
+
+_MAX_MARKER_BYTES = 64 << 10
 
 
 def _open(path: str) -> _Opened:
     storage, name = split_checkpoint_path(path)
     where = storage.display(name)
+    if is_hidden_name(name):
+        raise CheckpointNotFoundError(
+            "this is keepax's temporary staging (or trash) directory, never a checkpoint",
+            path=where,
+        )
     if not storage.is_dir(name):
         parent = name.rpartition("/")[0]
         pending = [
@@ -346,7 +380,7 @@ def _open(path: str) -> _Opened:
         kind = "is a file, not a checkpoint directory" if storage.exists(name) else "does not exist"
         raise CheckpointNotFoundError(f"the checkpoint {kind}{hint}", path=where)
     try:
-        marker_bytes = storage.read_bytes(f"{name}/{COMMIT_FILE}")
+        marker_bytes = _read_small(storage, f"{name}/{COMMIT_FILE}", _MAX_MARKER_BYTES, where)
     except FileNotFoundError:
         entries = storage.list(name)
         if MANIFEST_FILE in entries or "data" in entries:
@@ -360,7 +394,9 @@ def _open(path: str) -> _Opened:
         ) from None
     marker = CommitMarker.from_json(marker_bytes, where=where)
     try:
-        manifest_bytes = storage.read_bytes(f"{name}/{MANIFEST_FILE}")
+        manifest_bytes = _read_small(
+            storage, f"{name}/{MANIFEST_FILE}", marker.manifest_nbytes, where
+        )
     except FileNotFoundError:
         raise CorruptCheckpointError(
             f"{MANIFEST_FILE} is missing from a committed checkpoint", path=where
@@ -374,7 +410,53 @@ def _open(path: str) -> _Opened:
             "modified); the checkpoint is damaged: restore an earlier one",
             path=where,
         )
-    return _Opened(storage, name, where, Manifest.from_json(manifest_bytes, where=where))
+    manifest = Manifest.from_json(manifest_bytes, where=where)
+    if manifest.version[0] != marker.version[0]:
+        raise CorruptCheckpointError(
+            f"{COMMIT_FILE} and {MANIFEST_FILE} disagree on the format version", path=where
+        )
+    key_paths = _check_tree(manifest, where)
+    return _Opened(storage, name, where, manifest, key_paths)
+
+
+def _read_small(storage: Storage, path: str, limit: int, where: str) -> bytes:
+    """Reads a whole metadata file, refusing one larger than ``limit`` before reading it."""
+    reader = storage.open(path)
+    try:
+        size = reader.size()
+        if size > limit:
+            raise CorruptCheckpointError(
+                f"{path.rsplit('/', 1)[-1]} has {size} bytes, expected at most {limit}; the "
+                "checkpoint is damaged",
+                path=where,
+            )
+        out = bytearray(size)
+        n = reader.read_into(0, memoryview(out))
+        return bytes(out[:n])
+    finally:
+        reader.close()
+
+
+def _check_tree(manifest: Manifest, where: str) -> dict[int, tree.KeyPath]:
+    """Checks that every leaf appears in the tree exactly once, at the key path it records;
+    returns each leaf's key path."""
+    try:
+        paths = tree.leaf_paths(manifest.tree)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"invalid tree: {e}", path=where) from None
+    if sorted(paths) != list(range(len(manifest.leaves))):
+        raise CorruptCheckpointError(
+            f"the tree names {len(paths)} leaves, the manifest lists {len(manifest.leaves)}",
+            path=where,
+        )
+    for index, key_path in paths.items():
+        if tree.keystr(key_path) != manifest.leaves[index].path:
+            raise CorruptCheckpointError(
+                f"leaf {index} is recorded as {manifest.leaves[index].path!r} but sits at "
+                f"{tree.keystr(key_path)!r} in the tree",
+                path=where,
+            )
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,9 +594,7 @@ def restore(
     opened = _open(path)
     manifest = opened.manifest
     cast = _resolve_cast(dtype)
-    key_paths = tree.leaf_paths(manifest.tree)
-    if sorted(key_paths) != list(range(len(manifest.leaves))):
-        raise CorruptCheckpointError("tree and leaves disagree", path=opened.where)
+    key_paths = opened.key_paths
     selectors = _normalize_select(select)
     wanted = set(key_paths)
     if selectors is not None:

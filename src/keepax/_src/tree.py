@@ -21,6 +21,7 @@ where ``KEY`` is a dict key (a JSON string for ``str`` keys, else a one-field ob
 from __future__ import annotations
 
 import dataclasses
+import re
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,8 +57,17 @@ def encode_float(x: float) -> str:
     return struct.pack(">d", x).hex()
 
 
+_FLOAT_BITS = re.compile(r"[0-9a-f]{16}")
+
+
 def decode_float(bits: str) -> float:
-    """Inverse of :func:`encode_float`."""
+    """Inverse of :func:`encode_float`.
+
+    Raises:
+      ValueError: if ``bits`` is not exactly 16 lowercase hex digits.
+    """
+    if not isinstance(bits, str) or not _FLOAT_BITS.fullmatch(bits):
+        raise ValueError(f"invalid float encoding {bits!r:.40}")
     return struct.unpack(">d", bytes.fromhex(bits))[0]
 
 
@@ -88,7 +98,7 @@ def _decode_key(obj: Any) -> Any:
         ((tag, value),) = obj.items()
         if tag == "bool" and isinstance(value, bool):
             return value
-        if tag == "int" and isinstance(value, int) and not isinstance(value, bool):
+        if tag == "int" and type(value) is int:
             return value
         if tag == "float" and isinstance(value, str):
             return decode_float(value)
@@ -119,9 +129,9 @@ def _decode_entry(obj: Any) -> Any:
         return DictKey(_decode_key(value))
     if tag == "attr" and isinstance(value, str):
         return GetAttrKey(value)
-    if tag == "index" and isinstance(value, int):
+    if tag == "index" and type(value) is int:
         return SequenceKey(value)
-    if tag == "flat" and isinstance(value, int):
+    if tag == "flat" and type(value) is int:
         return FlattenedIndexKey(value)
     raise ValueError(f"invalid key entry {obj!r}")
 
@@ -227,7 +237,7 @@ def rebuild_plain(
         kind = n.get("k")
         if kind == "leaf":
             index = n.get("i")
-            if not isinstance(index, int) or isinstance(index, bool):
+            if type(index) is not int or index < 0:
                 raise CorruptCheckpointError(f"leaf node without index: {n!r:.80}")
             if keep is not None and not keep(path):
                 return _MISSING
@@ -286,11 +296,13 @@ def leaf_paths(node: dict[str, Any]) -> dict[int, KeyPath]:
     """Returns the key path of every leaf of a JSON description, by leaf index.
 
     Raises:
-      CorruptCheckpointError: if the description is malformed.
+      CorruptCheckpointError: if the description is malformed or names a leaf twice.
     """
     collected: dict[int, KeyPath] = {}
 
     def record(index: int, path: KeyPath) -> None:
+        if index in collected:
+            raise CorruptCheckpointError(f"leaf {index} appears twice in the tree")
         collected[index] = path
 
     rebuild_plain(node, lambda i: None, on_leaf=record)

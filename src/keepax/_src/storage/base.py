@@ -162,7 +162,14 @@ class Storage(abc.ABC):
             try:
                 # The old checkpoint ends up under the staging name, hidden, then deleted.
                 self.rename_dir(staging, name, exchange=True)
+            except FileNotFoundError:
+                # The old one vanished meanwhile: nothing to replace.
+                self.rename_dir(staging, name)
+                self.sync_dir(parent)
+                return
             except NotImplementedError:
+                # No atomic exchange here: for a moment no checkpoint is at ``name``; the old
+                # one stays complete under a hidden trash name until the new one is in place.
                 trash = f"{name}{STAGING_TAG}old-{uuid.uuid4().hex[:12]}"
                 self.rename_dir(name, trash)
                 self.rename_dir(staging, name)

@@ -126,8 +126,23 @@ class LocalStorage(Storage):
 
     def create(self, path: str) -> Writer:
         full = self._abs(path)
-        os.makedirs(os.path.dirname(full), exist_ok=True)
+        self._makedirs(os.path.dirname(full))
         return _LocalWriter(full)
+
+    def _makedirs(self, directory: str) -> None:
+        """Creates missing directories and fsyncs each new entry's parent (durable names)."""
+        if os.path.isdir(directory):
+            return
+        missing = []
+        while not os.path.isdir(directory):
+            missing.append(directory)
+            directory = os.path.dirname(directory)
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                continue
+            _fsync_dir(os.path.dirname(d))
 
     def open(self, path: str) -> Reader:
         return _LocalReader(self._abs(path))
@@ -159,17 +174,28 @@ class LocalStorage(Storage):
         try:
             _rename2(src, dst, _RENAME_NOREPLACE)
         except NotImplementedError:
+            # Without renameat2 a concurrent creation of dst between check and rename can
+            # still be replaced if it is an empty directory; a non-empty one makes rename fail.
             if os.path.lexists(dst):
                 raise FileExistsError(errno.EEXIST, "target exists", dst) from None
-            os.rename(src, dst)
+            try:
+                os.rename(src, dst)
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise FileExistsError(errno.EEXIST, "target exists", dst) from None
+                raise
         except OSError as e:
             if e.errno == errno.EEXIST:
                 raise FileExistsError(errno.EEXIST, "target exists", dst) from None
             raise
 
     def sync_dir(self, path: str) -> None:
-        fd = os.open(self._abs(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(self._abs(path))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
