@@ -8,7 +8,7 @@ import keepax.errors
 
 def test_public_names() -> None:
     assert sorted(keepax.__all__) == sorted([
-        "errors", "save", "restore", "inspect", "verify",
+        "errors", "policies", "save", "restore", "inspect", "verify",
         "CheckpointInfo", "LeafInfo", "RestoreStats", "SaveResult", "KeepaxError",
     ])
     for name in keepax.__all__:

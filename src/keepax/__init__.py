@@ -5,6 +5,7 @@ private.
 """
 
 from keepax import errors as errors
+from keepax import policies as policies
 from keepax._src.snapshot import CheckpointInfo as CheckpointInfo
 from keepax._src.snapshot import LeafInfo as LeafInfo
 from keepax._src.snapshot import RestoreStats as RestoreStats
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "errors",
+    "policies",
     "save",
     "restore",
     "inspect",

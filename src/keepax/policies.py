@@ -58,7 +58,7 @@ import operator
 import re
 import types
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from keepax.errors import PolicyError
 
@@ -566,10 +566,12 @@ class OnEvents:
         unknown = [e for e in events if e not in LIFECYCLE_EVENTS]
         if unknown:
             names = ", ".join(repr(e) for e in unknown)
-            raise PolicyError(f"OnEvents got unknown event name(s) {names}; the known ones are: "
-                              f"{known}.")
+            raise PolicyError(
+                f"OnEvents got unknown event name(s) {names}; the known ones are: {known}."
+            )
         object.__setattr__(self, "events", tuple(sorted(set(events))))
-        every_n = _positive_int(self.every_n, "OnEvents(every_n)", "OnEvents(['epoch_end'], every_n=2)")
+        example = "OnEvents(['epoch_end'], every_n=2)"
+        every_n = _positive_int(self.every_n, "OnEvents(every_n)", example)
         object.__setattr__(self, "every_n", every_n)
 
     def decide(self, step: int, ctx: SaveContext) -> Decision:
@@ -813,8 +815,8 @@ class KeepBest:
 
     n: int
     metric: str
-    mode: str = "min"
-    missing: str = "drop"
+    mode: Literal["min", "max"] = "min"
+    missing: Literal["drop", "keep"] = "drop"
 
     def __post_init__(self) -> None:
         example = "KeepBest(3, 'loss', mode='min')"
@@ -848,7 +850,7 @@ class KeepBest:
         return dict(sorted(out.items()))
 
     def to_config(self) -> dict[str, Any]:
-        """Returns ``{"type": "keep_best", "n": ..., "metric": ..., "mode": ..., "missing": ...}``."""
+        """Returns ``{"type": "keep_best", "n", "metric", "mode", "missing"}`` (with values)."""
         return {"type": "keep_best", "n": self.n, "metric": self.metric, "mode": self.mode,
                 "missing": self.missing}
 
@@ -1019,7 +1021,7 @@ def policy_from_config(cfg: Mapping[str, Any]) -> SavePolicy | KeepPolicy:
         what = "has no 'type' field" if kind is None else f"has unknown type {kind!r}"
         raise PolicyError(f"policy config {dict(cfg)!r} {what}; the known types are: {known}.")
     args = {k: v for k, v in cfg.items() if k != "type"}
-    fields = [f for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
     names = {f.name for f in fields}
     unknown = sorted(set(args) - names, key=str)
     required = [f.name for f in fields if f.default is dataclasses.MISSING
