@@ -334,13 +334,15 @@ class _Validator:
         doc = self.obj(doc, "the manifest")
         version = self.version(doc)
         files = []
+        names: set[str] = set()
         for i, f in enumerate(self._list(doc.get("files"), "files")):
             f = self.obj(f, f"files[{i}]")
             name = f.get("name")
             if not isinstance(name, str) or not _DATA_FILE_RE.fullmatch(name) or ".." in name:
                 raise self.fail(f"files[{i}].name {name!r:.80} is not a data file name")
-            if any(f.name == name for f in files):
+            if name in names:
                 raise self.fail(f"files[{i}].name {name!r:.80} is listed twice")
+            names.add(name)
             files.append(DataFile(name, self.nat(f.get("nbytes"), f"files[{i}].nbytes")))
         self._files = files
         self._claimed = [0] * len(files)
@@ -436,8 +438,8 @@ class _Validator:
         if not _boxes_disjoint(chunks):
             raise self.fail("chunks of the array overlap", path)
         impl = x.get("impl")
-        if kind == "prngkey" and not isinstance(impl, str):
-            raise self.fail("prngkey leaf without impl", path)
+        if kind == "prngkey" and (not isinstance(impl, str) or name != "uint32" or not shape):
+            raise self.fail("prngkey leaf needs an impl name and uint32 key data", path)
         sharding = x.get("sharding")
         return ArrayLeaf(
             path=path,

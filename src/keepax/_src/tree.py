@@ -262,6 +262,8 @@ def rebuild_plain(
             raise CorruptCheckpointError(f"invalid tree node at {keystr(path)}: {e}") from e
         if len(entries) != len(children):
             raise CorruptCheckpointError(f"keys and children differ in length at {keystr(path)}")
+        if len(set(entries)) != len(entries):
+            raise CorruptCheckpointError(f"a key appears twice at {keystr(path)}")
         values = []
         for entry, child in zip(entries, children):
             value = walk(child, path + (entry,))
