@@ -9,6 +9,7 @@ import keepax.errors
 def test_public_names() -> None:
     assert sorted(keepax.__all__) == sorted([
         "errors", "policies", "save", "restore", "inspect", "verify",
+        "save_file", "load_file",
         "CheckpointInfo", "LeafInfo", "RestoreStats", "SaveResult", "KeepaxError",
     ])
     for name in keepax.__all__:
@@ -23,6 +24,9 @@ def test_error_hierarchy() -> None:
         "UnsupportedLeafError", "PolicyError",
     ])
     for name in e.__all__:
+        if name == "KeepaxWarning":
+            assert issubclass(e.KeepaxWarning, UserWarning)
+            continue
         assert issubclass(getattr(e, name), e.KeepaxError)
     assert issubclass(e.CheckpointNotFoundError, FileNotFoundError)
     assert issubclass(e.TreeMismatchError, ValueError)

@@ -14,6 +14,8 @@ from keepax._src.snapshot import inspect as inspect
 from keepax._src.snapshot import restore as restore
 from keepax._src.snapshot import save as save
 from keepax._src.snapshot import verify as verify
+from keepax._src.single_file import load_file as load_file
+from keepax._src.single_file import save_file as save_file
 from keepax.errors import KeepaxError as KeepaxError
 
 __version__ = "0.1.0"
@@ -25,6 +27,8 @@ __all__ = [
     "restore",
     "inspect",
     "verify",
+    "save_file",
+    "load_file",
     "CheckpointInfo",
     "LeafInfo",
     "RestoreStats",

@@ -27,7 +27,9 @@ from keepax._src.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     ArrayLeaf,
+    Chunk,
     CommitMarker,
+    DataFile,
     Manifest,
     ValueLeaf,
 )
@@ -97,6 +99,13 @@ def _value_leaf(value: Any, path: str) -> ValueLeaf | None:
     if isinstance(value, bool):
         return ValueLeaf(path, "bool", value)
     if isinstance(value, int):
+        try:
+            str(value)  # Python refuses ints above sys.get_int_max_str_digits() digits
+        except ValueError as e:
+            raise UnsupportedLeafError(
+                f"Python int too large to store as JSON ({e}); store it as str or bytes",
+                leaf=path,
+            ) from e
         return ValueLeaf(path, "int", int(value))
     if isinstance(value, float):
         return ValueLeaf(path, "float", tree.encode_float(float(value)))
@@ -202,6 +211,82 @@ def _chunk_getter(data: Any, slices: tuple[slice, ...]) -> Callable[[], np.ndarr
     return get
 
 
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """A tree taken apart for saving (shared by :func:`save` and single-file checkpoints).
+
+    Attributes:
+      structure: The tree's structure and leaves.
+      leaves: Per leaf, its :class:`ValueLeaf`, or None for an array leaf (its chunks are
+        known only once written).
+      sources: The chunks of every array leaf, in leaf order.
+      arrays: Per array leaf index: (type, dtype, shape, extra manifest fields).
+    """
+
+    structure: tree.Structure
+    leaves: list[ValueLeaf | None]
+    sources: list[ChunkSource]
+    arrays: dict[int, tuple[str, np.dtype, tuple[int, ...], dict[str, Any]]]
+
+    def manifest(
+        self,
+        files: Sequence[DataFile],
+        chunks: dict[int, list[tuple[ChunkSource, Chunk]]],
+        metadata: dict[str, Any],
+        *,
+        created: float,
+    ) -> Manifest:
+        """The manifest, once the chunks are written (``chunks`` as ``write_data_files``
+        returns them)."""
+        leaves: list[Any] = list(self.leaves)
+        for index, (kind, dtype, shape, extra) in self.arrays.items():
+            leaves[index] = ArrayLeaf(
+                path=tree.keystr(self.structure.paths[index]),
+                type=kind,
+                shape=shape,
+                dtype=dtypes.dtype_name(dtype),
+                chunks=tuple(c for _, c in chunks.get(index, [])),
+                impl=extra.get("impl"),
+                sharding=extra.get("sharding"),
+            )
+        return Manifest(
+            version=FORMAT_VERSION,
+            tree=self.structure.node,
+            leaves=tuple(leaves),
+            files=tuple(files),
+            metadata=metadata,
+            created=created,
+            writer={
+                "keepax": _VERSION,
+                "jax": jax.__version__,
+                "process_count": jax.process_count(),
+            },
+        )
+
+
+def plan_leaves(tree_: Any) -> LeafPlan:
+    """Describes a tree and classifies its leaves into manifest values and array chunks.
+
+    Raises:
+      UnsupportedLeafError: a leaf (named by key path) cannot be stored.
+    """
+    structure = tree.describe(tree_)
+    leaves: list[ValueLeaf | None] = []
+    sources: list[ChunkSource] = []
+    arrays: dict[int, tuple[str, np.dtype, tuple[int, ...], dict[str, Any]]] = {}
+    for index, (key_path, value) in enumerate(zip(structure.paths, structure.leaves)):
+        leaf_path = tree.keystr(key_path)
+        value_leaf = _value_leaf(value, leaf_path)
+        if value_leaf is not None:
+            leaves.append(value_leaf)
+            continue
+        kind, dtype, shape, leaf_sources, extra = _array_sources(index, leaf_path, value)
+        arrays[index] = (kind, dtype, shape, extra)
+        sources.extend(leaf_sources)
+        leaves.append(None)
+    return LeafPlan(structure, leaves, sources, arrays)
+
+
 # ---------------------------------------------------------------------------------------------
 # Save.
 
@@ -251,58 +336,31 @@ def save(
             "commit its own partial checkpoint; save from a single-process run",
             path=where,
         )
-    if storage.exists(name) and not overwrite:
-        raise CheckpointExistsError(
-            "a checkpoint (or file) already exists here; pass overwrite=True to replace it",
-            path=where,
-        )
+    if storage.exists(name):
+        if not overwrite:
+            raise CheckpointExistsError(
+                "a checkpoint (or file) already exists here; pass overwrite=True to replace it",
+                path=where,
+            )
+        if not (
+            storage.exists(f"{name}/{COMMIT_FILE}") or storage.exists(f"{name}/{MANIFEST_FILE}")
+        ):
+            raise CheckpointExistsError(
+                "overwrite=True replaces keepax checkpoints only, and this path holds something "
+                "else; remove it yourself or choose another path",
+                path=where,
+            )
     metadata = _check_metadata(metadata, where)
-    structure = tree.describe(tree_)
-
-    leaves: list[Any] = []
-    sources: list[ChunkSource] = []
-    array_info: dict[int, tuple[str, np.dtype, tuple[int, ...], dict[str, Any]]] = {}
-    for index, (key_path, value) in enumerate(zip(structure.paths, structure.leaves)):
-        leaf_path = tree.keystr(key_path)
-        value_leaf = _value_leaf(value, leaf_path)
-        if value_leaf is not None:
-            leaves.append(value_leaf)
-            continue
-        kind, dtype, shape, leaf_sources, extra = _array_sources(index, leaf_path, value)
-        array_info[index] = (kind, dtype, shape, extra)
-        sources.extend(leaf_sources)
-        leaves.append(None)
+    plan = plan_leaves(tree_)
 
     staging = storage.staging_name(name)
     try:
         files, chunks = format.write_data_files(
-            storage, staging, sources, prefix=f"p{jax.process_index():05d}"
+            storage, staging, plan.sources, prefix=f"p{jax.process_index():05d}"
         )
         if files:
             storage.sync_dir(f"{staging}/data")
-        for index, (kind, dtype, shape, extra) in array_info.items():
-            leaves[index] = ArrayLeaf(
-                path=tree.keystr(structure.paths[index]),
-                type=kind,
-                shape=shape,
-                dtype=dtypes.dtype_name(dtype),
-                chunks=tuple(c for _, c in chunks.get(index, [])),
-                impl=extra.get("impl"),
-                sharding=extra.get("sharding"),
-            )
-        manifest = Manifest(
-            version=FORMAT_VERSION,
-            tree=structure.node,
-            leaves=tuple(leaves),
-            files=tuple(files),
-            metadata=metadata,
-            created=time.time(),
-            writer={
-                "keepax": _VERSION,
-                "jax": jax.__version__,
-                "process_count": jax.process_count(),
-            },
-        )
+        manifest = plan.manifest(files, chunks, metadata, created=time.time())
         manifest_bytes = manifest.to_json()
         storage.write_bytes(f"{staging}/{MANIFEST_FILE}", manifest_bytes)
         marker = CommitMarker(
@@ -591,7 +649,39 @@ def restore(
         the checkpoint is missing, incomplete, damaged or too new.
       TreeMismatchError: ``like`` does not match; the message lists every offending leaf.
     """
-    opened = _open(path)
+    return _restore(_open(path), like, select, partial, dtype, stats)
+
+
+def restore_manifest(
+    storage: Storage,
+    name: str,
+    where: str,
+    manifest: Manifest,
+    like: Any = None,
+    *,
+    select: str | Sequence[str | tuple[Any, ...]] | None = None,
+    partial: bool = False,
+    dtype: Any = None,
+    stats: RestoreStats | None = None,
+) -> Any:
+    """:func:`restore` from a validated manifest whose data files ``storage`` opens under
+    ``name`` (how single-file checkpoints share the directory format's reading code).
+
+    Raises:
+      CorruptCheckpointError, TreeMismatchError: as :func:`restore`.
+    """
+    opened = _Opened(storage, name, where, manifest, _check_tree(manifest, where))
+    return _restore(opened, like, select, partial, dtype, stats)
+
+
+def _restore(
+    opened: _Opened,
+    like: Any,
+    select: str | Sequence[str | tuple[Any, ...]] | None,
+    partial: bool,
+    dtype: Any,
+    stats: RestoreStats | None,
+) -> Any:
     manifest = opened.manifest
     cast = _resolve_cast(dtype)
     key_paths = opened.key_paths
@@ -766,7 +856,13 @@ def _finish(
     final = _final_dtype(stored, target, cast)
     if leaf.type == "prngkey":
         ((_, host),) = parts.values()
-        keys = jax.random.wrap_key_data(host, impl=leaf.impl)
+        try:
+            keys = jax.random.wrap_key_data(host, impl=leaf.impl)
+        except (ValueError, TypeError) as e:
+            raise CorruptCheckpointError(
+                f"stored PRNG key data does not fit implementation {leaf.impl!r}: {e}",
+                leaf=leaf.path,
+            ) from e
         if target is not None and target.sharding is not None:
             keys = jax.device_put(keys, target.sharding)
         return lambda: keys
