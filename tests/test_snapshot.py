@@ -300,3 +300,21 @@ def test_large_array_is_split_into_chunks_and_spread_over_files(root: str, monke
     like = {"big": jax.ShapeDtypeStruct(big.shape, big.dtype, sharding=sharding), **small}
     got = keepax.restore(f"{root}/ckpt", like=like, stats=stats)
     assert same_bits(got["big"], big)
+
+
+def test_weak_types_are_kept_so_jit_does_not_recompile(tmp_path) -> None:
+    state = {"lr": jnp.asarray(0.1), "w": jnp.ones(3)}
+    assert state["lr"].weak_type
+    keepax.save(tmp_path / "ckpt", state)
+    back = keepax.restore(tmp_path / "ckpt", like=state)
+    assert back["lr"].weak_type and not back["w"].weak_type
+    step = jax.jit(lambda s: s["w"] * s["lr"])
+    step(state)
+    step(back)
+    assert step._cache_size() == 1
+
+
+def test_file_urls(tmp_path) -> None:
+    keepax.save(f"file://{tmp_path}/ckpt", {"a": np.arange(3)})
+    assert (tmp_path / "ckpt" / "manifest.json").exists()
+    assert list(keepax.restore(f"file://{tmp_path}/ckpt")["a"]) == [0, 1, 2]

@@ -529,6 +529,8 @@ class _Target:
     shape: tuple[int, ...] | None = None
     dtype: np.dtype | None = None
     sharding: jax.sharding.Sharding | None = None
+    weak_type: bool = False
+    committed: bool = True
 
 
 def _target_of(like_leaf: Any) -> _Target | None:
@@ -536,7 +538,16 @@ def _target_of(like_leaf: Any) -> _Target | None:
     if isinstance(x, jax.ShapeDtypeStruct | jax.Array):
         if _is_key_array(x):
             return _Target("prngkey", tuple(x.shape), None, getattr(x, "sharding", None))
-        return _Target("jax", tuple(x.shape), np.dtype(x.dtype), getattr(x, "sharding", None))
+        return _Target(
+            "jax",
+            tuple(x.shape),
+            np.dtype(x.dtype),
+            getattr(x, "sharding", None),
+            bool(getattr(x, "weak_type", False)),
+            # An array made by jnp.asarray is "uncommitted"; jit treats the two differently
+            # (it recompiles), so a restore reproduces it. No public API exposes the flag.
+            bool(getattr(x, "_committed", True)),
+        )
     if isinstance(x, np.ndarray):
         return _Target("numpy", tuple(x.shape), x.dtype)
     if isinstance(x, np.generic):
@@ -824,13 +835,25 @@ class _Placer:
         self._results: list[jax.Array] = []
 
     def put(self, host: np.ndarray, dest: Any) -> int:
+        """Queues a transfer; ``dest`` None means the default device, uncommitted."""
         self._hosts.append(host)
         self._dests.append(dest)
         return len(self._hosts) - 1
 
     def run(self) -> None:
-        if self._hosts:
-            self._results = jax.device_put(self._hosts, self._dests)
+        results: list[Any] = [None] * len(self._hosts)
+        for committed in (True, False):
+            picked = [i for i, d in enumerate(self._dests) if (d is not None) == committed]
+            if not picked:
+                continue
+            hosts = [self._hosts[i] for i in picked]
+            if committed:
+                placed = jax.device_put(hosts, [self._dests[i] for i in picked])
+            else:
+                placed = jax.device_put(hosts)
+            for i, array in zip(picked, placed):
+                results[i] = array
+        self._results = results
 
     def get(self, i: int) -> jax.Array:
         return self._results[i]
@@ -878,10 +901,30 @@ def _finish(
         host = _cast(host, final)
         value = host[()] if kind == "npscalar" else host
         return lambda: value
+    make = _place(leaf, target, final, parts, placer)
+    if target is not None and target.weak_type:
+        return lambda: _weaken(make())
+    return make
+
+
+def _weaken(array: jax.Array) -> jax.Array:
+    """Marks an array weakly typed, as its ``like`` leaf was (a Python-scalar-derived value),
+    so that a restored state traces exactly like the original and jit does not recompile."""
+    from jax._src.lax import lax as lax_internal  # no public API sets weak_type
+
+    return lax_internal._convert_element_type(array, array.dtype, weak_type=True)
+
+
+def _place(
+    leaf: ArrayLeaf, target: _Target | None, final: np.dtype, parts: dict[Any, Any],
+    placer: _Placer,
+) -> Callable[[], Any]:
+    """Queues the host buffers of a leaf for placement on the target's devices."""
     shape = tuple(leaf.shape)
-    if target is None or target.sharding is None:
+    if target is None or target.sharding is None or not target.committed:
+        # Like jnp.asarray, an uncommitted array on the default device (jit may move it).
         ((_, host),) = parts.values()
-        i = placer.put(_cast(host, final), jax.devices()[0])
+        i = placer.put(_cast(host, final), None)
         return lambda: placer.get(i)
     if len(parts) == 1 and len(target.sharding.device_set) == 1:
         ((_, host),) = parts.values()

@@ -31,6 +31,8 @@ def open_root(url: str | os.PathLike[str]) -> Storage:
 def split_checkpoint_path(path: str | os.PathLike[str]) -> tuple[Storage, str]:
     """Splits a checkpoint path into the storage of its parent and its own name."""
     text = os.fspath(path).rstrip("/")
+    if text.startswith("file://"):
+        text = text[len("file://") :]
     if not text:
         raise ValueError("empty checkpoint path")
     if text.startswith("memory://"):
