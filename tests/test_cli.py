@@ -66,3 +66,44 @@ def test_python_dash_m_and_console_script(ckpt: str) -> None:
     assert script is not None, "the keepax console script is not installed"
     result = subprocess.run([script, "verify", ckpt], capture_output=True, text=True)
     assert result.returncode == 0 and "OK" in result.stdout
+
+
+def test_ls_lists_steps_with_time_size_metrics_and_kind(root: str, capsys) -> None:
+    from keepax import policies
+
+    clock = iter(range(0, 10_000, 40)).__next__
+    directory = f"{root}/run"
+    policy = policies.AnyOf(policies.EveryNSteps(10), policies.EveryInterval(100))
+    with keepax.CheckpointManager(directory, save_policy=policy, clock=clock) as manager:
+        for step in range(0, 14):
+            manager.save(step, {"w": np.ones((16, 16), np.float32)},
+                         metrics={"loss": 1.0 / (step + 1), "acc": step / 20})
+        manager.wait_until_finished()
+        steps = manager.all_steps()
+    assert steps == [0, 10, 13]
+    assert main(["ls", directory]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == ["step", "time", "(UTC)", "size", "metrics", "kind", "name"]
+    row10 = next(line for line in lines if line.startswith("10 "))
+    assert "permanent" in row10 and "acc=0.5 loss=0.0909091" in row10 and "00000010" in row10
+    assert "KiB" in row10
+    row13 = next(line for line in lines if line.startswith("13 "))
+    assert "temporary" in row13
+    assert "3 steps (1 temporary)" in out and "latest 13" in out
+
+
+def test_ls_of_an_empty_or_missing_directory(tmp_path, capsys) -> None:
+    os.makedirs(tmp_path / "empty")
+    assert main(["ls", str(tmp_path / "empty")]) == 0
+    assert "no steps" in capsys.readouterr().out
+    assert main(["ls", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_ls_works_while_a_manager_holds_the_directory(tmp_path, capsys) -> None:
+    directory = str(tmp_path / "run")
+    with keepax.CheckpointManager(directory) as manager:
+        manager.save(5, {"w": np.zeros(3)})
+        assert main(["ls", directory]) == 0
+    assert "1 step," in capsys.readouterr().out

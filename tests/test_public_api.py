@@ -11,6 +11,7 @@ def test_public_names() -> None:
         "errors", "policies", "save", "restore", "inspect", "verify",
         "save_file", "load_file",
         "CheckpointInfo", "LeafInfo", "RestoreStats", "SaveResult", "KeepaxError",
+        "CheckpointManager", "StepInfo", "KeepaxWarning",
     ])
     for name in keepax.__all__:
         assert hasattr(keepax, name)
@@ -21,7 +22,7 @@ def test_error_hierarchy() -> None:
     assert sorted(e.__all__) == sorted([
         "KeepaxError", "CheckpointNotFoundError", "CheckpointExistsError", "NotCommittedError",
         "CorruptCheckpointError", "FormatVersionError", "TreeMismatchError",
-        "UnsupportedLeafError", "PolicyError",
+        "UnsupportedLeafError", "PolicyError", "KeepaxWarning",
     ])
     for name in e.__all__:
         if name == "KeepaxWarning":

@@ -6,6 +6,8 @@ private.
 
 from keepax import errors as errors
 from keepax import policies as policies
+from keepax._src.manager import CheckpointManager as CheckpointManager
+from keepax._src.manager import StepInfo as StepInfo
 from keepax._src.snapshot import CheckpointInfo as CheckpointInfo
 from keepax._src.snapshot import LeafInfo as LeafInfo
 from keepax._src.snapshot import RestoreStats as RestoreStats
@@ -17,6 +19,7 @@ from keepax._src.snapshot import verify as verify
 from keepax._src.single_file import load_file as load_file
 from keepax._src.single_file import save_file as save_file
 from keepax.errors import KeepaxError as KeepaxError
+from keepax.errors import KeepaxWarning as KeepaxWarning
 
 __version__ = "0.1.0"
 
@@ -27,6 +30,8 @@ __all__ = [
     "restore",
     "inspect",
     "verify",
+    "CheckpointManager",
+    "StepInfo",
     "save_file",
     "load_file",
     "CheckpointInfo",
@@ -34,4 +39,5 @@ __all__ = [
     "RestoreStats",
     "SaveResult",
     "KeepaxError",
+    "KeepaxWarning",
 ]

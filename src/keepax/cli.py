@@ -1,6 +1,8 @@
 """The ``keepax`` command line: look inside checkpoints and check them.
 
 Commands:
+  ``keepax ls DIR``       the steps of a CheckpointManager directory: step, time, size, metrics,
+                          temporary or permanent.
   ``keepax show PATH``    the tree: every leaf's type, shape, dtype and size, plus totals.
   ``keepax verify PATH``  re-read every chunk and check its checksum; exit 1 naming bad chunks.
 
@@ -72,6 +74,37 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics_text(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))
+
+
+def _ls(args: argparse.Namespace) -> int:
+    with keepax.CheckpointManager(args.directory, read_only=True) as manager:
+        infos = [manager.metadata(step) for step in manager.all_steps()]
+    if not infos:
+        print(f"{args.directory}: no steps")
+        return 0
+    rows = []
+    for info in infos:
+        created = datetime.datetime.fromtimestamp(info.created, datetime.UTC)
+        rows.append([
+            str(info.step),
+            f"{created:%Y-%m-%d %H:%M:%S}",
+            _size(info.nbytes),
+            _metrics_text(dict(info.metrics)),
+            "temporary" if info.temporary else "permanent",
+            info.name,
+        ])
+    print(_table(rows, ["step", "time (UTC)", "size", "metrics", "kind", "name"]))
+    temporary = sum(info.temporary for info in infos)
+    print(
+        f"\n{len(infos)} step{'s' if len(infos) != 1 else ''}"
+        + (f" ({temporary} temporary)" if temporary else "")
+        + f", {_size(sum(info.nbytes for info in infos))}, latest {infos[-1].step}"
+    )
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     bar = None
     if sys.stderr.isatty() and not args.quiet:
@@ -104,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit status."""
     parser = argparse.ArgumentParser(prog="keepax", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    ls = commands.add_parser("ls", help="list the steps of a CheckpointManager directory")
+    ls.add_argument("directory", help="manager directory or URL")
+    ls.set_defaults(run=_ls)
     show = commands.add_parser("show", help="show a checkpoint's tree, shapes, dtypes and sizes")
     show.add_argument("path", help="checkpoint directory or URL")
     show.set_defaults(run=_show)

@@ -19,6 +19,7 @@ __all__ = [
     "TreeMismatchError",
     "UnsupportedLeafError",
     "PolicyError",
+    "KeepaxWarning",
 ]
 
 
@@ -83,3 +84,8 @@ class UnsupportedLeafError(KeepaxError, TypeError):
 
 class PolicyError(KeepaxError, ValueError):
     """A save or retention policy, or a manager option, is invalid (raised at construction)."""
+
+
+class KeepaxWarning(UserWarning):
+    """Something keepax skipped or repaired rather than failed on, e.g. a foreign file or a
+    corrupt step in a manager's directory (left untouched), or a stale lock taken over."""
