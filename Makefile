@@ -16,11 +16,16 @@ $(VENV)/.installed-test: $(VENV)/.installed-core
 	$(PIP) install --quiet -e '.[test]'
 	touch $@
 
+$(VENV)/.installed-examples: $(VENV)/.installed-core
+	$(PIP) install --quiet -e '.[examples]'
+	touch $@
+
 $(VENV)/.installed-bench: $(VENV)/.installed-core
 	$(PIP) install --quiet -e '.[bench]'
 	touch $@
 
-demo: $(VENV)/.installed-core
+# The demo trains with optax, which the test extras install.
+demo: $(VENV)/.installed-examples
 	$(PY) examples/demo.py
 
 test: $(VENV)/.installed-test
