@@ -352,6 +352,24 @@ def _scatter(request: ReadRequest, chunk: Chunk, data: memoryview) -> None:
     request.out[local_slices(overlap, request.box)] = values[local_slices(overlap, chunk_box)]
 
 
+def _sequential_streams(steps: list[Any], workers: int) -> list[list[Any]]:
+    """Orders read steps into streams that each read one file front to back.
+
+    Disks (and the kernel's readahead) serve a few sequential readers faster than many
+    threads reading scattered chunks; with fewer files than workers, each file is split
+    into a few contiguous runs so that checksums and page faults still overlap with I/O.
+    """
+    by_file: dict[int, list[Any]] = {}
+    for step in sorted(steps, key=lambda s: (s[0], s[1])):
+        by_file.setdefault(step[0], []).append(step)
+    per_file = max(1, min(2, workers // max(1, len(by_file))))
+    streams = []
+    for run in by_file.values():
+        size = -(-len(run) // per_file)
+        streams.extend(run[i : i + size] for i in range(0, len(run), size))
+    return streams
+
+
 def read_requests(
     storage: Storage,
     directory: str,
@@ -411,7 +429,8 @@ def read_requests(
             piece.deliver(view)
         return span
 
-    tasks: list[tuple[Callable[[Any], int], Any]] = []
+    # Each step reads one big chunk or a run of adjacent small ones.
+    steps: list[tuple[int, int, Callable[[Any], int], Any]] = []
     small = sorted(
         (p for p in pieces if p.chunk.nbytes < _SMALL), key=lambda p: (p.chunk.file, p.chunk.offset)
     )
@@ -422,19 +441,25 @@ def read_requests(
             gap = piece.chunk.offset - (prev.offset + prev.nbytes)
             span = piece.chunk.offset + piece.chunk.nbytes - group[0].chunk.offset
             if piece.chunk.file != prev.file or not 0 <= gap <= _SMALL or span > _BATCH_BYTES:
-                tasks.append((read_group, group))
+                steps.append((group[0].chunk.file, group[0].chunk.offset, read_group, group))
                 group = []
         group.append(piece)
     if group:
-        tasks.append((read_group, group))
-    tasks.extend((read_one, p) for p in pieces if p.chunk.nbytes >= _SMALL)
+        steps.append((group[0].chunk.file, group[0].chunk.offset, read_group, group))
+    steps.extend(
+        (p.chunk.file, p.chunk.offset, read_one, p) for p in pieces if p.chunk.nbytes >= _SMALL
+    )
+    streams = _sequential_streams(steps, workers)
+
+    def run(stream: list[tuple[int, int, Callable[[Any], int], Any]]) -> int:
+        return sum(fn(arg) for _, _, fn, arg in stream)
 
     try:
-        if len(tasks) <= 1:
-            total = sum(fn(arg) for fn, arg in tasks)
+        if len(streams) <= 1:
+            total = sum(run(stream) for stream in streams)
         else:
-            with concurrent.futures.ThreadPoolExecutor(min(workers, len(tasks))) as pool:
-                total = sum(pool.map(lambda t: t[0](t[1]), tasks))
+            with concurrent.futures.ThreadPoolExecutor(min(workers, len(streams))) as pool:
+                total = sum(pool.map(run, streams))
     finally:
         opened.close()
     stats.bytes_read = total
