@@ -8,9 +8,10 @@ import keepax.errors
 
 def test_public_names() -> None:
     assert sorted(keepax.__all__) == sorted([
-        "errors", "policies", "save", "restore", "inspect", "verify",
+        "errors", "policies", "save", "save_async", "restore", "inspect", "verify",
         "save_file", "load_file",
-        "CheckpointInfo", "LeafInfo", "RestoreStats", "SaveResult", "KeepaxError",
+        "CheckpointInfo", "LeafInfo", "RestoreStats", "SaveResult", "SaveHandle", "SaveRecord",
+        "KeepaxError",
         "CheckpointManager", "StepInfo", "KeepaxWarning",
     ])
     for name in keepax.__all__:

@@ -6,6 +6,9 @@ private.
 
 from keepax import errors as errors
 from keepax import policies as policies
+from keepax._src.async_engine import SaveHandle as SaveHandle
+from keepax._src.async_engine import SaveRecord as SaveRecord
+from keepax._src.async_engine import save_async as save_async
 from keepax._src.manager import CheckpointManager as CheckpointManager
 from keepax._src.manager import StepInfo as StepInfo
 from keepax._src.snapshot import CheckpointInfo as CheckpointInfo
@@ -27,6 +30,7 @@ __all__ = [
     "errors",
     "policies",
     "save",
+    "save_async",
     "restore",
     "inspect",
     "verify",
@@ -38,6 +42,8 @@ __all__ = [
     "LeafInfo",
     "RestoreStats",
     "SaveResult",
+    "SaveHandle",
+    "SaveRecord",
     "KeepaxError",
     "KeepaxWarning",
 ]

@@ -10,10 +10,18 @@ the manager's view of the directory survives a restart.
 Decisions are pure and live in :mod:`keepax.policies` (when to save: ``policies.decide``;
 what to keep: ``policies.plan``). This module gathers the facts, asks, and acts: the write
 path is :meth:`CheckpointManager._write` and the delete path :meth:`CheckpointManager._discard`.
+
+Saves are asynchronous by default: ``_write`` captures the state in the caller's thread
+(iterator states, Python values; arrays staged by :mod:`keepax._src.async_engine`) and the
+engine's writer thread writes and commits it, then calls :meth:`CheckpointManager._committed`
+to record the step and apply retention. Decisions made while saves are in flight see those
+steps as held; queries about steps (``all_steps``, ``restore``, ...) first wait for them.
+
 Deletions are two-phase: the step is first hidden (renamed to a ``.keepax-`` trash name, or
-its commit marker removed where storage cannot rename), synchronously and only after the step
-that justifies it is committed; its files are then removed on a background thread, whose
-errors the next ``save``/``wait_until_finished``/``check_for_errors``/``close`` raises.
+its commit marker removed where storage cannot rename), only after the step that justifies it
+is committed (on the writer thread, right after that commit); its files are then removed on a
+background thread. Errors of background writes and deletions are raised by the next
+``save``/``wait_until_finished``/``check_for_errors``/``close``.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import jax
 import numpy as np
 
 from keepax import policies
-from keepax._src import snapshot
+from keepax._src import async_engine, snapshot
 from keepax._src.format import RestoreStats
 from keepax._src.lock import LOCK_NAME, DirectoryLock
 from keepax._src.manifest import COMMIT_FILE
@@ -248,6 +256,15 @@ def _check_grace(seconds: Any) -> float:
         raise PolicyError(f"staging_grace must be a finite number of seconds >= 0, got "
                           f"{seconds!r}.")
     return float(seconds)
+
+
+def _check_async(async_save: Any, max_in_flight: Any, staging_budget_bytes: Any) -> None:
+    if not isinstance(async_save, bool):
+        raise PolicyError(f"async_save must be True or False, got {async_save!r}.")
+    try:
+        async_engine._check_limits(max_in_flight, staging_budget_bytes)
+    except ValueError as e:
+        raise PolicyError(f"{e}.") from None
 
 
 def _check_best(best: Any, keep: Sequence[Any]) -> tuple[str, str] | None:
@@ -500,8 +517,8 @@ def _check_no_extra(
 
 
 class _Background:
-    """Runs jobs (deletions today, async writes later) on one worker thread, in order, and
-    keeps their errors until the manager raises them."""
+    """Runs deletions on one worker thread, in order, and keeps their errors (and those of
+    background writes, reported here) until the manager raises them."""
 
     def __init__(self) -> None:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -591,7 +608,8 @@ class _Preemption:
 # The manager.
 
 _OPTION_NAMES = ("save_policy", "keep", "best", "template", "preemption", "discard_newer",
-                 "staging_grace", "read_only", "clock")
+                 "staging_grace", "read_only", "clock", "async_save", "max_in_flight",
+                 "staging_budget_bytes")
 
 
 class CheckpointManager:
@@ -614,6 +632,17 @@ class CheckpointManager:
     signal. It returns whether it wrote. A step already held is not written again (``save``
     returns False), except to upgrade a temporary checkpoint to a permanent one, or with
     ``overwrite=True`` (atomic replace); ``force=True`` on a held step is an error.
+
+    **Asynchronous saves** (the default): ``save`` returns once the state is staged — the
+    caller may then donate, delete or mutate its arrays — and the step is written and
+    committed in the background. At most ``max_in_flight`` saves are in flight (the next
+    ``save`` waits), and at most ``staging_budget_bytes`` of staged state await writing
+    (beyond it ``save`` streams: it blocks until earlier bytes are written). A background
+    failure is raised, naming the step, by the next ``save``, :meth:`wait_until_finished`,
+    :meth:`check_for_errors` or :meth:`close`; that step is never committed. Methods that
+    report steps (:meth:`all_steps`, :meth:`latest_step`, :meth:`restore`, ...) first wait
+    for saves in flight; :meth:`save`, :meth:`should_save` and :meth:`reached_preemption`
+    do not. :attr:`save_records` tells how long each save blocked and wrote.
 
     **Restoring an older step and going on.** Steps must increase: writing a step below the
     latest is an error. To continue from an older step k (e.g. after a divergence), restore it
@@ -644,6 +673,12 @@ class CheckpointManager:
       staging_grace: Seconds after which leftovers of interrupted saves (``*.keepax-*``) are
         removed when the manager starts; younger ones may belong to a save in progress.
       clock: Returns the time in seconds (default ``time.time``); policies see this clock.
+      async_save: Save in the background (default); False makes ``save`` write and commit
+        before returning, raising any failure itself.
+      max_in_flight: At most this many saves staged or being written at once.
+      staging_budget_bytes: At most this many bytes of staged state not yet written (None:
+        no limit beyond ``max_in_flight`` copies of the state). A smaller budget bounds host
+        memory at the price of blocking ``save`` while the excess is written.
 
     Raises:
       PolicyError: An invalid policy, template or option.
@@ -664,8 +699,14 @@ class CheckpointManager:
         read_only: bool = False,
         staging_grace: float = _DEFAULT_GRACE,
         clock: Callable[[], float] | None = None,
+        async_save: bool = True,
+        max_in_flight: int = 1,
+        staging_budget_bytes: int | None = None,
     ) -> None:
         self._directory = os.fspath(directory)
+        _check_async(async_save, max_in_flight, staging_budget_bytes)
+        self._async = {"async_save": async_save, "max_in_flight": max_in_flight,
+                       "staging_budget_bytes": staging_budget_bytes}
         self._names = NameTemplate(template)
         self._save_policy = _check_save_policy(save_policy)
         self._keep = _check_keep(keep)
@@ -684,6 +725,10 @@ class CheckpointManager:
         self._where = self._storage.display("")
 
         self._records: dict[int, StepInfo] = {}
+        self._pending: dict[int, StepInfo] = {}  # steps staged or being written
+        self._engine = async_engine.SaveEngine(
+            os.path.basename(self._directory.rstrip("/")) or "root", key=self._storage_key()
+        )
         self._skipped: dict[str, str] = {}
         self._event_counts: collections.Counter[str] = collections.Counter()
         self._state_lock = threading.Lock()
@@ -697,6 +742,9 @@ class CheckpointManager:
             self._lock.acquire()
         self._finalizer = weakref.finalize(self, _release, self._lock, self._preemption)
         try:
+            # Saves this process still has in flight into the directory (from a manager
+            # dropped unclosed) finish first.
+            async_engine.wait_for(self._storage_key())
             if not self._read_only:
                 self._remove_leftovers()
             self._scan()
@@ -730,6 +778,7 @@ class CheckpointManager:
             "preemption": self._options["preemption"],
             "discard_newer": self._options["discard_newer"],
             "staging_grace": self._grace,
+            **self._async,
         }
 
     @classmethod
@@ -774,12 +823,22 @@ class CheckpointManager:
         return self._directory
 
     def all_steps(self) -> list[int]:
-        """Every step held (committed, readable), ascending; temporaries included."""
+        """Every step held (committed, readable), ascending; temporaries included. Waits for
+        saves in flight first."""
+        self._settle()
         return sorted(self._records)
 
     def latest_step(self) -> int | None:
-        """The highest step held, or None."""
+        """The highest step held, or None. Waits for saves in flight first."""
+        self._settle()
         return max(self._records, default=None)
+
+    @property
+    def save_records(self) -> tuple[async_engine.SaveRecord, ...]:
+        """What the last (up to 1000) finished saves did: blocking time, time waited for
+        saves in flight or the staging budget, bytes staged, write time, bytes written,
+        throughput; oldest first. Each is also logged at INFO on the ``"keepax"`` logger."""
+        return tuple(self._engine.records)
 
     def best_step(self) -> int | None:
         """The step with the best value of the ``best`` metric (ties: the newer step), or None
@@ -793,6 +852,7 @@ class CheckpointManager:
                 "no metric defines the best step; build the manager with best=('loss', 'min') "
                 "or with a policies.KeepBest keep policy."
             )
+        self._settle()
         metric, mode = self._best
         sign = 1.0 if mode == "min" else -1.0
         ranked = [(sign * r.metrics[metric], -r.step) for r in self._records.values()
@@ -801,31 +861,38 @@ class CheckpointManager:
 
     def metrics(self, step: int) -> dict[str, float]:
         """The metrics saved with ``step``."""
+        self._settle()
         return dict(self._record(step).metrics)
 
     def metadata(self, step: int) -> StepInfo:
         """What is known about ``step`` without reading arrays: user metadata, time, duration,
         size, temporary, metrics, name and path."""
+        self._settle()
         return self._record(step)
 
     def item_metadata(self, step: int | str | None = None) -> Any:
         """The structure of a step's state, with a :class:`keepax.LeafInfo` (type, shape, dtype,
         size) at each leaf; no array data is read."""
         self._check_open()
+        self._settle()
         return snapshot.inspect(self._resolve(step).path).tree
 
     def should_save(self, step: int) -> bool:
         """Whether ``save(step, ...)`` would write (by policy or a pending preemption)."""
         step = _check_step(step)
         decision = self._decide(step, None, 0)
-        held = self._records.get(step)
+        held = self._view().get(step)
         if decision == policies.Decision.SKIP or held is None:
             return decision != policies.Decision.SKIP
         return held.temporary and decision == policies.Decision.PERMANENT
 
     def plan_deletions(self) -> policies.RetentionPlan:
         """What the keep policies would delete now (a dry run): ``plan.delete``, ``plan.keep``,
-        and ``print(plan.describe())`` for the reasons."""
+        and ``print(plan.describe())`` for the reasons. Waits for saves in flight first."""
+        self._settle()
+        return self._plan()
+
+    def _plan(self) -> policies.RetentionPlan:
         with self._state_lock:
             records = [r.record() for r in self._records.values()]
         return policies.plan(records, self._keep)
@@ -842,6 +909,7 @@ class CheckpointManager:
     def reload(self) -> None:
         """Re-reads the directory (another process may have written or deleted steps)."""
         self._check_open()
+        self._settle()
         self._scan()
 
     # -- saving ----------------------------------------------------------------------------
@@ -872,13 +940,15 @@ class CheckpointManager:
           **placeholders: Values of the name template's placeholders (e.g. ``epoch=3``).
 
         Returns:
-          Whether the step was written.
+          Whether the step is written: with ``async_save`` (the default), it is staged when
+          ``save`` returns (the caller may donate or change its arrays) and committed in the
+          background; otherwise committed.
 
         Raises:
           CheckpointExistsError: ``force=True`` for a step already held, without ``overwrite``.
           KeepaxError: ``step`` is below the latest step (see the class docs), the metrics
-            are not finite numbers, a background deletion failed earlier, or the manager is
-            read-only or closed.
+            are not finite numbers, an earlier background save or deletion failed (the error
+            names its step; this save is not made), or the manager is read-only or closed.
           PolicyError: Missing or unknown placeholders.
         """
         return self._save(step, state, None, metrics, metadata, force, overwrite, placeholders)
@@ -933,6 +1003,12 @@ class CheckpointManager:
         if force:
             decision = policies.Decision.PERMANENT
         replaced = self._action(step, decision, force=force, overwrite=overwrite)
+        if isinstance(replaced, StepInfo) and replaced is self._pending.get(step):
+            # Replacing a step still being saved (overwrite, or a temporary made permanent):
+            # once that save is committed (or failed).
+            self._settle()
+            self.check_for_errors()
+            replaced = self._action(step, decision, force=force, overwrite=overwrite)
         if preempted:
             self._preempted_at = step
         if replaced is None:
@@ -958,10 +1034,11 @@ class CheckpointManager:
         ``overwrite`` replaces it) and for a held step with ``force``."""
         if decision == policies.Decision.SKIP:
             return None
-        held = self._records.get(step)
+        view = self._view()
+        held = view.get(step)
         if held is not None and overwrite:
             return held
-        latest = self.latest_step()
+        latest = max(view, default=None)
         if latest is not None and step < latest:
             # Whether or not this step is held: going on below the latest would mix two
             # histories (the old steps after this one would stay).
@@ -994,11 +1071,12 @@ class CheckpointManager:
         metadata: dict[str, Any],
         placeholders: dict[str, Any],
         replaced: StepInfo | None,
-    ) -> StepInfo:
-        """The one write path: state -> checkpoint -> commit -> record -> retention.
+    ) -> None:
+        """The one write path: state -> staged -> (background) checkpoint -> commit ->
+        :meth:`_committed` (record, retention).
 
-        Asynchronous saves will split it after ``_state_tree`` (staged) and run the rest on
-        the background thread.
+        Iterator states, Python values and metadata are captured here, in the caller's thread;
+        arrays are staged by the engine before this returns.
         """
         tree, stateful = _state_tree(state, step)
         facts = {
@@ -1013,29 +1091,92 @@ class CheckpointManager:
         }
         path = self._storage.display(name)
         replace = replaced is not None and replaced.name == name
+        full_metadata = {MANAGER_KEY: facts, USER_KEY: metadata}
+
+        def prepare() -> snapshot.PreparedSave:
+            try:
+                return snapshot.prepare_save(path, tree, metadata=full_metadata,
+                                             overwrite=replace)
+            except CheckpointExistsError as e:
+                raise CheckpointExistsError(
+                    f"the name {name!r} is taken by an entry that is not one of this manager's "
+                    "steps (skipped with a warning); move it away, change the name template, "
+                    "or pass overwrite=True to replace it",
+                    path=path, step=step,
+                ) from e
+            except KeepaxError as e:
+                if e.step is None:
+                    e.step = step
+                raise
+
+        # The writer holds the manager weakly: one dropped unclosed is still collected (and
+        # its lock released); its saves in flight still commit (a new manager on the same
+        # directory waits for them), with no bookkeeping left to do.
+        manager = weakref.ref(self)
+
+        def committed(_: snapshot.SaveResult) -> None:
+            mngr = manager()
+            if mngr is not None:
+                mngr._committed(step, name, path, replaced)
+
+        def failed(error: KeepaxError) -> None:
+            mngr = manager()
+            if mngr is not None:
+                mngr._forget_pending(step)
+                mngr._background.report(error)
+
+        in_flight = StepInfo(
+            step=step, name=name, path=path, temporary=temporary, time=facts["time"],
+            created=facts["started"], duration=None, nbytes=0,
+            metrics=types.MappingProxyType(metrics), metadata=types.MappingProxyType(metadata),
+            placeholders=types.MappingProxyType(placeholders),
+        )
+        with self._state_lock:
+            self._pending[step] = in_flight
         try:
-            snapshot.save(path, tree, metadata={MANAGER_KEY: facts, USER_KEY: metadata},
-                          overwrite=replace)
-        except CheckpointExistsError as e:
-            raise CheckpointExistsError(
-                f"the name {name!r} is taken by an entry that is not one of this manager's "
-                "steps (skipped with a warning); move it away, change the name template, or "
-                "pass overwrite=True to replace it",
-                path=path, step=step,
-            ) from e
-        except KeepaxError as e:
-            if e.step is None:
-                e.step = step
+            self._engine.save(
+                prepare,
+                step=step,
+                path=path,
+                max_in_flight=self._async["max_in_flight"],
+                staging_budget_bytes=self._async["staging_budget_bytes"],
+                background=self._async["async_save"],
+                on_commit=committed,
+                on_error=failed,
+                check=self.check_for_errors,
+            )
+        except BaseException:
+            self._forget_pending(step)
             raise
+
+    def _committed(self, step: int, name: str, path: str, replaced: StepInfo | None) -> None:
+        """Once ``step`` is committed (on the writer thread): records it, then deletes what
+        retention says (hidden now, files removed in the background)."""
         record = self._open(name)
         if record is None:
             raise KeepaxError("the step was saved but cannot be read back", path=path, step=step)
         with self._state_lock:
             self._records[step] = record
+            self._pending.pop(step, None)
         if replaced is not None and replaced.name != name:
             self._discard([replaced])
-        self._discard([self._records[s] for s in self.plan_deletions().delete])
-        return record
+        plan = self._plan()
+        with self._state_lock:
+            doomed = [self._records[s] for s in plan.delete if s in self._records]
+        self._discard(doomed)
+
+    def _forget_pending(self, step: int) -> None:
+        with self._state_lock:
+            self._pending.pop(step, None)
+
+    def _view(self) -> dict[int, StepInfo]:
+        """The steps held and those being saved: what save decisions see."""
+        with self._state_lock:
+            return {**self._records, **self._pending}
+
+    def _settle(self) -> None:
+        """Waits for saves in flight (their errors are raised by the calls that raise)."""
+        self._engine.wait()
 
     # -- restoring ---------------------------------------------------------------------------
 
@@ -1073,6 +1214,7 @@ class CheckpointManager:
           TreeMismatchError: ``like`` does not match the step.
         """
         self._check_open()
+        self._settle()
         if discard_newer is None:
             discard_newer = self._options["discard_newer"]
         if discard_newer:
@@ -1109,6 +1251,7 @@ class CheckpointManager:
         """Deletes a step (its files are removed in the background; see
         :meth:`wait_until_finished`)."""
         self._check_writable("delete")
+        self._settle()
         self._discard([self._record(step)], raise_now=True)
 
     def _discard(self, records: Iterable[StepInfo], *, raise_now: bool = False) -> None:
@@ -1154,7 +1297,9 @@ class CheckpointManager:
     # -- background work and lifetime --------------------------------------------------------
 
     def wait_until_finished(self) -> None:
-        """Waits for background work (deletions) to finish; raises its errors."""
+        """Waits for saves in flight to be committed and for background deletions; raises the
+        errors of background work."""
+        self._settle()
         self._background.wait()
         self.check_for_errors()
 
@@ -1162,8 +1307,8 @@ class CheckpointManager:
         """Raises the first error of finished background work, if any (once).
 
         Raises:
-          KeepaxError: A background deletion failed (the error names the step and path; more
-            failures are listed in its notes).
+          KeepaxError: A background save or deletion failed (the error names the step and
+            path; more failures are listed in its notes).
         """
         errors = self._background.take_errors()
         if not errors:
@@ -1176,12 +1321,13 @@ class CheckpointManager:
         raise first
 
     def close(self) -> None:
-        """Waits for background work, releases the directory lock and the signal handlers,
-        then raises any background error. Idempotent."""
+        """Waits for saves in flight and background deletions, releases the directory lock
+        and the signal handlers, then raises any background error. Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
+            self._settle()
             self._background.wait()
             self._background.shutdown()
         finally:
@@ -1218,10 +1364,11 @@ class CheckpointManager:
         return self._preemption.signaled and self._preempted_at is None
 
     def _decide(self, step: int, event: str | None, count: int) -> policies.Decision:
-        times = [r.time for r in self._records.values()]
+        view = self._view()
+        times = [r.time for r in view.values()]
         ctx = policies.SaveContext(
             now=self._now(),
-            last_step=self.latest_step(),
+            last_step=max(view, default=None),
             last_save_time=max(times, default=self._start_time),
             event=event,
             event_count=count,
@@ -1311,8 +1458,14 @@ class CheckpointManager:
             )
         return None
 
+    def _storage_key(self) -> str:
+        root = getattr(self._storage, "root", None)
+        return os.path.realpath(root) if isinstance(root, str) else self._where
+
     def _scan(self) -> None:
-        """Lists the directory and reads the steps not read before."""
+        """Lists the directory and reads the steps not read before (after the saves this
+        process has in flight into it, by this manager or another)."""
+        async_engine.wait_for(self._storage_key())
         known = {r.name: r for r in self._records.values()}
         found: dict[int, StepInfo] = {}
         for name in self._storage.list(""):

@@ -128,11 +128,47 @@ def _describe_sharding(array: jax.Array) -> dict[str, Any] | None:
     return None
 
 
+@dataclasses.dataclass
+class SourceBuffer:
+    """An array that chunks of a leaf are read from: a whole NumPy array, or one shard of a
+    ``jax.Array`` (a single-device ``jax.Array``).
+
+    Asynchronous saves copy each buffer the caller could change (``owned`` false) and read
+    the chunks from the copy (:func:`chunk_view`).
+
+    Attributes:
+      array: The array (``np.ndarray`` or single-device ``jax.Array``).
+      chunks: ``(index into LeafPlan.sources, slices)`` of each chunk read from it; ``()``
+        slices mean the whole array.
+      owned: Whether the plan made this array itself (a private copy nobody else holds).
+    """
+
+    array: Any
+    chunks: list[tuple[int, tuple[slice, ...]]]
+    owned: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return int(math.prod(self.array.shape)) * np.dtype(self.array.dtype).itemsize
+
+
+def chunk_view(array: Any, slices: tuple[slice, ...]) -> np.ndarray:
+    """A chunk's values: ``array[slices]`` as NumPy, zero-copy for host and CPU arrays."""
+    host = np.asarray(array)
+    return host[slices] if slices else host
+
+
 def _array_sources(
     index: int, path: str, value: Any
-) -> tuple[str, np.dtype, tuple[int, ...], list[ChunkSource], dict[str, Any]]:
-    """Classifies an array-like leaf; returns (type, dtype, shape, chunks, extra fields)."""
+) -> tuple[str, np.dtype, tuple[int, ...], list[tuple[Any, bool, list[tuple[ChunkSource,
+                                                                           tuple[slice, ...]]]]],
+           dict[str, Any]]:
+    """Classifies an array-like leaf; returns (type, dtype, shape, buffers, extra fields).
+
+    Each buffer is ``(array, owned, [(chunk source, slices into array)])``.
+    """
     extra: dict[str, Any] = {}
+    owned = False
     if isinstance(value, jax.Array):
         if value.is_deleted():
             raise UnsupportedLeafError(
@@ -151,9 +187,9 @@ def _array_sources(
         if isinstance(value, np.ndarray):
             kind, array = "numpy", value
         elif isinstance(value, np.generic):
-            kind, array = "npscalar", np.asarray(value)
+            kind, array, owned = "npscalar", np.asarray(value), True
         elif isinstance(value, bytes | bytearray):
-            kind, array = "bytes", np.frombuffer(bytes(value), np.uint8)
+            kind, array, owned = "bytes", np.frombuffer(bytes(value), np.uint8), True
         else:
             raise UnsupportedLeafError(
                 f"leaves of type {type(value).__module__}.{type(value).__qualname__} cannot be "
@@ -169,9 +205,10 @@ def _array_sources(
         dtype = dtype.newbyteorder("<")
         array = array.astype(dtype)
         shards = [(shards[0][0], array)]
+        owned = True
     shape = tuple(int(d) for d in array.shape)
     name = path or "<root>"
-    sources = []
+    buffers = []
     whole = ((0,) * len(shape), shape)
     if (
         len(shards) == 1
@@ -181,34 +218,36 @@ def _array_sources(
         # The common case (an unsharded array of modest size): one chunk, no slicing.
         if math.prod(shape):
             data = shards[0][1]
-            sources.append(
-                ChunkSource(index, name, (0,) * len(shape), shape, dtype, lambda: np.asarray(data))
+            source = ChunkSource(
+                index, name, (0,) * len(shape), shape, dtype, _chunk_getter(data, ())
             )
-        return kind, dtype, shape, sources, extra
+            buffers.append((data, owned, [(source, ())]))
+        return kind, dtype, shape, buffers, extra
     for box, data in shards:
+        chunks = []
         for sub in sharding.split_rows(box, dtype.itemsize, format.CHUNK_BYTES):
             if math.prod(sub[1]) == 0:
                 continue
             chunk_name = name if sub[1] == shape else f"{name}@{','.join(map(str, sub[0]))}"
-            sources.append(
+            slices = sharding.local_slices(sub, box)
+            chunks.append((
                 ChunkSource(
                     leaf=index,
                     name=chunk_name,
                     start=sub[0],
                     shape=sub[1],
                     dtype=dtype,
-                    data=_chunk_getter(data, sharding.local_slices(sub, box)),
-                )
-            )
-    return kind, dtype, shape, sources, extra
+                    data=_chunk_getter(data, slices),
+                ),
+                slices,
+            ))
+        if chunks:
+            buffers.append((data, owned, chunks))
+    return kind, dtype, shape, buffers, extra
 
 
 def _chunk_getter(data: Any, slices: tuple[slice, ...]) -> Callable[[], np.ndarray]:
-    def get() -> np.ndarray:
-        host = np.asarray(data)
-        return host[slices] if slices else host
-
-    return get
+    return lambda: chunk_view(data, slices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,12 +260,14 @@ class LeafPlan:
         known only once written).
       sources: The chunks of every array leaf, in leaf order.
       arrays: Per array leaf index: (type, dtype, shape, extra manifest fields).
+      buffers: The arrays the sources read from, in source order.
     """
 
     structure: tree.Structure
     leaves: list[ValueLeaf | None]
     sources: list[ChunkSource]
     arrays: dict[int, tuple[str, np.dtype, tuple[int, ...], dict[str, Any]]]
+    buffers: list[SourceBuffer] = dataclasses.field(default_factory=list)
 
     def manifest(
         self,
@@ -273,6 +314,7 @@ def plan_leaves(tree_: Any) -> LeafPlan:
     structure = tree.describe(tree_)
     leaves: list[ValueLeaf | None] = []
     sources: list[ChunkSource] = []
+    buffers: list[SourceBuffer] = []
     arrays: dict[int, tuple[str, np.dtype, tuple[int, ...], dict[str, Any]]] = {}
     for index, (key_path, value) in enumerate(zip(structure.paths, structure.leaves)):
         leaf_path = tree.keystr(key_path)
@@ -280,11 +322,16 @@ def plan_leaves(tree_: Any) -> LeafPlan:
         if value_leaf is not None:
             leaves.append(value_leaf)
             continue
-        kind, dtype, shape, leaf_sources, extra = _array_sources(index, leaf_path, value)
+        kind, dtype, shape, leaf_buffers, extra = _array_sources(index, leaf_path, value)
         arrays[index] = (kind, dtype, shape, extra)
-        sources.extend(leaf_sources)
+        for array, owned, chunks in leaf_buffers:
+            buffer = SourceBuffer(array, [], owned)
+            for source, slices in chunks:
+                buffer.chunks.append((len(sources), slices))
+                sources.append(source)
+            buffers.append(buffer)
         leaves.append(None)
-    return LeafPlan(structure, leaves, sources, arrays)
+    return LeafPlan(structure, leaves, sources, arrays, buffers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,6 +370,47 @@ def save(
       KeepaxError: ``metadata`` is not JSON-serialisable.
     """
     began = time.perf_counter()
+    prepared = prepare_save(path, tree_, metadata=metadata, overwrite=overwrite)
+    result = write_prepared(prepared)
+    return dataclasses.replace(result, seconds=time.perf_counter() - began)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedSave:
+    """A save whose inputs are checked and whose tree is taken apart (:func:`prepare_save`),
+    ready to be written (:func:`write_prepared`), now or on a background thread.
+
+    Attributes:
+      storage: Where the checkpoint goes.
+      name: Its name in ``storage``.
+      where: Its path for messages.
+      overwrite: Whether it replaces an existing checkpoint.
+      metadata: The user metadata, checked (a JSON round-tripped copy).
+      plan: The tree's leaves: Python values captured, array chunks still to read.
+    """
+
+    storage: Storage
+    name: str
+    where: str
+    overwrite: bool
+    metadata: dict[str, Any]
+    plan: LeafPlan
+
+
+def prepare_save(
+    path: str,
+    tree_: Any,
+    *,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> PreparedSave:
+    """The checks :func:`save` makes before writing anything, and the tree taken apart.
+
+    Python values and metadata are captured now; arrays are referenced, not copied.
+
+    Raises:
+      As :func:`save`, for every error found before writing.
+    """
     storage, name = split_checkpoint_path(path)
     where = storage.display(name)
     if is_hidden_name(name):
@@ -351,25 +439,51 @@ def save(
                 path=where,
             )
     metadata = _check_metadata(metadata, where)
-    plan = plan_leaves(tree_)
+    return PreparedSave(storage, name, where, overwrite, metadata, plan_leaves(tree_))
 
+
+def write_prepared(
+    prepared: PreparedSave,
+    sources: Sequence[ChunkSource] | None = None,
+    *,
+    before_commit: Callable[[], None] | None = None,
+) -> SaveResult:
+    """Writes a prepared save and commits it (the part of :func:`save` that does I/O).
+
+    Args:
+      prepared: What :func:`prepare_save` returned.
+      sources: The chunks to write, in place of ``prepared.plan.sources`` (the same chunks,
+        read from staged copies).
+      before_commit: Called before the commit marker is written; if it raises, nothing is
+        committed.
+
+    Raises:
+      CheckpointExistsError: Another save created the checkpoint first.
+      OSError: The storage failed; nothing was committed.
+    """
+    began = time.perf_counter()
+    storage, name, where = prepared.storage, prepared.name, prepared.where
+    plan = prepared.plan
     staging = storage.staging_name(name)
     try:
         files, chunks = format.write_data_files(
-            storage, staging, plan.sources, prefix=f"p{jax.process_index():05d}"
+            storage, staging, plan.sources if sources is None else sources,
+            prefix=f"p{jax.process_index():05d}",
         )
         if files:
             storage.sync_dir(f"{staging}/data")
-        manifest = plan.manifest(files, chunks, metadata, created=time.time())
+        manifest = plan.manifest(files, chunks, prepared.metadata, created=time.time())
         manifest_bytes = manifest.to_json()
         storage.write_bytes(f"{staging}/{MANIFEST_FILE}", manifest_bytes)
         marker = CommitMarker(
             FORMAT_VERSION, len(manifest_bytes), format.checksum(manifest_bytes), time.time()
         )
         marker_bytes = marker.to_json()
+        if before_commit is not None:
+            before_commit()
         storage.write_bytes(f"{staging}/{COMMIT_FILE}", marker_bytes)
         try:
-            storage.commit(staging, name, replace=overwrite)
+            storage.commit(staging, name, replace=prepared.overwrite)
         except FileExistsError as e:
             raise CheckpointExistsError(
                 "another save created this checkpoint first; pass overwrite=True to replace it",
@@ -799,7 +913,13 @@ def _read_leaves(
         stored = dtypes.dtype_from_name(leaf.dtype)
         shape = tuple(leaf.shape)
         boxes: dict[Any, Any]
-        if target is not None and target.kind == "jax" and target.sharding is not None:
+        if (
+            target is not None
+            and target.kind == "jax"
+            and target.sharding is not None
+            and target.committed
+            and len(target.sharding.device_set) > 1
+        ):
             boxes = sharding.target_boxes(target.sharding, shape)
         else:
             boxes = {((0,) * len(shape), shape): None}
