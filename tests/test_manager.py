@@ -135,6 +135,26 @@ def test_save_list_restore(directory: str) -> None:
         assert "3 steps, latest 10" in repr(mngr)
 
 
+def test_a_step_deleted_while_listing_is_skipped_without_a_warning(
+    directory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with manager(directory) as writer:
+        writer.save(1, make_state(1))
+        writer.save(2, make_state(2))
+    cls = storage_class(directory)
+    real_list = cls.list
+
+    def list_then_delete(self, path: str) -> list[str]:  # noqa: ANN001
+        names = real_list(self, path)
+        if path == "" and "00000001" in names:
+            self.delete("00000001")  # another process's retention, between list and open
+        return names
+
+    monkeypatch.setattr(cls, "list", list_then_delete)
+    with manager(directory, read_only=True) as reader:  # warnings are errors in this suite
+        assert reader.all_steps() == [2]
+
+
 def test_restart_sees_the_same_steps_and_reads_step_numbers_from_manifests(
     directory: str,
 ) -> None:

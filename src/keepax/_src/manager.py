@@ -1448,6 +1448,8 @@ class CheckpointManager:
             return _step_info(name, snapshot.inspect(path))
         except (KeepaxError, OSError, ValueError) as e:
             reason = str(e)
+        if not self._storage.exists(name):
+            return None  # Deleted or renamed since it was listed (another process's retention).
         if self._skipped.get(name) != reason:
             self._skipped[name] = reason
             warnings.warn(
