@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from keepax.errors import CorruptCheckpointError, UnsupportedLeafError
@@ -155,6 +156,9 @@ def _node_kind(node: Any) -> str:
     return "node"
 
 
+_LEAF_TYPES = (jax.Array, np.ndarray, np.generic, str, bytes, int, float, complex)
+
+
 @dataclasses.dataclass(frozen=True)
 class Structure:
     """The result of describing a tree: its JSON node and its leaves in flatten order.
@@ -184,6 +188,11 @@ def describe(tree: Any) -> Structure:
     def walk(node: Any, path: KeyPath) -> dict[str, Any]:
         if node is None:
             return {"k": "none"}
+        if isinstance(node, _LEAF_TYPES):
+            # Never pytree nodes: skip asking JAX (a flatten call per leaf adds up).
+            paths.append(path)
+            leaves.append(node)
+            return {"k": "leaf", "i": len(leaves) - 1}
         children, treedef = jax.tree_util.tree_flatten_with_path(
             node, is_leaf=lambda x: x is not node
         )
