@@ -45,6 +45,18 @@ def test_write_read_and_ranged_reads(storage: Storage) -> None:
     reader.close()
 
 
+def test_vectored_reads_fill_buffers_in_order(storage: Storage) -> None:
+    data = bytes(range(256)) * 40
+    storage.write_bytes("v", data)
+    reader = storage.open("v")
+    outs = [bytearray(n) for n in (0, 7, 1000, 3000, 5)]
+    assert reader.readv_into(3, [memoryview(o) for o in outs]) == 4012
+    assert b"".join(outs) == data[3:4015]
+    tail = [bytearray(10), bytearray(10)]
+    assert reader.readv_into(len(data) - 15, [memoryview(t) for t in tail]) == 15
+    reader.close()
+
+
 def test_writev_many_buffers(storage: Storage) -> None:
     parts = [bytes([i % 256]) * (i % 7) for i in range(3000)]  # > IOV_MAX buffers
     writer = storage.create("many")

@@ -47,7 +47,8 @@ CHUNK_BYTES = 64 << 20
 _ALIGN = 64
 _SMALL = 256 << 10  # chunks below this are gathered (writes) or coalesced (reads)
 _BATCH_BYTES = 16 << 20  # at most this much gathered into one writev / coalesced read
-_COPY_BLOCK = 8 << 20  # non-contiguous sources are copied out in blocks of about this size
+_COPY_BLOCK = 8 << 20
+_RUN_BYTES = 256 << 20  # consecutive big chunks read with one vectored request, up to this  # non-contiguous sources are copied out in blocks of about this size
 
 
 def checksum(data: memoryview | bytes, value: int = 0) -> int:
@@ -397,20 +398,26 @@ def read_requests(
     pieces = list(by_chunk.values())
     opened = _Files(storage, directory, files, where)
 
-    def read_one(piece: _Piece) -> int:
-        reader = opened.get(piece.chunk.file, stats)
-        landing = landed = piece.landing()
-        if landing is None:
-            landing = memoryview(bytearray(piece.chunk.nbytes))
-        if reader.read_into(piece.chunk.offset, landing) != piece.chunk.nbytes:
+    def read_run(run: list[_Piece]) -> int:
+        """Reads consecutive big chunks of one file with one vectored request, straight into
+        their outputs where possible, then verifies and delivers each."""
+        reader = opened.get(run[0].chunk.file, stats)
+        landed = [piece.landing() for piece in run]
+        landings = [
+            view if view is not None else memoryview(bytearray(piece.chunk.nbytes))
+            for piece, view in zip(run, landed)
+        ]
+        expected = sum(piece.chunk.nbytes for piece in run)
+        if reader.readv_into(run[0].chunk.offset, landings) != expected:
             raise CorruptCheckpointError(
-                f"data file {files[piece.chunk.file].name} ends inside a chunk",
+                f"data file {files[run[0].chunk.file].name} ends inside a chunk",
                 path=where,
-                leaf=piece.leaf,
+                leaf=run[0].leaf,
             )
-        _verify(landing, piece, files, where)
-        piece.deliver(landing, landed)
-        return piece.chunk.nbytes
+        for piece, landing, view in zip(run, landings, landed):
+            _verify(landing, piece, files, where)
+            piece.deliver(landing, view)
+        return expected
 
     def read_group(group: list[_Piece]) -> int:
         """Reads adjacent small chunks of one file with one request."""
@@ -446,9 +453,28 @@ def read_requests(
         group.append(piece)
     if group:
         steps.append((group[0].chunk.file, group[0].chunk.offset, read_group, group))
-    steps.extend(
-        (p.chunk.file, p.chunk.offset, read_one, p) for p in pieces if p.chunk.nbytes >= _SMALL
+    run: list[_Piece] = []
+    big = sorted(
+        (p for p in pieces if p.chunk.nbytes >= _SMALL), key=lambda p: (p.chunk.file, p.chunk.offset)
     )
+    for piece in big:
+        if run:
+            prev = run[-1].chunk
+            size = sum(p.chunk.nbytes for p in run)
+            if (
+                piece.chunk.file != prev.file
+                or piece.chunk.offset != prev.offset + prev.nbytes
+                or size + piece.chunk.nbytes > _RUN_BYTES
+                or len(run) >= 512
+                # Chunks needing a bounce buffer (resharding) are read alone: bounded memory.
+                or piece.landing() is None
+                or run[-1].landing() is None
+            ):
+                steps.append((run[0].chunk.file, run[0].chunk.offset, read_run, run))
+                run = []
+        run.append(piece)
+    if run:
+        steps.append((run[0].chunk.file, run[0].chunk.offset, read_run, run))
     streams = _sequential_streams(steps, workers)
 
     def run(stream: list[tuple[int, int, Callable[[Any], int], Any]]) -> int:

@@ -60,6 +60,17 @@ class Reader(abc.ABC):
         Fewer bytes are returned only at the end of the file.
         """
 
+    def readv_into(self, offset: int, outs: list[memoryview]) -> int:
+        """Reads consecutive bytes at ``offset`` into several buffers in order (one request
+        where the backend can); returns how many bytes were read in all."""
+        total = 0
+        for out in outs:
+            n = self.read_into(offset + total, out)
+            total += n
+            if n < len(out):
+                break
+        return total
+
     @abc.abstractmethod
     def size(self) -> int:
         """The file's size in bytes."""

@@ -98,6 +98,22 @@ class _LocalReader(Reader):
             total += n
         return total
 
+    def readv_into(self, offset: int, outs: list[memoryview]) -> int:
+        pending = [o.cast("B") if o.ndim != 1 or o.format != "B" else o for o in outs]
+        pending = [o for o in pending if len(o)]
+        total = 0
+        while pending:
+            n = os.preadv(self._fd, pending[:_IOV_MAX], offset + total)
+            if n == 0:
+                break
+            total += n
+            while pending and n >= len(pending[0]):
+                n -= len(pending[0])
+                pending.pop(0)
+            if n:
+                pending[0] = pending[0][n:]
+        return total
+
     def size(self) -> int:
         return self._size
 
