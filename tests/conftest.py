@@ -27,3 +27,5 @@ def root(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:  # noqa: AN
     name = f"test-{os.getpid()}-{id(request)}"
     yield f"memory://{name}"
     memory.clear(name)
+
+pytest_plugins = ["s3_fixtures"]

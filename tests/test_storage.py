@@ -7,6 +7,7 @@ import os
 import pytest
 
 from keepax._src.storage import (
+    FsspecStorage,
     LocalStorage,
     MemoryStorage,
     Storage,
@@ -17,13 +18,26 @@ from keepax._src.storage import (
 )
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3", "fsspec-memory"])
 def storage(request: pytest.FixtureRequest, tmp_path) -> Storage:  # noqa: ANN001
     if request.param == "local":
         yield LocalStorage(tmp_path / "root")
-    else:
+    elif request.param == "memory":
         yield MemoryStorage(f"memory://conformance-{id(request)}/root")
         memory.clear(f"conformance-{id(request)}")
+    elif request.param == "s3":
+        s3 = request.getfixturevalue("s3")
+        # Small parts, so that multipart uploads and split reads are exercised too.
+        options = {**s3.options, "keepax_part_size": 5 << 20}
+        yield FsspecStorage(f"{s3.url}/root", options)
+    else:
+        # Any other fsspec file system goes through the generic path.
+        fsspec = pytest.importorskip("fsspec")
+        fs = fsspec.filesystem("memory", skip_instance_cache=True)
+        fs.store.clear()
+        fs.pseudo_dirs[:] = [""]
+        yield FsspecStorage(f"memory://conformance-{id(request)}/root", filesystem=fs)
+        fs.store.clear()
 
 
 def read_all(storage: Storage, path: str) -> bytes:
@@ -87,6 +101,10 @@ def test_list_exists_delete(storage: Storage) -> None:
 
 
 def test_rename_never_replaces_and_exchange_swaps(storage: Storage) -> None:
+    if not storage.atomic_rename:
+        with pytest.raises(NotImplementedError):
+            storage.rename_dir("one", "two")
+        return
     storage.write_bytes("one/f", b"1")
     storage.write_bytes("two/f", b"2")
     with pytest.raises(FileExistsError):
@@ -99,6 +117,8 @@ def test_rename_never_replaces_and_exchange_swaps(storage: Storage) -> None:
 
 
 def test_commit_protocol(storage: Storage) -> None:
+    if not storage.atomic_rename:
+        pytest.skip("marker backends: see test_marker_commit_protocol")
     staging = storage.staging_name("ckpt")
     assert is_hidden_name(staging) and staging != "ckpt"
     storage.write_bytes(f"{staging}/f", b"new")
@@ -114,6 +134,75 @@ def test_commit_protocol(storage: Storage) -> None:
     storage.commit(again, "ckpt", replace=True)
     assert read_all(storage, "ckpt/f") == b"other"
     assert [n for n in storage.list("") if is_hidden_name(n)] == [], storage.list("")
+
+
+def test_marker_commit_protocol(storage: Storage) -> None:
+    """Rename backends stage elsewhere; marker backends write in place, marker first gone."""
+    assert storage.modified("nothing") is None
+    storage.begin_write("new", replace=False)  # nothing there: nothing to do
+    if storage.atomic_rename:
+        storage.write_bytes("old/keepax.commit", b"m")
+        storage.begin_write("old", replace=False)  # staged elsewhere: the old one stays
+        assert storage.exists("old/keepax.commit") and not storage.is_unfinished("old")
+        return
+    assert storage.staging_name("ckpt") == "ckpt"
+    storage.write_bytes("ckpt/data/p0.safetensors", b"data")
+    storage.write_bytes("ckpt/manifest.json", b"{}")
+    assert storage.is_unfinished("ckpt")  # no marker yet
+    storage.write_bytes("ckpt/keepax.commit", b"m")
+    storage.commit("ckpt", "ckpt", replace=False)  # nothing to do
+    assert not storage.is_unfinished("ckpt")
+    with pytest.raises(FileExistsError):
+        storage.begin_write("ckpt", replace=False)
+    assert storage.exists("ckpt/keepax.commit")
+    storage.begin_write("ckpt", replace=True)  # the old checkpoint goes, marker first
+    assert not storage.exists("ckpt")
+    # Leftovers of an interrupted save are cleared; foreign files are refused.
+    storage.write_bytes("left/manifest.json", b"{}")
+    storage.begin_write("left", replace=False)
+    assert not storage.exists("left")
+    storage.write_bytes("foreign/notes.txt", b"mine")
+    assert not storage.is_unfinished("foreign")
+    with pytest.raises(FileExistsError):
+        storage.begin_write("foreign", replace=False)
+    assert storage.exists("foreign/notes.txt")
+
+
+def test_modified_times(storage: Storage) -> None:
+    import time
+
+    before = time.time()
+    storage.write_bytes("d/sub/f", b"x")
+    modified = storage.modified("d")
+    if modified is not None:  # backends without times answer None
+        assert before - 5 <= modified <= time.time() + 5
+        assert storage.modified("d/sub/f") == modified
+
+
+def test_big_file_in_parts(storage: Storage) -> None:
+    """Several upload parts and split ranged reads (5 MiB parts on S3)."""
+    import numpy as np
+
+    data = np.random.default_rng(0).integers(0, 256, 12 << 20, dtype=np.uint8).tobytes()
+    writer = storage.create("big/file")
+    view = memoryview(data)
+    for start in range(0, len(data), 3 << 20):
+        writer.writev([view[start : start + (1 << 20)], view[start + (1 << 20) : start + (3 << 20)]])
+    writer.close()
+    reader = storage.open("big/file")
+    assert reader.size() == len(data)
+    outs = [bytearray(1 << 20), bytearray(9 << 20), bytearray(3 << 20)]
+    assert reader.readv_into(100, [memoryview(o) for o in outs]) == len(data) - 100
+    assert b"".join(outs)[: len(data) - 100] == data[100:]
+    reader.close()
+
+
+def test_aborted_big_file_is_not_visible(storage: Storage) -> None:
+    writer = storage.create("gone/file")
+    writer.write(memoryview(bytes(11 << 20)))
+    writer.abort()
+    if not storage.atomic_rename:
+        assert not storage.exists("gone/file")
 
 
 def test_abort_leaves_nothing_committed(storage: Storage) -> None:
@@ -134,7 +223,13 @@ def test_path_resolution(tmp_path) -> None:
     with pytest.raises(ValueError, match="memory://store/name"):
         split_checkpoint_path("memory://store")
     with pytest.raises(ValueError, match="not supported"):
-        open_root("ftp://host/x")
+        open_root("nosuchscheme://host/x")
+    with pytest.raises(ValueError, match="bucket and a name"):
+        split_checkpoint_path("s3://bucket")
+    with pytest.raises(ValueError, match="keepax_part_size"):
+        open_root("s3://bucket/x", {"keepax_part_size": 1})
+    with pytest.raises(ValueError, match="unknown storage option"):
+        open_root("s3://bucket/x", {"keepax_parts": 1})
 
 
 def test_local_files_are_synced_and_visible_to_the_os(tmp_path) -> None:

@@ -6,6 +6,12 @@ Commands:
   ``keepax show PATH``    the tree: every leaf's type, shape, dtype and size, plus totals.
   ``keepax verify PATH``  re-read every chunk and check its checksum; exit 1 naming bad chunks.
 
+Paths may be object store URLs (``s3://bucket/run/step``, ``gs://...``). Credentials and
+endpoints come from the usual places (for S3: ``AWS_*`` environment variables such as
+``AWS_ENDPOINT_URL``, ``~/.aws``), or from ``-o/--storage-option KEY=VALUE`` (repeatable; a
+dotted key nests, e.g. ``client_kwargs.endpoint_url=http://127.0.0.1:9000``; a value that
+parses as JSON is taken as such, e.g. ``keepax_max_attempts=8`` or ``anon=true``).
+
 Exit status: 0 on success, 1 when ``verify`` finds damage, 2 when the checkpoint cannot be
 opened (missing, incomplete, unreadable). The CLI uses the public API only.
 """
@@ -17,6 +23,7 @@ import datetime
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import keepax
 from keepax.errors import KeepaxError
@@ -41,8 +48,31 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _storage_options(pairs: Sequence[str] | None) -> dict[str, Any] | None:
+    """``KEY=VALUE`` pairs as nested storage options (dotted keys nest; JSON values)."""
+    if not pairs:
+        return None
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise KeepaxError(f"--storage-option wants KEY=VALUE, got {pair!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        *parents, leaf = key.split(".")
+        target = options
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise KeepaxError(f"--storage-option {pair!r} conflicts with an earlier one")
+        target[leaf] = value
+    return options
+
+
 def _show(args: argparse.Namespace) -> int:
-    info = keepax.inspect(args.path)
+    info = keepax.inspect(args.path, storage_options=args.storage_options)
     created = datetime.datetime.fromtimestamp(info.created, datetime.UTC)
     print(f"checkpoint  {info.path}")
     print(f"format      keepax {info.format_version}")
@@ -79,7 +109,8 @@ def _metrics_text(metrics: dict[str, float]) -> str:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    with keepax.CheckpointManager(args.directory, read_only=True) as manager:
+    with keepax.CheckpointManager(args.directory, read_only=True,
+                                  storage_options=args.storage_options) as manager:
         infos = [manager.metadata(step) for step in manager.all_steps()]
     if not infos:
         print(f"{args.directory}: no steps")
@@ -119,7 +150,8 @@ def _verify(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
     try:
-        problems = keepax.verify(args.path, progress=progress)
+        problems = keepax.verify(args.path, progress=progress,
+                                 storage_options=args.storage_options)
     finally:
         if bar is not None:
             bar.close()
@@ -128,7 +160,7 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"BAD  {problem}")
         print(f"{args.path}: {len(problems)} problem{'s' if len(problems) != 1 else ''} found")
         return 1
-    info = keepax.inspect(args.path)
+    info = keepax.inspect(args.path, storage_options=args.storage_options)
     print(f"{info.path}: OK ({len(info.leaves)} leaves, {_size(info.nbytes)} checked)")
     return 0
 
@@ -137,20 +169,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit status."""
     parser = argparse.ArgumentParser(prog="keepax", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    ls = commands.add_parser("ls", help="list the steps of a CheckpointManager directory")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-o", "--storage-option", action="append", dest="storage_option", metavar="KEY=VALUE",
+        help="an fsspec/s3fs or keepax_* storage option for URLs (repeatable; dotted keys nest)",
+    )
+    ls = commands.add_parser("ls", help="list the steps of a CheckpointManager directory",
+                             parents=[common])
     ls.add_argument("directory", help="manager directory or URL")
     ls.set_defaults(run=_ls)
-    show = commands.add_parser("show", help="show a checkpoint's tree, shapes, dtypes and sizes")
+    show = commands.add_parser("show", help="show a checkpoint's tree, shapes, dtypes and sizes",
+                               parents=[common])
     show.add_argument("path", help="checkpoint directory or URL")
     show.set_defaults(run=_show)
-    verify = commands.add_parser("verify", help="recompute every checksum")
+    verify = commands.add_parser("verify", help="recompute every checksum", parents=[common])
     verify.add_argument("path", help="checkpoint directory or URL")
     verify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     verify.set_defaults(run=_verify)
     args = parser.parse_args(argv)
     try:
+        args.storage_options = _storage_options(args.storage_option)
         return args.run(args)
-    except KeepaxError as e:
+    except (KeepaxError, OSError, ValueError, ImportError) as e:
         print(f"keepax {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -854,6 +854,7 @@ def save_async(
     overwrite: bool = False,
     max_in_flight: int = 1,
     staging_budget_bytes: int | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> SaveHandle:
     """Saves a pytree as :func:`keepax.save` does, returning once the state is staged.
 
@@ -871,6 +872,7 @@ def save_async(
       staging_budget_bytes: At most this many bytes staged and not yet written (None: no
         limit beyond ``max_in_flight`` copies of the state). Beyond it, staging streams: the
         call blocks until earlier bytes are written, trading blocking time for memory.
+      storage_options: For URLs such as ``s3://bucket/ckpt``: as for :func:`keepax.save`.
 
     Returns:
       The save's :class:`SaveHandle`.
@@ -889,7 +891,8 @@ def save_async(
         engine = _default_engine
     engine.check_errors()
     return engine.save(
-        lambda: snapshot.prepare_save(path, tree, metadata=metadata, overwrite=overwrite),
+        lambda: snapshot.prepare_save(path, tree, metadata=metadata, overwrite=overwrite,
+                                      storage_options=storage_options),
         path=str(path),
         max_in_flight=max_in_flight,
         staging_budget_bytes=staging_budget_bytes,

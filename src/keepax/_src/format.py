@@ -250,11 +250,13 @@ class RestoreStats:
       bytes_read: Bytes read from data files (manifest and marker not included).
       chunks_read: Chunks read (and verified).
       files_opened: Data files opened.
+      table_bytes_read: Bytes of per-process chunk tables read (multi-process checkpoints).
     """
 
     bytes_read: int = 0
     chunks_read: int = 0
     files_opened: int = 0
+    table_bytes_read: int = 0
 
 
 @dataclasses.dataclass

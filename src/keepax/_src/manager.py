@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import numbers
@@ -431,17 +432,19 @@ def _restore_tree(
     partial: bool,
     dtype: Any,
     stats: RestoreStats | None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Any:
     path = info.path
+    restore = functools.partial(snapshot.restore, storage_options=storage_options)
     select = [(n,) for n in items] if items is not None else None
     if like is None:
-        return snapshot.restore(path, select=select, dtype=dtype, stats=stats)
+        return restore(path, select=select, dtype=dtype, stats=stats)
     if items is not None:
         like = _pick_items(like, items, path)
     found = [p for p, x in jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_stateful)[0]
              if _is_stateful(x)]
     if not found:
-        return snapshot.restore(path, like, select=select, partial=partial, dtype=dtype,
+        return restore(path, like, select=select, partial=partial, dtype=dtype,
                                 stats=stats)
     # Everything but the stateful objects, checked strictly here (keepax.restore is told
     # partial=True because the objects' saved states are not in this like).
@@ -452,7 +455,7 @@ def _restore_tree(
         _check_no_extra(info, plain_like, found, items)
     main = plain_like
     if jax.tree_util.tree_leaves(plain_like):
-        main = snapshot.restore(path, plain_like, select=select, partial=True, dtype=dtype,
+        main = restore(path, plain_like, select=select, partial=True, dtype=dtype,
                                 stats=stats)
     # The stateful objects' saved states, exactly as stored (no cast).
     state_like = jax.tree_util.tree_map_with_path(
@@ -461,7 +464,7 @@ def _restore_tree(
     )
     states = state_like
     if jax.tree_util.tree_leaves(state_like):
-        states = snapshot.restore(path, state_like, partial=True, stats=stats)
+        states = restore(path, state_like, partial=True, stats=stats)
 
     def put(_: Any, x: Any, value: Any, state: Any) -> Any:
         if _is_stateful(x):
@@ -655,7 +658,8 @@ class CheckpointManager:
     manager cannot read (foreign files, corrupt steps) are never touched.
 
     Args:
-      directory: Local directory (created if missing) or ``memory://name``.
+      directory: Local directory (created if missing), ``memory://name``, or an object
+        store URL such as ``s3://bucket/run`` (README, *Object storage*).
       save_policy: When to save (a :mod:`keepax.policies` save policy); None saves on every
         call.
       keep: Keep policies, e.g. ``[KeepLast(3), KeepEvery(10_000), KeepBest(2, "loss")]``;
@@ -679,6 +683,8 @@ class CheckpointManager:
       staging_budget_bytes: At most this many bytes of staged state not yet written (None:
         no limit beyond ``max_in_flight`` copies of the state). A smaller budget bounds host
         memory at the price of blocking ``save`` while the excess is written.
+      storage_options: For a directory URL such as ``s3://bucket/run``: fsspec/s3fs options
+        and keepax's ``keepax_*`` transfer options (README, *Object storage*).
 
     Raises:
       PolicyError: An invalid policy, template or option.
@@ -702,8 +708,10 @@ class CheckpointManager:
         async_save: bool = True,
         max_in_flight: int = 1,
         staging_budget_bytes: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         self._directory = os.fspath(directory)
+        self._storage_options = dict(storage_options) if storage_options else None
         _check_async(async_save, max_in_flight, staging_budget_bytes)
         self._async = {"async_save": async_save, "max_in_flight": max_in_flight,
                        "staging_budget_bytes": staging_budget_bytes}
@@ -719,7 +727,7 @@ class CheckpointManager:
             raise PolicyError("preemption=True needs a manager that saves; drop read_only=True.")
         self._clock = clock if clock is not None else time.time
         try:
-            self._storage: Storage = open_root(self._directory)
+            self._storage: Storage = open_root(self._directory, storage_options)
         except ValueError as e:
             raise PolicyError(str(e)) from None
         self._where = self._storage.display("")
@@ -788,7 +796,7 @@ class CheckpointManager:
         Args:
           config: The configuration.
           **overrides: Constructor arguments replacing the configuration's (e.g.
-            ``directory=...``, ``read_only=True``, ``clock=...``).
+            ``directory=...``, ``read_only=True``, ``clock=...``, ``storage_options=...``).
 
         Raises:
           PolicyError: An unknown or invalid field.
@@ -796,7 +804,10 @@ class CheckpointManager:
         if not isinstance(config, Mapping):
             raise PolicyError(f"a manager config must be a dict, got {config!r}.")
         known = {"directory", *_OPTION_NAMES}
-        unknown = sorted(set(config) - known) + sorted(set(overrides) - known)
+        # storage_options (credentials, endpoints) are never in a config: pass them here.
+        unknown = sorted(set(config) - known) + sorted(
+            set(overrides) - known - {"storage_options"}
+        )
         if unknown:
             raise PolicyError(f"unknown manager config field(s) {', '.join(unknown)}; known: "
                               f"{', '.join(sorted(known))}.")
@@ -875,7 +886,8 @@ class CheckpointManager:
         size) at each leaf; no array data is read."""
         self._check_open()
         self._settle()
-        return snapshot.inspect(self._resolve(step).path).tree
+        return snapshot.inspect(self._resolve(step).path,
+                                storage_options=self._storage_options).tree
 
     def should_save(self, step: int) -> bool:
         """Whether ``save(step, ...)`` would write (by policy or a pending preemption)."""
@@ -1096,6 +1108,7 @@ class CheckpointManager:
         def prepare() -> snapshot.PreparedSave:
             try:
                 return snapshot.prepare_save(path, tree, metadata=full_metadata,
+                                             storage_options=self._storage_options,
                                              overwrite=replace)
             except CheckpointExistsError as e:
                 raise CheckpointExistsError(
@@ -1220,9 +1233,10 @@ class CheckpointManager:
         if discard_newer:
             self._check_writable("restore(discard_newer=True)")
         record = self._resolve(step)
-        info = snapshot.inspect(record.path)
+        info = snapshot.inspect(record.path, storage_options=self._storage_options)
         try:
-            result = _restore_tree(info, like, _item_names(info, items), partial, dtype, stats)
+            result = _restore_tree(info, like, _item_names(info, items), partial, dtype, stats,
+                                   self._storage_options)
         except KeepaxError as e:
             if e.step is None:
                 e.step = record.step
@@ -1445,9 +1459,11 @@ class CheckpointManager:
         """Reads one entry of the directory as a step; None (with a warning) if it is not."""
         path = self._storage.display(name)
         try:
-            return _step_info(name, snapshot.inspect(path))
+            return _step_info(name, snapshot.inspect(path, storage_options=self._storage_options))
         except (KeepaxError, OSError, ValueError) as e:
             reason = str(e)
+        if not self._storage.atomic_rename and self._storage.is_unfinished(name):
+            return None  # Object stores: a save in progress or interrupted (no marker yet).
         if not self._storage.exists(name):
             return None  # Deleted or renamed since it was listed (another process's retention).
         if self._skipped.get(name) != reason:
@@ -1490,34 +1506,26 @@ class CheckpointManager:
             self._records = found
 
     def _remove_leftovers(self) -> None:
-        """Removes staging and trash directories (``*.keepax-*``) older than the grace period.
-
-        Only local storage has the times needed; in-memory stores are left as they are.
+        """Removes what interrupted saves and deletions left, once nothing in it has changed
+        for the grace period: staging and trash directories (``*.keepax-*``) and, on object
+        stores (marker commits), step directories without a commit marker. Storages that keep
+        no modification times (in-memory) are left as they are.
         """
-        if not isinstance(self._storage, LocalStorage):
-            return
         now = time.time()
+        marker = not self._storage.atomic_rename
         for name in self._storage.list(""):
-            if not is_hidden_name(name) or name.startswith(LOCK_NAME):
+            if name.startswith(LOCK_NAME):
                 continue
-            full = os.path.join(self._storage.root, name)
             try:
-                if now - _newest_mtime(full) < self._grace:
+                if not (is_hidden_name(name) or (marker and self._storage.is_unfinished(name))):
+                    continue
+                modified = self._storage.modified(name)
+                if modified is None or now - modified < self._grace:
                     continue
                 self._storage.delete(name)
             except OSError as e:
-                warnings.warn(f"could not remove the leftover {full}: {e}", KeepaxWarning,
-                              stacklevel=4)
-
-
-def _newest_mtime(path: str, depth: int = 2) -> float:
-    """The newest modification time of ``path`` and the entries up to ``depth`` levels below."""
-    newest = os.lstat(path).st_mtime
-    if depth and os.path.isdir(path) and not os.path.islink(path):
-        with os.scandir(path) as entries:
-            for entry in entries:
-                newest = max(newest, _newest_mtime(entry.path, depth - 1))
-    return newest
+                warnings.warn(f"could not remove the leftover {self._storage.display(name)}: {e}",
+                              KeepaxWarning, stacklevel=4)
 
 
 def _release(lock: DirectoryLock, preemption: _Preemption) -> None:

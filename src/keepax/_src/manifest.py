@@ -29,11 +29,22 @@ __all__ = [
     "DataFile",
     "Manifest",
     "CommitMarker",
+    "CellRef",
+    "Layout",
+    "TableRef",
+    "TABLES_VERSION",
+    "boxes_disjoint",
 ]
 
 FORMAT_NAME = "keepax"
 FORMAT_VERSION = (1, 0)
-"""(major, minor). Readers reject a newer major version and accept any minor version."""
+"""(major, minor) written when chunk tables are inline. Readers reject a newer major version and
+accept any minor version."""
+
+TABLES_VERSION = (1, 1)
+"""The version of checkpoints with per-process chunk tables (``docs/FORMAT.md`` §14)."""
+
+_MAX_CELLS = 1 << 24  # a layout with more cells than this is rejected before allocating
 
 MANIFEST_FILE = "manifest.json"
 COMMIT_FILE = "keepax.commit"
@@ -43,6 +54,7 @@ ARRAY_TYPES = ("jax", "numpy", "npscalar", "bytes", "prngkey")
 VALUE_TYPES = ("int", "float", "bool", "complex", "str")
 
 _DATA_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.safetensors")
+_TABLE_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.json")
 _VERSION_RE = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
 _MAX_DIM = 1 << 48  # larger dimensions are rejected before any arithmetic or allocation
 
@@ -69,6 +81,39 @@ class Chunk:
 
 
 @dataclasses.dataclass(frozen=True)
+class CellRef:
+    """How an array of a multi-process checkpoint is cut into cells (``tables.py``).
+
+    Attributes:
+      block: Shape of a cell (edge cells are cut at the array's end).
+      layout: Index into :attr:`Manifest.layouts`.
+      rotation: Which holder of each cell wrote it.
+    """
+
+    block: tuple[int, ...]
+    layout: int
+    rotation: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A grid of cells and, per cell (C order), the processes holding a copy of it."""
+
+    grid: tuple[int, ...]
+    writers: tuple[tuple[int, ...], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TableRef:
+    """A process's chunk table: its path in the checkpoint, size and CRC-32C."""
+
+    process: int
+    name: str
+    nbytes: int
+    crc32c: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ArrayLeaf:
     """A leaf whose bytes live in data files.
 
@@ -82,6 +127,8 @@ class ArrayLeaf:
       chunks: Where the bytes are.
       impl: For ``prngkey``: the PRNG implementation name (``threefry2x32``, ...).
       sharding: Informational description of the saved sharding, if any.
+      cells: In checkpoints with chunk tables: how the array is cut. Its ``chunks`` are then
+        empty until :func:`keepax._src.tables.resolve` fills in those a reader needs.
     """
 
     path: str
@@ -91,6 +138,7 @@ class ArrayLeaf:
     chunks: tuple[Chunk, ...]
     impl: str | None = None
     sharding: dict[str, Any] | None = None
+    cells: CellRef | None = None
 
     @property
     def nbytes(self) -> int:
@@ -128,7 +176,8 @@ class DataFile:
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-    """Everything about a checkpoint except the array bytes."""
+    """Everything about a checkpoint except the array bytes (and, with chunk tables, except
+    where the chunks are)."""
 
     version: tuple[int, int]
     tree: dict[str, Any]
@@ -137,6 +186,8 @@ class Manifest:
     metadata: dict[str, Any]
     created: float
     writer: dict[str, Any]
+    tables: tuple[TableRef, ...] = ()
+    layouts: tuple[Layout, ...] = ()
 
     def to_json(self) -> bytes:
         """Serialises the manifest (UTF-8 JSON)."""
@@ -148,7 +199,15 @@ class Manifest:
                     "type": leaf.type,
                     "shape": list(leaf.shape),
                     "dtype": leaf.dtype,
-                    "chunks": [
+                }
+                if leaf.cells is not None:
+                    entry["cells"] = {
+                        "block": list(leaf.cells.block),
+                        "layout": leaf.cells.layout,
+                        "rotation": leaf.cells.rotation,
+                    }
+                else:
+                    entry["chunks"] = [
                         {
                             "file": c.file,
                             "offset": c.offset,
@@ -158,8 +217,7 @@ class Manifest:
                             "crc32c": c.crc32c,
                         }
                         for c in leaf.chunks
-                    ],
-                }
+                    ]
                 if leaf.impl is not None:
                     entry["impl"] = leaf.impl
                 if leaf.sharding is not None:
@@ -177,6 +235,15 @@ class Manifest:
             "tree": self.tree,
             "leaves": leaves,
         }
+        if self.tables:
+            doc["tables"] = [
+                {"process": t.process, "name": t.name, "nbytes": t.nbytes, "crc32c": t.crc32c}
+                for t in self.tables
+            ]
+            doc["layouts"] = [
+                {"grid": list(lay.grid), "writers": [list(w) for w in lay.writers]}
+                for lay in self.layouts
+            ]
         return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
@@ -252,7 +319,7 @@ def _nats(x: Any, n: int) -> bool:
     return type(x) is list and len(x) == n and all(type(i) is int and 0 <= i <= _MAX_DIM for i in x)
 
 
-def _boxes_disjoint(chunks: list[Chunk]) -> bool:
+def boxes_disjoint(chunks: list[Chunk]) -> bool:
     """Whether no two chunks of one array overlap (a sweep along the most-split axis)."""
     boxes = [c for c in chunks if c.nbytes]
     if len(boxes) < 2 or not boxes[0].shape:
@@ -280,6 +347,7 @@ class _Validator:
         self.where = where
         self._files: list[DataFile] = []
         self._claimed: list[int] = []
+        self._layouts: tuple[Layout, ...] = ()
 
     def fail(self, message: str, leaf: str | None = None) -> CorruptCheckpointError:
         return CorruptCheckpointError(
@@ -346,6 +414,8 @@ class _Validator:
             files.append(DataFile(name, self.nat(f.get("nbytes"), f"files[{i}].nbytes")))
         self._files = files
         self._claimed = [0] * len(files)
+        tables, layouts = self._tables(doc, version)
+        self._layouts = layouts
         leaves = tuple(
             self._leaf(x, i, len(files)) for i, x in enumerate(self._list(doc.get("leaves"), "leaves"))
         )
@@ -361,7 +431,50 @@ class _Validator:
             metadata=self.obj(metadata, "metadata"),
             created=self.number(doc.get("created", 0), "created"),
             writer=self.obj(writer, "writer"),
+            tables=tables,
+            layouts=layouts,
         )
+
+    def _tables(
+        self, doc: dict[str, Any], version: tuple[int, int]
+    ) -> tuple[tuple[TableRef, ...], tuple[Layout, ...]]:
+        """Parses the chunk table list and the cell layouts (format 1.1)."""
+        if "tables" not in doc:
+            return (), ()
+        if version < TABLES_VERSION:
+            raise self.fail(f"tables need format {TABLES_VERSION[0]}.{TABLES_VERSION[1]}")
+        tables = []
+        for i, t in enumerate(self._list(doc.get("tables"), "tables")):
+            t = self.obj(t, f"tables[{i}]")
+            name = t.get("name")
+            if not isinstance(name, str) or not _TABLE_FILE_RE.fullmatch(name) or ".." in name:
+                raise self.fail(f"tables[{i}].name {name!r:.80} is not a chunk table name")
+            tables.append(TableRef(
+                self.nat(t.get("process"), f"tables[{i}].process"), name,
+                self.nat(t.get("nbytes"), f"tables[{i}].nbytes"),
+                self.nat(t.get("crc32c"), f"tables[{i}].crc32c"),
+            ))
+        if len({t.process for t in tables}) != len(tables) or len(
+            {t.name for t in tables}
+        ) != len(tables):
+            raise self.fail("a process or table name is listed twice in tables")
+        processes = {t.process for t in tables}
+        layouts = []
+        for i, lay in enumerate(self._list(doc.get("layouts"), "layouts")):
+            lay = self.obj(lay, f"layouts[{i}]")
+            grid = self.ints(lay.get("grid"), f"layouts[{i}].grid")
+            if any(g < 1 for g in grid) or math.prod(grid) > _MAX_CELLS:
+                raise self.fail(f"layouts[{i}].grid must hold 1 to 2**24 cells of >= 1")
+            raw = self._list(lay.get("writers"), f"layouts[{i}].writers")
+            if len(raw) != math.prod(grid):
+                raise self.fail(f"layouts[{i}] needs one writers list per cell")
+            writers = []
+            for w in raw:
+                if not isinstance(w, list) or not all(_nat(p) and p in processes for p in w):
+                    raise self.fail(f"layouts[{i}].writers names a process without a table")
+                writers.append(tuple(w))
+            layouts.append(Layout(grid, tuple(writers)))
+        return tuple(tables), tuple(layouts)
 
     def _check_byte_ranges(self, leaves: tuple[Leaf, ...]) -> None:
         """No two chunks may share bytes of a data file."""
@@ -428,15 +541,20 @@ class _Validator:
             itemsize = dtypes.dtype_from_name(name).itemsize
         except ValueError as e:
             raise self.fail(str(e), path) from e
-        chunk_list = self._list(x.get("chunks"), "chunks")
-        chunks = [self._chunk(c, j, path, shape, itemsize) for j, c in enumerate(chunk_list)]
-        volume = sum(math.prod(c.shape) for c in chunks)
-        if volume != math.prod(shape):
-            raise self.fail(
-                f"chunks cover {volume} elements of an array of {math.prod(shape)}", path
-            )
-        if not _boxes_disjoint(chunks):
-            raise self.fail("chunks of the array overlap", path)
+        cells = None
+        chunks: list[Chunk] = []
+        if "cells" in x:
+            cells = self._cells(x["cells"], path, shape)
+        else:
+            chunk_list = self._list(x.get("chunks"), "chunks")
+            chunks = [self._chunk(c, j, path, shape, itemsize) for j, c in enumerate(chunk_list)]
+            volume = sum(math.prod(c.shape) for c in chunks)
+            if volume != math.prod(shape):
+                raise self.fail(
+                    f"chunks cover {volume} elements of an array of {math.prod(shape)}", path
+                )
+            if not boxes_disjoint(chunks):
+                raise self.fail("chunks of the array overlap", path)
         impl = x.get("impl")
         if kind == "prngkey" and (not isinstance(impl, str) or name != "uint32" or not shape):
             raise self.fail("prngkey leaf needs an impl name and uint32 key data", path)
@@ -449,4 +567,19 @@ class _Validator:
             chunks=tuple(chunks),
             impl=impl if isinstance(impl, str) else None,
             sharding=sharding if isinstance(sharding, dict) else None,
+            cells=cells,
         )
+
+    def _cells(self, x: Any, path: str, shape: tuple[int, ...]) -> CellRef:
+        x = self.obj(x, "cells")
+        block = self.ints(x.get("block"), "cells.block", path)
+        layout = self.nat(x.get("layout"), "cells.layout", path)
+        rotation = self.nat(x.get("rotation"), "cells.rotation", path)
+        if layout >= len(self._layouts):
+            raise self.fail(f"cells.layout {layout} of {len(self._layouts)}", path)
+        grid = self._layouts[layout].grid
+        if len(block) != len(shape) or any(b < 1 for b in block) or grid != tuple(
+            max(1, -(-n // b)) for n, b in zip(shape, block)
+        ):
+            raise self.fail("cells.block does not cut the array into its layout's grid", path)
+        return CellRef(block, layout, rotation)

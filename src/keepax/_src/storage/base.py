@@ -7,7 +7,9 @@ Commit protocols (``docs/FORMAT.md`` §Commit):
 
 - *rename* (local disk, memory): a checkpoint is written under a hidden staging name beside its
   final name and renamed into place once complete.
-- *marker* (object stores, later): a checkpoint is written in place.
+- *marker* (object stores): a checkpoint is written in place; its commit marker, written
+  last, alone makes it visible. Before anything of an existing checkpoint is modified or
+  deleted, its marker is deleted (:meth:`Storage.begin_write`, :meth:`Storage.delete`).
 
 In both, the last file written inside a checkpoint is its commit marker; readers ignore any
 checkpoint directory without one and any name containing ``.keepax-``.
@@ -18,10 +20,13 @@ from __future__ import annotations
 import abc
 import uuid
 
-__all__ = ["Storage", "Writer", "Reader", "STAGING_TAG", "is_hidden_name"]
+__all__ = ["Storage", "Writer", "Reader", "STAGING_TAG", "COMMIT_NAME", "is_hidden_name"]
 
 STAGING_TAG = ".keepax-"
 """Names containing this tag are staging or trash directories: never checkpoints."""
+
+COMMIT_NAME = "keepax.commit"
+"""The commit marker's file name (``docs/FORMAT.md`` §4); marker backends delete it first."""
 
 
 def is_hidden_name(name: str) -> bool:
@@ -150,6 +155,29 @@ class Storage(abc.ABC):
 
     def sync_dir(self, path: str) -> None:  # noqa: B027 - optional hook
         """Makes the entries of a directory durable (local disks fsync it)."""
+
+    def modified(self, path: str) -> float | None:
+        """The newest modification time (Unix seconds) of ``path`` and what lies under it, or
+        None where the backend keeps no times or nothing is there."""
+        return None
+
+    def is_unfinished(self, name: str) -> bool:
+        """Whether ``name`` holds only what an interrupted save leaves (a manifest or data
+        files, no commit marker). Only marker backends leave such directories at a final
+        name; rename backends leave hidden staging directories instead."""
+        return False
+
+    def begin_write(self, name: str, *, replace: bool) -> None:  # noqa: B027 - optional hook
+        """Prepares the final name ``name`` for a checkpoint about to be written.
+
+        Rename backends write elsewhere first and need nothing here. Marker backends write in
+        place, so they delete an existing checkpoint's commit marker first, then its other
+        files (with ``replace``), or the leftovers of an interrupted save.
+
+        Raises:
+          FileExistsError: ``name`` holds a committed checkpoint and ``replace`` is false, or
+            holds files that are not keepax's.
+        """
 
     def staging_name(self, name: str) -> str:
         """Where a checkpoint called ``name`` is written before it is committed."""

@@ -208,6 +208,26 @@ class LocalStorage(Storage):
     def sync_dir(self, path: str) -> None:
         _fsync_dir(self._abs(path))
 
+    def modified(self, path: str) -> float | None:
+        try:
+            return _newest_mtime(self._abs(path))
+        except FileNotFoundError:
+            return None
+
+
+def _newest_mtime(path: str, depth: int = 2) -> float:
+    """The newest modification time of ``path`` and the entries up to ``depth`` levels below
+    (a checkpoint's files and its ``data/`` directory's)."""
+    newest = os.lstat(path).st_mtime
+    if depth and os.path.isdir(path) and not os.path.islink(path):
+        with os.scandir(path) as entries:
+            for entry in entries:
+                try:
+                    newest = max(newest, _newest_mtime(entry.path, depth - 1))
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+    return newest
+
 
 def _fsync_dir(path: str) -> None:
     fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

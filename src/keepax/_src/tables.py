@@ -1,0 +1,503 @@
+"""Per-process chunk tables: who writes which shard, and where readers find its bytes.
+
+A checkpoint written by several processes (format 1.1, ``docs/FORMAT.md`` §14) keeps no chunk
+list in its manifest. Instead:
+
+- every array is cut into *cells*, the unique shards of its sharding, which form a regular
+  grid: cell ``k`` along axis ``d`` covers ``[k * block[d], min((k + 1) * block[d], shape[d]))``;
+- a *layout* (shared by every array sharded the same way) names, per cell, the processes that
+  hold a copy of it; the array's ``rotation`` picks which of them writes it, so the writing of
+  replicated arrays is spread over the replicas;
+- every process writes its own *chunk table* next to its data files, listing the chunks it
+  wrote (the manifest lists only the tables, with their sizes and checksums).
+
+Every process computes the same assignment from the global shardings alone, so no chunk list
+ever travels between processes, and a reader fetches only the tables of the cells it needs.
+The planning half of this module is pure; :func:`resolve` reads tables through a storage.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from keepax._src import dtypes
+from keepax._src.manifest import (
+    FORMAT_NAME,
+    ArrayLeaf,
+    CellRef,
+    Chunk,
+    DataFile,
+    Layout,
+    Manifest,
+    TableRef,
+    boxes_disjoint,
+)
+from keepax._src.sharding import Box
+from keepax._src.storage.base import Storage
+from keepax.errors import CorruptCheckpointError, KeepaxError
+
+__all__ = [
+    "TABLE_VERSION",
+    "Assignment",
+    "Assigner",
+    "table_name",
+    "encode_table",
+    "resolve",
+    "cells_of",
+    "grid_of",
+]
+
+TABLE_VERSION = (1, 1)
+_TABLE_KIND = "chunk-table"
+_DATA_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.safetensors")
+_MAX_ROTATION_TRIES = 4
+
+
+def table_name(process: int) -> str:
+    """The chunk table's path (relative to the checkpoint) of a process."""
+    return f"data/p{process:05d}-chunks.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning (pure).
+
+
+def grid_of(shape: Sequence[int], boxes: Iterable[Box]) -> tuple[int, ...] | None:
+    """The block shape of a regular grid whose cells are exactly ``boxes``, or None.
+
+    Empty boxes (which JAX gives devices past the end of an unevenly split axis) are ignored.
+    """
+    shape = tuple(shape)
+    boxes = {b for b in boxes if math.prod(b[1]) > 0}
+    if math.prod(shape) == 0:
+        return tuple(1 for _ in shape)
+    block = []
+    for d, n in enumerate(shape):
+        starts = sorted({b[0][d] for b in boxes})
+        size = starts[1] - starts[0] if len(starts) > 1 else n
+        if size <= 0 or any(s != k * size for k, s in enumerate(starts)):
+            return None
+        block.append(size)
+    block_t = tuple(block)
+    grid = grid_shape(shape, block_t)
+    if len(boxes) != math.prod(grid):
+        return None
+    for start, size in boxes:
+        want = tuple(min(b, n - s) for s, b, n in zip(start, block_t, shape))
+        if size != want or any(s % b for s, b in zip(start, block_t)):
+            return None
+    return block_t
+
+
+def grid_shape(shape: Sequence[int], block: Sequence[int]) -> tuple[int, ...]:
+    """Cells per axis of an array of ``shape`` cut into blocks of ``block``."""
+    return tuple(max(1, -(-n // b)) for n, b in zip(shape, block))
+
+
+def cell_box(shape: Sequence[int], block: Sequence[int], cell: Sequence[int]) -> Box:
+    """The box of the cell with grid coordinates ``cell``."""
+    start = tuple(k * b for k, b in zip(cell, block))
+    size = tuple(max(0, min(b, n - s)) for s, b, n in zip(start, block, shape))
+    return start, size
+
+
+def cells_of(shape: Sequence[int], block: Sequence[int], box: Box) -> Iterable[tuple[int, ...]]:
+    """Grid coordinates of the cells a non-empty box overlaps."""
+    ranges = [
+        range(s // b, (s + n - 1) // b + 1) if n else range(0)
+        for s, n, b in zip(box[0], box[1], block)
+    ]
+    return itertools.product(*ranges)
+
+
+def linear(cell: Sequence[int], grid: Sequence[int]) -> int:
+    """C-order index of a cell in its grid."""
+    index = 0
+    for k, g in zip(cell, grid):
+        index = index * g + k
+    return index
+
+
+def writer_of(layout: Layout, rotation: int, index: int) -> int | None:
+    """The process whose table holds cell ``index`` (None: no process stored it here)."""
+    holders = layout.writers[index]
+    if not holders:
+        return None
+    return holders[(index + rotation) % len(holders)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    """How one array leaf is cut and who writes what.
+
+    Attributes:
+      ref: What the manifest records for the leaf.
+      mine: Boxes this process writes (each a whole cell).
+    """
+
+    ref: CellRef
+    mine: tuple[Box, ...]
+
+
+class Assigner:
+    """Decides, identically on every process, which process writes each cell of each array.
+
+    Replicated cells go to the replica holder that has been given the fewest bytes so far
+    (among a few rotations), so the writing is spread over processes.
+
+    Args:
+      process: This process's index.
+      process_count: How many processes save.
+      host_local: Every process writes every cell it holds, into its own directory (no shared
+        storage); the layouts then name only this process.
+    """
+
+    def __init__(self, process: int, process_count: int, *, host_local: bool = False) -> None:
+        self.process, self.process_count, self.host_local = process, process_count, host_local
+        self.layouts: list[Layout] = []
+        self._layout_index: dict[Layout, int] = {}
+        self._load = [0] * process_count
+
+    def leaf(
+        self, shape: Sequence[int], itemsize: int, holders: Mapping[Box, Iterable[int]]
+    ) -> Assignment | None:
+        """Assigns the cells of one array.
+
+        Args:
+          shape: The array's global shape.
+          itemsize: Bytes per element.
+          holders: Every unique shard (box) of the array with the processes holding a copy.
+
+        Returns:
+          The assignment, or None if the shards do not form a regular grid.
+        """
+        shape = tuple(shape)
+        block = grid_of(shape, holders)
+        if block is None:
+            return None
+        grid = grid_shape(shape, block)
+        writers: list[tuple[int, ...]] = [() for _ in range(math.prod(grid))]
+        for box, procs in holders.items():
+            if math.prod(box[1]) == 0:
+                continue
+            index = linear(tuple(s // b for s, b in zip(box[0], block)), grid)
+            writers[index] = tuple(sorted(set(writers[index]) | set(procs)))
+        if self.host_local:
+            writers = [(self.process,) if self.process in w else () for w in writers]
+        layout = Layout(tuple(grid), tuple(writers))
+        rotation = self._rotation(layout, shape, block, itemsize)
+        index = self._layout_index.get(layout)
+        if index is None:
+            index = self._layout_index[layout] = len(self.layouts)
+            self.layouts.append(layout)
+        mine = []
+        for k, cell in enumerate(itertools.product(*(range(g) for g in grid))):
+            if writer_of(layout, rotation, k) == self.process:
+                box = cell_box(shape, block, cell)
+                if math.prod(box[1]):
+                    mine.append(box)
+        return Assignment(CellRef(block, index, rotation), tuple(mine))
+
+    def _rotation(self, layout: Layout, shape: tuple[int, ...], block: tuple[int, ...],
+                  itemsize: int) -> int:
+        width = max((len(w) for w in layout.writers), default=1)
+        cells = list(itertools.product(*(range(g) for g in layout.grid)))
+        sizes = [math.prod(cell_box(shape, block, c)[1]) * itemsize for c in cells]
+        if width <= 1:
+            candidates = [0]
+        elif len(cells) == 1:
+            # One cell (a replicated array): the least loaded holder writes it.
+            holders = layout.writers[0]
+            best = min(range(len(holders)), key=lambda i: (self._load[holders[i]], i))
+            candidates = [best]
+        else:
+            candidates = list(range(min(width, _MAX_ROTATION_TRIES)))
+        best_rotation, best_peak = 0, None
+        for rotation in candidates:
+            added: dict[int, int] = {}
+            for k, size in enumerate(sizes):
+                w = writer_of(layout, rotation, k)
+                if w is not None:
+                    added[w] = added.get(w, 0) + size
+            peak = max((self._load[w] + n for w, n in added.items()), default=0)
+            if best_peak is None or peak < best_peak:
+                best_rotation, best_peak = rotation, peak
+        for k, size in enumerate(sizes):
+            w = writer_of(layout, best_rotation, k)
+            if w is not None:
+                self._load[w] += size
+        return best_rotation
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables on storage.
+
+
+def encode_table(
+    process: int, files: Sequence[DataFile], chunks: Iterable[tuple[int, Chunk]]
+) -> bytes:
+    """Serialises one process's chunk table.
+
+    Args:
+      process: The writing process.
+      files: Its data files (chunks refer to them by index).
+      chunks: (leaf index, chunk) pairs.
+    """
+    doc = {
+        "format": FORMAT_NAME,
+        "version": f"{TABLE_VERSION[0]}.{TABLE_VERSION[1]}",
+        "kind": _TABLE_KIND,
+        "process": process,
+        "files": [{"name": f.name, "nbytes": f.nbytes} for f in files],
+        "chunks": [
+            [leaf, c.file, c.offset, c.nbytes, c.crc32c, list(c.start), list(c.shape)]
+            for leaf, c in chunks
+        ],
+    }
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Table:
+    files: tuple[DataFile, ...]
+    chunks: dict[int, list[Chunk]]  # leaf index -> chunks (file indices local to the table)
+
+
+def _fail(where: str, name: str, message: str, leaf: str | None = None) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"invalid chunk table {name}: {message}; the checkpoint is damaged", path=where, leaf=leaf
+    )
+
+
+def _parse_table(data: bytes, ref: TableRef, manifest: Manifest, where: str) -> _Table:
+    """Parses and validates one untrusted table against the manifest."""
+    name = ref.name
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _fail(where, name, f"not valid JSON ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME or doc.get(
+        "kind"
+    ) != _TABLE_KIND:
+        raise _fail(where, name, "not a keepax chunk table")
+    if doc.get("process") != ref.process:
+        raise _fail(where, name, f"written by process {doc.get('process')!r:.20}, the manifest "
+                                 f"says {ref.process}")
+    raw_files, raw_chunks = doc.get("files"), doc.get("chunks")
+    if not isinstance(raw_files, list) or not isinstance(raw_chunks, list):
+        raise _fail(where, name, "files and chunks must be lists")
+    files = []
+    for i, f in enumerate(raw_files):
+        fname = f.get("name") if isinstance(f, dict) else None
+        size = f.get("nbytes") if isinstance(f, dict) else None
+        if not isinstance(fname, str) or not _DATA_FILE_RE.fullmatch(fname) or ".." in fname:
+            raise _fail(where, name, f"files[{i}] has no valid data file name")
+        if type(size) is not int or size < 0:
+            raise _fail(where, name, f"files[{i}].nbytes must be a non-negative integer")
+        files.append(DataFile(fname, size))
+    if len({f.name for f in files}) != len(files):
+        raise _fail(where, name, "a data file is listed twice")
+    chunks: dict[int, list[Chunk]] = {}
+    ranges: list[tuple[int, int, int]] = []
+    for j, entry in enumerate(raw_chunks):
+        if not (isinstance(entry, list) and len(entry) == 7
+                and all(type(x) is int and x >= 0 for x in entry[:5])):
+            raise _fail(where, name, f"chunk {j} must be [leaf, file, offset, nbytes, crc32c, "
+                                     "start, shape]")
+        leaf_index, file, offset, nbytes, crc, start, box = entry
+        if leaf_index >= len(manifest.leaves):
+            raise _fail(where, name, f"chunk {j} names leaf {leaf_index}")
+        leaf = manifest.leaves[leaf_index]
+        if not isinstance(leaf, ArrayLeaf) or leaf.cells is None:
+            raise _fail(where, name, f"chunk {j} names a leaf without cells")
+        rank = len(leaf.shape)
+        if not (isinstance(start, list) and isinstance(box, list) and len(start) == rank
+                and len(box) == rank
+                and all(type(x) is int and x >= 0 for x in start + box)):
+            raise _fail(where, name, f"chunk {j}: start and shape must be {rank} integers",
+                        leaf.path)
+        if file >= len(files) or offset + nbytes > files[file].nbytes:
+            raise _fail(where, name, f"chunk {j} lies outside its data file", leaf.path)
+        if nbytes != math.prod(box) * dtypes.dtype_from_name(leaf.dtype).itemsize:
+            raise _fail(where, name, f"chunk {j} size does not match its shape", leaf.path)
+        layout = manifest.layouts[leaf.cells.layout]
+        block = leaf.cells.block
+        cell = tuple(s // b for s, b in zip(start, block))
+        cbox = cell_box(leaf.shape, block, cell)
+        if any(k >= g for k, g in zip(cell, layout.grid)) or any(
+            s + n > c0 + cn for s, n, c0, cn in zip(start, box, *cbox)
+        ):
+            raise _fail(where, name, f"chunk {j} lies outside the cell it starts in", leaf.path)
+        if writer_of(layout, leaf.cells.rotation, linear(cell, layout.grid)) != ref.process:
+            raise _fail(where, name, f"chunk {j} belongs to a cell process {ref.process} does "
+                                     "not write", leaf.path)
+        chunks.setdefault(leaf_index, []).append(
+            Chunk(file, offset, nbytes, tuple(start), tuple(box), crc)
+        )
+        if nbytes:
+            ranges.append((file, offset, offset + nbytes))
+    ranges.sort()
+    for (f0, _, end0), (f1, begin1, _) in zip(ranges, ranges[1:]):
+        if f0 == f1 and begin1 < end0:
+            raise _fail(where, name, f"chunks overlap in {files[f1].name}")
+    return _Table(tuple(files), chunks)
+
+
+def _read_table(storage: Storage, directory: str, ref: TableRef, where: str) -> bytes:
+    from keepax._src import format  # noqa: PLC0415 - format imports this module's users
+
+    path = f"{directory}/{ref.name}"
+    try:
+        reader = storage.open(path)
+    except FileNotFoundError:
+        raise _fail(where, ref.name, "it is missing") from None
+    try:
+        if reader.size() != ref.nbytes:
+            raise _fail(where, ref.name, f"it has {reader.size()} bytes, the manifest says "
+                                         f"{ref.nbytes}")
+        out = bytearray(ref.nbytes)
+        n = reader.read_into(0, memoryview(out))
+    finally:
+        reader.close()
+    if n != ref.nbytes or format.checksum(bytes(out)) != ref.crc32c:
+        raise _fail(where, ref.name, "it does not match its checksum in the manifest")
+    return bytes(out)
+
+
+def needed_cells(manifest: Manifest, needs: Mapping[int, Sequence[Box]]) -> dict[int, set[int]]:
+    """Per leaf, the linear indices of the cells the given boxes overlap."""
+    out: dict[int, set[int]] = {}
+    for index, boxes in needs.items():
+        leaf = manifest.leaves[index]
+        if not isinstance(leaf, ArrayLeaf) or leaf.cells is None:
+            continue
+        grid = manifest.layouts[leaf.cells.layout].grid
+        cells: set[int] = set()
+        for box in boxes:
+            cells.update(linear(c, grid) for c in cells_of(leaf.shape, leaf.cells.block, box))
+        out[index] = cells
+    return out
+
+
+def resolve(
+    storage: Storage,
+    directory: str,
+    where: str,
+    manifest: Manifest,
+    needs: Mapping[int, Sequence[Box]],
+    *,
+    workers: int = 8,
+) -> tuple[Manifest, int]:
+    """Fills in the chunks of the leaves a reader needs, reading only the tables it must.
+
+    Args:
+      storage: Where the checkpoint is.
+      directory: The checkpoint's path in ``storage``.
+      where: The checkpoint's display path, for errors.
+      manifest: A validated manifest; returned unchanged if it has inline chunks.
+      needs: Per array leaf index, the boxes the reader will fill.
+      workers: Tables read concurrently.
+
+    Returns:
+      A manifest whose ``files`` are the data files of the tables read and whose needed leaves
+      carry their chunks (other leaves carry none), and the bytes of tables read.
+
+    Raises:
+      CorruptCheckpointError: a table is missing, damaged, or does not cover a needed cell.
+      KeepaxError: a needed cell is not in this directory (a host-local checkpoint holds only
+        the shards its own process wrote).
+    """
+    if not manifest.tables:
+        return manifest, 0
+    cells = needed_cells(manifest, needs)
+    by_process = {t.process: t for t in manifest.tables}
+    wanted: set[int] = set()
+    for index, indices in cells.items():
+        leaf = manifest.leaves[index]
+        assert isinstance(leaf, ArrayLeaf) and leaf.cells is not None
+        layout = manifest.layouts[leaf.cells.layout]
+        for k in indices:
+            w = writer_of(layout, leaf.cells.rotation, k)
+            if w is None:
+                raise KeepaxError(
+                    f"shard {k} of this array is not stored in this directory: a host-local "
+                    "checkpoint holds only the shards its own process held when saving; restore "
+                    "with the same processes and mesh",
+                    path=where, leaf=leaf.path,
+                )
+            if w not in by_process:
+                raise CorruptCheckpointError(
+                    f"no chunk table of process {w} is listed in the manifest", path=where,
+                    leaf=leaf.path,
+                )
+            wanted.add(w)
+    refs = [by_process[p] for p in sorted(wanted)]
+
+    def load(ref: TableRef) -> _Table:
+        return _parse_table(_read_table(storage, directory, ref, where), ref, manifest, where)
+
+    if len(refs) <= 1:
+        loaded = [load(r) for r in refs]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(min(workers, len(refs))) as pool:
+            loaded = list(pool.map(load, refs))
+
+    files: list[DataFile] = []
+    per_leaf: dict[int, list[Chunk]] = {}
+    seen: set[str] = set()
+    for table in loaded:
+        base = len(files)
+        for f in table.files:
+            if f.name in seen:
+                raise CorruptCheckpointError(
+                    f"data file {f.name} is listed by two chunk tables", path=where
+                )
+            seen.add(f.name)
+        files.extend(table.files)
+        for index, chunks in table.chunks.items():
+            if index in cells:
+                per_leaf.setdefault(index, []).extend(
+                    dataclasses.replace(c, file=c.file + base) for c in chunks
+                )
+    leaves = list(manifest.leaves)
+    for index, indices in cells.items():
+        leaf = leaves[index]
+        assert isinstance(leaf, ArrayLeaf) and leaf.cells is not None
+        grid = manifest.layouts[leaf.cells.layout].grid
+        volume: dict[int, int] = {}
+        kept = []
+        for c in per_leaf.get(index, []):
+            k = linear(tuple(s // b for s, b in zip(c.start, leaf.cells.block)), grid)
+            if k in indices:
+                volume[k] = volume.get(k, 0) + math.prod(c.shape)
+                kept.append(c)
+        for k in indices:
+            cell = _unravel(k, grid)
+            want = math.prod(cell_box(leaf.shape, leaf.cells.block, cell)[1])
+            if volume.get(k, 0) != want:
+                raise CorruptCheckpointError(
+                    f"the chunk tables cover {volume.get(k, 0)} of the {want} elements of shard "
+                    f"{list(cell)}; the checkpoint is damaged",
+                    path=where, leaf=leaf.path,
+                )
+        if not boxes_disjoint(kept):
+            raise CorruptCheckpointError("chunks of the array overlap", path=where,
+                                         leaf=leaf.path)
+        leaves[index] = dataclasses.replace(leaf, chunks=tuple(kept))
+    nbytes = sum(r.nbytes for r in refs)
+    return dataclasses.replace(manifest, files=tuple(files), leaves=tuple(leaves)), nbytes
+
+
+def _unravel(index: int, grid: Sequence[int]) -> tuple[int, ...]:
+    out = []
+    for g in reversed(grid):
+        out.append(index % g)
+        index //= g
+    return tuple(reversed(out))

@@ -1,0 +1,107 @@
+"""A real S3 server (moto) on loopback, for the object storage tests.
+
+Loaded as a pytest plugin by ``conftest.py``. One server runs for the whole session; each test
+that asks for ``s3`` gets it reset (every bucket gone) and a fresh, empty bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Env:
+    """One test's bucket on the moto server.
+
+    Attributes:
+      endpoint: The server's URL (``http://127.0.0.1:PORT``).
+      bucket: A fresh bucket.
+      url: ``s3://<bucket>``.
+      options: ``storage_options`` pointing s3fs at the server.
+    """
+
+    endpoint: str
+    bucket: str
+    url: str
+    options: dict[str, Any]
+
+    def client(self) -> Any:
+        """A boto3 client of the server (to look at or damage objects directly)."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every key in the bucket under ``prefix``, sorted."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def start_moto() -> tuple[Any, str]:
+    """Starts a moto S3 server on a free loopback port; returns it and its endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    for key, value in _ENV.items():
+        os.environ[key] = value
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    return server, f"http://{host}:{port}"
+
+
+def endpoint_options(endpoint: str) -> dict[str, Any]:
+    """``storage_options`` for s3fs to talk to ``endpoint`` (its own client instance)."""
+    return {"client_kwargs": {"endpoint_url": endpoint}, "skip_instance_cache": True}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """The session's moto server."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    saved = {key: os.environ.get(key) for key in _ENV}
+    server, endpoint = start_moto()
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3(moto_endpoint: str) -> Iterator[S3Env]:
+    """A fresh bucket on a freshly reset moto server."""
+    import s3fs
+
+    request = urllib.request.Request(f"{moto_endpoint}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        response.read()
+    s3fs.S3FileSystem.clear_instance_cache()
+    env = S3Env(
+        endpoint=moto_endpoint,
+        bucket=f"keepax-{uuid.uuid4().hex[:12]}",
+        url="",
+        options={"client_kwargs": {"endpoint_url": moto_endpoint}},
+    )
+    env = dataclasses.replace(env, url=f"s3://{env.bucket}")
+    env.client().create_bucket(Bucket=env.bucket)
+    yield env
+    s3fs.S3FileSystem.clear_instance_cache()
