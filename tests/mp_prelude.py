@@ -84,7 +84,7 @@ def init() -> tuple[int, int]:
         num_processes=COUNT,
         process_id=INDEX,
         initialization_timeout=30,
-        heartbeat_timeout_seconds=10,
+        heartbeat_timeout_seconds=int(os.environ.get("KEEPAX_MP_HEARTBEAT", "10")),
         shutdown_timeout_seconds=30,
     )
     assert jax.process_index() == INDEX and jax.process_count() == COUNT

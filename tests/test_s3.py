@@ -129,7 +129,8 @@ def test_interrupted_save_is_invisible_and_saved_over(s3: S3Env) -> None:
 
 def test_manager_removes_leftovers_after_the_grace_period_only(s3: S3Env) -> None:
     root = f"{s3.url}/run"
-    keepax.save(f"{root}/00000001", {"a": np.ones(4)}, storage_options=s3.options)
+    with keepax.CheckpointManager(root, storage_options=s3.options) as manager:
+        manager.save(1, {"a": np.ones(4)})
     prepared = snapshot.prepare_save(f"{root}/00000002", {"a": np.ones(4)},
                                      storage_options=s3.options)
 
@@ -287,23 +288,25 @@ class _FaultProxy:
                     if self.command != "HEAD":
                         self.wfile.write(payload)
                     return
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
                 try:
-                    conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
                     headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
                     conn.request(self.command, self.path, body=body, headers=headers)
                     response = conn.getresponse()
                     data = response.read()
-                    conn.close()
                 except OSError:
+                    conn.close()
                     self.close_connection = True  # the server is gone: so is the answer
                     self.connection.shutdown(2)
                     return
+                conn.close()
                 self.send_response(response.status)
                 for k, v in response.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length",
                                          "server", "date"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -415,8 +418,13 @@ def test_server_dying_mid_save_commits_nothing(s3: S3Env) -> None:
     # Back up (the session's server holds the same state).
     keys = s3.keys("run/")
     assert "run/00000001/keepax.commit" in keys and "run/00000002/keepax.commit" not in keys
+    uploads = s3.client().list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
+    assert [u["Key"] for u in uploads] == ["run/00000002/data/p00000-000.safetensors"]
     with keepax.CheckpointManager(root, staging_grace=0, storage_options=s3.options) as mngr:
         assert mngr.all_steps() == [1]
         _same(mngr.restore(1), {"w": np.ones(3)})
-    assert not any(k.startswith("run/00000002") for k in s3.keys())
+        assert not any(k.startswith("run/00000002") for k in s3.keys())
+        mngr.save(2, {"w": np.zeros(3)})  # going on: the dead upload is aborted
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [1, 2]
     assert s3.client().list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []

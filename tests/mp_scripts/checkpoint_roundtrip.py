@@ -18,22 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import keepax  # noqa: E402
 from keepax._src import sharding as boxes  # noqa: E402
-
-
-def global_state() -> dict:
-    """The global values, as NumPy, the same on every process."""
-    return {
-        "w": np.arange(16 * 8, dtype=np.float32).reshape(16, 8),
-        "rows": (np.arange(24 * 3, dtype=np.int32) * 7).reshape(24, 3),
-        "model": np.linspace(-1, 1, 10 * 4, dtype=np.float32).reshape(10, 4).astype(
-            jax.numpy.bfloat16),
-        "bias": np.arange(5, dtype=np.float16),
-        "small": np.arange(12, dtype=np.int16),
-        "host": np.arange(6, dtype=np.uint8),
-        "step": 7,
-        "lr": 0.25,
-        "name": "run",
-    }
+from multihost_state import global_state  # noqa: E402
 
 
 SPECS = {

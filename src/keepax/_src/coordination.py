@@ -400,7 +400,7 @@ class JaxCoordinator(Coordinator):
 
 _SINGLE = SingleProcess()
 _CACHE_LOCK = threading.Lock()
-_cache: tuple[Any, JaxCoordinator] | None = None
+_cache: dict[str, tuple[Any, JaxCoordinator]] = {}
 
 
 def _runtime_client() -> Any:
@@ -410,8 +410,13 @@ def _runtime_client() -> Any:
     return distributed.global_state.client
 
 
-def current() -> Coordinator:
+def current(namespace: str = "keepax") -> Coordinator:
     """The coordinator of this job's processes.
+
+    Args:
+      namespace: Collectives of different namespaces have separate sequences, so one thread
+        may use one namespace while another thread uses another (keepax's saves, which may
+        run on a writer thread, use ``"keepax-save"``; the manager's decisions ``"keepax"``).
 
     Returns:
       :class:`SingleProcess` when ``jax.process_count() == 1``; otherwise the
@@ -421,7 +426,6 @@ def current() -> Coordinator:
     Raises:
       KeepaxError: Several processes but no distributed runtime client.
     """
-    global _cache
     if jax.process_count() == 1:
         return _SINGLE
     client = _runtime_client()
@@ -431,6 +435,8 @@ def current() -> Coordinator:
             " initialised: call jax.distributed.initialize() first."
         )
     with _CACHE_LOCK:
-        if _cache is None or _cache[0] is not client:
-            _cache = (client, JaxCoordinator(client, jax.process_index(), jax.process_count()))
-        return _cache[1]
+        cached = _cache.get(namespace)
+        if cached is None or cached[0] is not client:
+            cached = _cache[namespace] = (client, JaxCoordinator(
+                client, jax.process_index(), jax.process_count(), namespace=namespace))
+        return cached[1]

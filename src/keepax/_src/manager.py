@@ -49,7 +49,7 @@ import jax
 import numpy as np
 
 from keepax import policies
-from keepax._src import async_engine, snapshot
+from keepax._src import async_engine, coordination, snapshot
 from keepax._src.format import RestoreStats
 from keepax._src.lock import LOCK_NAME, DirectoryLock
 from keepax._src.manifest import COMMIT_FILE
@@ -685,6 +685,17 @@ class CheckpointManager:
         memory at the price of blocking ``save`` while the excess is written.
       storage_options: For a directory URL such as ``s3://bucket/run``: fsspec/s3fs options
         and keepax's ``keepax_*`` transfer options (README, *Object storage*).
+      host_local: In a multi-process run, every process saves into its own ``directory``
+        (a local disk per host, no shared file system): each writes the shards it holds and
+        commits its own copy. Steps count as held only once every process committed them;
+        with ``discard_newer`` a process deletes its newer steps that others lack.
+      sync_timeout: Seconds a process waits for the others (multi-process runs).
+
+    **Many processes.** In a ``jax.distributed`` run every process builds the manager and
+    makes the same calls (``save``, ``restore``, ...). Process 0 holds the directory lock,
+    removes leftovers and deletes steps; save decisions (policies, temporaries, a preemption
+    signal seen by any process) are taken by process 0 and shared, so every process saves
+    the same steps even when their clocks differ.
 
     Raises:
       PolicyError: An invalid policy, template or option.
@@ -709,8 +720,18 @@ class CheckpointManager:
         max_in_flight: int = 1,
         staging_budget_bytes: int | None = None,
         storage_options: dict[str, Any] | None = None,
+        host_local: bool = False,
+        sync_timeout: float = 600.0,
     ) -> None:
         self._directory = os.fspath(directory)
+        self._coord = coordination.current()
+        self._multi = self._coord.process_count > 1
+        self._host_local = bool(host_local)
+        self._leader = not self._multi or self._host_local or self._coord.process_index == 0
+        if not (_is_real(sync_timeout) and 0 < sync_timeout < math.inf):
+            raise PolicyError(f"sync_timeout must be a positive number of seconds, got "
+                              f"{sync_timeout!r}")
+        self._sync_timeout = float(sync_timeout)
         self._storage_options = dict(storage_options) if storage_options else None
         _check_async(async_save, max_in_flight, staging_budget_bytes)
         self._async = {"async_save": async_save, "max_in_flight": max_in_flight,
@@ -746,15 +767,17 @@ class CheckpointManager:
         self._closed = False
         self._lock = DirectoryLock(self._storage)
         self._make_directory()
-        if not self._read_only:
+        if not self._read_only and self._leader:
             self._lock.acquire()
         self._finalizer = weakref.finalize(self, _release, self._lock, self._preemption)
         try:
             # Saves this process still has in flight into the directory (from a manager
             # dropped unclosed) finish first.
             async_engine.wait_for(self._storage_key())
-            if not self._read_only:
+            if not self._read_only and self._leader:
                 self._remove_leftovers()
+            if self._multi:
+                self._coord.barrier("manager.open", **self._sync())
             self._scan()
             self._start_time = self._now()
             if preemption:
@@ -1010,8 +1033,11 @@ class CheckpointManager:
         self.check_for_errors()
         step = _check_step(step)
         name = self._names.format(step, placeholders)
+        count = self._event_counts[event] if event else 0
         preempted = self._preemption_pending()
-        decision = self._decide(step, event, self._event_counts[event] if event else 0)
+        decision = self._decide(step, event, count)
+        if self._multi:
+            preempted, decision = self._shared_decision(step, event, count, preempted)
         if force:
             decision = policies.Decision.PERMANENT
         replaced = self._action(step, decision, force=force, overwrite=overwrite)
@@ -1109,7 +1135,8 @@ class CheckpointManager:
             try:
                 return snapshot.prepare_save(path, tree, metadata=full_metadata,
                                              storage_options=self._storage_options,
-                                             overwrite=replace)
+                                             overwrite=replace, host_local=self._host_local,
+                                             step=step, timeout=self._sync_timeout)
             except CheckpointExistsError as e:
                 raise CheckpointExistsError(
                     f"the name {name!r} is taken by an entry that is not one of this manager's "
@@ -1271,8 +1298,14 @@ class CheckpointManager:
     def _discard(self, records: Iterable[StepInfo], *, raise_now: bool = False) -> None:
         """Hides each step now (rename to trash, or remove its commit marker), then removes its
         files in the background. A failure to hide is raised now (``raise_now``) or at the next
-        call; the step then stays held."""
+        call; the step then stays held. In a multi-process run only process 0 (or, with
+        ``host_local``, each process in its own directory) touches the storage."""
         for record in records:
+            if not self._leader:
+                with self._state_lock:
+                    if self._records.get(record.step) is record:
+                        del self._records[record.step]
+                continue
             try:
                 trash = self._hide(record.name)
             except Exception as e:  # noqa: BLE001 - surfaced below or at the next call
@@ -1377,7 +1410,22 @@ class CheckpointManager:
     def _preemption_pending(self) -> bool:
         return self._preemption.signaled and self._preempted_at is None
 
-    def _decide(self, step: int, event: str | None, count: int) -> policies.Decision:
+    def _sync(self, step: int | None = None) -> dict[str, Any]:
+        return {"timeout": self._sync_timeout, "step": step, "path": self._where}
+
+    def _shared_decision(
+        self, step: int, event: str | None, count: int, preempted: bool
+    ) -> tuple[bool, policies.Decision]:
+        """Process 0's save decision, given a preemption signal on any process."""
+        both = [int(self._decide(step, event, count, preempted=p)) for p in (False, True)]
+        reports = self._coord.all_gather(
+            "manager.save", {"preempted": preempted, "decisions": both}, **self._sync(step)
+        )
+        anyone = any(r["preempted"] for r in reports)
+        return anyone, policies.Decision(reports[0]["decisions"][int(anyone)])
+
+    def _decide(self, step: int, event: str | None, count: int, *,
+                preempted: bool | None = None) -> policies.Decision:
         view = self._view()
         times = [r.time for r in view.values()]
         ctx = policies.SaveContext(
@@ -1386,7 +1434,7 @@ class CheckpointManager:
             last_save_time=max(times, default=self._start_time),
             event=event,
             event_count=count,
-            preempted=self._preemption_pending(),
+            preempted=self._preemption_pending() if preempted is None else preempted,
         )
         if self._save_policy is None:
             return policies.Decision.PERMANENT
@@ -1502,8 +1550,28 @@ class CheckpointManager:
                 )
                 continue
             found[record.step] = record
+        if self._multi and self._host_local:
+            found = self._committed_everywhere(found)
         with self._state_lock:
             self._records = found
+
+    def _committed_everywhere(self, found: dict[int, StepInfo]) -> dict[int, StepInfo]:
+        """With ``host_local``: the steps every process committed in its own directory; with
+        ``discard_newer``, this process's steps newer than those are deleted."""
+        lists = self._coord.all_gather("manager.steps", sorted(found), **self._sync())
+        common = set(found).intersection(*map(set, lists))
+        latest = max(common, default=-1)
+        newer = [r for s, r in sorted(found.items()) if s not in common and s > latest]
+        if newer and self._options["discard_newer"] and not self._read_only:
+            for record in newer:
+                self._storage.delete(self._hide(record.name))
+        elif newer:
+            warnings.warn(
+                f"{self._where}: steps {[r.step for r in newer]} were committed here but not by "
+                "every process; they are ignored (pass discard_newer=True to delete them)",
+                KeepaxWarning, stacklevel=4,
+            )
+        return {s: r for s, r in found.items() if s in common}
 
     def _remove_leftovers(self) -> None:
         """Removes what interrupted saves and deletions left, once nothing in it has changed

@@ -404,8 +404,14 @@ def save(
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
+    host_local: bool = False,
 ) -> SaveResult:
     """Saves a pytree as a checkpoint, durably and atomically.
+
+    In a multi-process (``jax.distributed``) run every process calls ``save`` with the same
+    path and tree: each writes only the shards assigned to it (one copy of each unique shard,
+    the work of replicated ones spread over their holders), and process 0 commits once every
+    process has reported its data durable; a failure on any process fails the save on all.
 
     Data files are written and fsynced into a hidden staging directory beside ``path``, then
     the manifest and the commit marker, then the directory is renamed into place. A crash at
@@ -423,18 +429,22 @@ def save(
       storage_options: For URLs such as ``s3://bucket/ckpt``: fsspec/s3fs options (e.g.
         ``{"client_kwargs": {"endpoint_url": ...}}``) and keepax's ``keepax_*`` transfer
         options (README, *Object storage*).
+      host_local: In a multi-process run, every process saves into its own ``path`` (a local
+        disk per host): each writes every shard it holds and commits its own copy, which
+        restores onto the same processes and mesh.
 
     Returns:
-      What was written.
+      What was written (by this process).
 
     Raises:
       CheckpointExistsError: ``path`` exists and ``overwrite`` is false.
       UnsupportedLeafError: a leaf (named by key path) cannot be stored.
-      KeepaxError: ``metadata`` is not JSON-serialisable.
+      KeepaxError: ``metadata`` is not JSON-serialisable; in a multi-process run, a process
+        failed or did not arrive in time (the message names it).
     """
     began = time.perf_counter()
     prepared = prepare_save(path, tree_, metadata=metadata, overwrite=overwrite,
-                            storage_options=storage_options)
+                            storage_options=storage_options, host_local=host_local)
     result = write_prepared(prepared)
     return dataclasses.replace(result, seconds=time.perf_counter() - began)
 
@@ -473,6 +483,8 @@ class PreparedSave:
 
 
 _serials = itertools.count()
+SAVE_NAMESPACE = "keepax-save"
+"""The coordination namespace of saves (which may run on a writer thread)."""
 
 
 def prepare_save(
@@ -501,7 +513,7 @@ def prepare_save(
             "checkpoint names must not contain '.keepax-' (reserved for staging directories)",
             path=where,
         )
-    coordinator = coordination.current()
+    coordinator = coordination.current(SAVE_NAMESPACE)
     if coordinator.process_count == 1:
         coordinator = None
     # (On object stores, an interrupted save's leftovers are no checkpoint: saved over.)

@@ -156,7 +156,7 @@ def _translate(error: BaseException, url: str, what: str, attempts: int) -> OSEr
     message = str(error)
     if code == "NoSuchBucket":
         bucket = url.split("://", 1)[-1].split("/", 1)[0]
-        return FileNotFoundError(
+        return _NoBucket(
             errno.ENOENT, f"the bucket {bucket!r} does not exist; create it or fix the URL", url
         )
     if code in _MISSING_CODES or status == 404:
@@ -180,6 +180,10 @@ def _translate(error: BaseException, url: str, what: str, attempts: int) -> OSEr
             url,
         )
     return OSError(errno.EIO, f"{what} failed ({type(error).__name__}: {message})", url)
+
+
+class _NoBucket(FileNotFoundError):
+    """The bucket itself does not exist (not merely the object)."""
 
 
 class _ShortRead(Exception):
@@ -634,9 +638,10 @@ class FsspecStorage(Storage):
             try:
                 self._s3.run(self._s3.call("head_object", self._key(path), what="checking"))
                 return True
-            except FileNotFoundError as e:
-                if "bucket" in str(e):
-                    raise
+            except _NoBucket:
+                raise
+            except FileNotFoundError:
+                pass
             return self.is_dir(path)
         full = self._full(path)
         return bool(self._retry(lambda: self.fs.exists(full), path, "checking"))
@@ -687,6 +692,8 @@ class FsspecStorage(Storage):
                 batches = [group[i : i + _DELETE_BATCH] for i in range(0, len(group), _DELETE_BATCH)]
                 for future in [self._s3.submit(self._s3.delete_keys(b)) for b in batches]:
                     future.result()
+            if path.rsplit("/", 1)[-1] != COMMIT_NAME:
+                self._abort_uploads(path)
             return
         full = self._full(path)
         if not self.fs.exists(full):
@@ -698,6 +705,39 @@ class FsspecStorage(Storage):
             self._retry(lambda: self.fs.rm(full, recursive=True), path, "deleting")
         else:
             self._retry(lambda: self.fs.rm(full), path, "deleting")
+
+    def _abort_uploads(self, path: str) -> None:
+        """Aborts unfinished multipart uploads under a directory (a save that died mid-file
+        could not abort its own); their parts would otherwise be stored, invisibly."""
+        assert self._s3 is not None
+        s3 = self._s3
+
+        async def uploads() -> list[tuple[str, str]]:
+            client = await s3._client()
+            found: list[tuple[str, str]] = []
+            kwargs: dict[str, Any] = {"Bucket": s3.bucket, "Prefix": self._dir_key(path)}
+            while True:
+                page = await client.list_multipart_uploads(**kwargs)
+                found += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+                if not page.get("IsTruncated"):
+                    return found
+                kwargs["KeyMarker"] = page.get("NextKeyMarker")
+                kwargs["UploadIdMarker"] = page.get("NextUploadIdMarker")
+
+        try:
+            pending = s3.run(uploads())
+        except Exception:  # noqa: BLE001 - optional clean-up (some stores lack the call)
+            return
+        futures = [
+            s3.submit(s3.call("abort_multipart_upload", key, what="aborting an upload",
+                              UploadId=upload))
+            for key, upload in pending
+        ]
+        for future in futures:
+            try:
+                future.result()
+            except FileNotFoundError:
+                pass  # finished or aborted meanwhile
 
     def rename_dir(self, source: str, target: str, *, exchange: bool = False) -> None:
         raise NotImplementedError(
@@ -729,6 +769,8 @@ class FsspecStorage(Storage):
     def begin_write(self, name: str, *, replace: bool) -> None:
         entries = self.list(name)
         if not entries:
+            if self._s3 is not None:
+                self._abort_uploads(name)  # of an earlier save that died mid-file
             return
         if COMMIT_NAME in entries:
             if not replace:

@@ -1,0 +1,208 @@
+"""Real multi-process saves and restores: several ``jax.distributed`` processes on loopback.
+
+Each test starts child processes (``tests/mp_scripts``, via ``multiproc``) with 2 CPU devices
+each; the children check their own shards bit for bit and report what they read and wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from multihost_state import global_state
+from multiproc import SCRIPTS_DIR, run_processes, start_processes
+
+import keepax
+
+ROUNDTRIP = SCRIPTS_DIR / "checkpoint_roundtrip.py"
+MANAGER = SCRIPTS_DIR / "manager_run.py"
+KILL = SCRIPTS_DIR / "kill_during_save.py"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, list]]:
+    """Checkpoints saved by 4 and by 2 processes (each restored by its savers onto the same
+    and onto a transposed mesh), with each process's report."""
+    out = {}
+    for n in (4, 2):
+        tmp = tmp_path_factory.mktemp(f"saved{n}")
+        results = run_processes(ROUNDTRIP, n, tmp_path=tmp, args=["save", str(tmp / "ckpt")],
+                                timeout=120)
+        out[n] = (tmp / "ckpt", [r.result for r in results])
+    return out
+
+
+def _tables(path: Path) -> dict[int, dict]:
+    manifest = json.loads((path / "manifest.json").read_text())
+    return {t["process"]: json.loads((path / t["name"]).read_text())
+            for t in manifest["tables"]}
+
+
+def _check_plain(restored: dict) -> None:
+    for key, want in global_state().items():
+        got = restored[key]
+        if isinstance(want, np.ndarray):
+            assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8),
+                                                              want.view(np.uint8)), key
+        else:
+            assert got == want, key
+
+
+@pytest.mark.parametrize("n", [4, 2])
+def test_every_process_writes_its_share_and_restores_on_two_meshes(saved, n: int) -> None:
+    path, reports = saved[n]
+    # The children restored onto the saved mesh and a transposed one, checking every shard.
+    assert all(r["same_mesh"]["mesh"] == [n, 2] and r["flipped_mesh"]["mesh"] == [2, n]
+               for r in reports)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["version"] == "1.1" and manifest["files"] == []
+    assert sorted(t["process"] for t in manifest["tables"]) == list(range(n))
+    tables = _tables(path)
+    # Each unique shard is written exactly once, and replicated leaves are spread over
+    # processes instead of all falling on process 0.
+    leaves = {leaf["path"]: i for i, leaf in enumerate(manifest["leaves"])}
+    cells: dict[tuple, int] = {}
+    for process, table in tables.items():
+        assert table["chunks"], f"process {process} wrote nothing"
+        for leaf, _, _, _, _, start, _ in table["chunks"]:
+            key = (leaf, tuple(start))
+            assert key not in cells, f"{key} written twice"
+            cells[key] = process
+    replicated = [leaves["['bias']"], leaves["['host']"], leaves["['key']"]]
+    writers = {cells[(i, (0,) * len(manifest["leaves"][i]["shape"]))] for i in replicated}
+    assert len(writers) > 1, writers
+    # Each process wrote its own data files and table, named after it.
+    for process in range(n):
+        assert (path / f"data/p{process:05d}-chunks.json").exists()
+        assert (path / f"data/p{process:05d}-000.safetensors").exists()
+
+
+def test_restore_with_one_process_as_numpy_inspect_verify_and_cli(saved) -> None:
+    for n in (4, 2):
+        path = saved[n][0]
+        stats = keepax.RestoreStats()
+        _check_plain(keepax.restore(str(path), stats=stats))
+        assert stats.table_bytes_read > 0
+        info = keepax.inspect(str(path))
+        assert info.writer["process_count"] == n and info.metadata == {"processes": n}
+        assert {leaf.path for leaf in info.leaves} >= {"['w']", "['rows']", "['key']"}
+        assert keepax.verify(str(path)) == []
+        for command in ("show", "verify"):
+            out = subprocess.run([sys.executable, "-m", "keepax", command, str(path)],
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert "['w']" in out.stdout or command == "verify"
+
+
+def test_restore_with_another_process_count(saved, tmp_path: Path) -> None:
+    # Saved by 4, restored by 2; saved by 2, restored by 4 (children check every shard).
+    for saved_by, restored_by in ((4, 2), (2, 4)):
+        results = run_processes(ROUNDTRIP, restored_by, tmp_path=tmp_path,
+                                args=["restore", str(saved[saved_by][0])], timeout=120)
+        for r in results:
+            assert r.result["same_mesh"]["mesh"] == [restored_by, 2]
+
+
+def test_only_the_tables_of_needed_shards_are_read(saved, tmp_path: Path) -> None:
+    # A one-process restore of one sharded leaf's first rows reads the table of the process
+    # that wrote them only, and that leaf's bytes only.
+    path, _ = saved[4]
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("x",))
+    stats = keepax.RestoreStats()
+    out = keepax.restore(
+        str(path),
+        {"rows": jax.ShapeDtypeStruct((24, 3), np.int32, sharding=NamedSharding(mesh, P("x")))},
+        select="rows", stats=stats,
+    )
+    np.testing.assert_array_equal(np.asarray(out["rows"]), global_state()["rows"])
+    tables = _tables(path)
+    sizes = {p: len(json.dumps(t, separators=(",", ":"))) for p, t in tables.items()}
+    assert stats.table_bytes_read == sum(sizes.values())  # 'rows' is spread over all 4
+    assert stats.bytes_read == 24 * 3 * 4
+
+
+def test_per_process_files_do_not_grow_with_the_process_count(saved) -> None:
+    """What every process must read (the manifest) grows only with the process list, not
+    with processes x arrays; each process's table shrinks as processes are added."""
+    docs = {n: json.loads((saved[n][0] / "manifest.json").read_text()) for n in (2, 4)}
+    for doc in docs.values():
+        assert all("chunks" not in leaf for leaf in doc["leaves"])
+    per_leaf = {n: json.dumps(docs[n]["leaves"]) for n in (2, 4)}
+    # Leaves differ only in the sharding description (mesh sizes) and the rotation chosen.
+    assert abs(len(per_leaf[4]) - len(per_leaf[2])) < 8 * len(docs[2]["leaves"])
+    # The process-dependent part: one table entry per process and one writer per cell holder.
+    assert len(docs[4]["tables"]) == 4 and len(docs[2]["tables"]) == 2
+    tables = {n: _tables(saved[n][0]) for n in (2, 4)}
+    most = {n: max(len(t["chunks"]) for t in tables[n].values()) for n in (2, 4)}
+    assert most[4] <= most[2]
+    total = {n: sum(len(t["chunks"]) for t in tables[n].values()) for n in (2, 4)}
+    assert sum(len(t["files"]) for t in tables[4].values()) == 4  # one data file each
+    assert total[4] >= total[2]  # more, smaller shards in all, but fewer per process
+
+
+def test_save_decisions_are_process_0s_and_preemption_reaches_all(tmp_path: Path) -> None:
+    results = run_processes(MANAGER, 2, tmp_path=tmp_path,
+                            args=["decisions", str(tmp_path / "run")], timeout=120)
+    first = results[0].result
+    assert first["stopped_at"] == 9 and first["saved"][-1] == 9
+    for r in results[1:]:
+        assert (r.result["saved"], r.result["steps"], r.result["stopped_at"]) == (
+            first["saved"], first["steps"], first["stopped_at"])
+
+
+def test_a_background_failure_on_one_process_fails_the_step_everywhere(tmp_path: Path) -> None:
+    results = run_processes(MANAGER, 2, tmp_path=tmp_path,
+                            args=["async_failure", str(tmp_path / "run")], timeout=120)
+    for r in results:
+        (error,) = r.result["errors"]
+        assert "step 3" in error and "process 1" in error and "No space left" in error
+        assert r.result["steps"] == [2]  # step 3 never committed; step 2 kept
+        assert r.result["after"] == [4]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()
+                  if not p.name.startswith(".")) == ["00000004"]
+
+
+def test_host_local_directories_restore_the_step_every_host_committed(tmp_path: Path) -> None:
+    run_processes(MANAGER, 2, tmp_path=tmp_path, args=["host_local_save", str(tmp_path)],
+                  timeout=120)
+    results = run_processes(MANAGER, 2, tmp_path=tmp_path,
+                            args=["host_local_restore", str(tmp_path)], timeout=120)
+    for r in results:
+        assert r.result["steps"] == [1, 2] and r.result["latest"] == 2
+        # discard_newer=True deleted process 0's step 3, which process 1 never committed.
+        assert r.result["left"] == ["00000001", "00000002"]
+        # Each host read its own shards only: w's 2 cells (of 4 x 2) and b.
+        assert r.result["bytes_read"] == 2 * 4 * 2 * 4 + 3 * 4
+
+
+@pytest.mark.parametrize(
+    ("stage", "victim"),
+    [("before-data", 1), ("during-data", 1), ("after-data", 1), ("commit", 0)],
+)
+def test_sigkill_during_a_save_never_commits_and_the_restart_recovers(
+    tmp_path: Path, stage: str, victim: int
+) -> None:
+    directory = tmp_path / "run"
+    env = {"KEEPAX_MP_HEARTBEAT": "4"}
+    with start_processes(KILL, 2, tmp_path=tmp_path, env=env,
+                         args=["stall", str(directory), stage, str(victim)]) as group:
+        group.wait_for_output(victim, f"STALLED {stage}", timeout=90)
+        group.kill(victim)
+        results = group.wait(60, failure_grace=None)
+    assert all("SAVED 2" not in r.output for r in results)
+    # Nothing but step 1 is visible, whatever the survivors managed before they were stopped.
+    assert keepax.CheckpointManager(str(directory), read_only=True).all_steps() == [1]
+    results = run_processes(KILL, 2, tmp_path=tmp_path, args=["recover", str(directory)],
+                            timeout=120)
+    for r in results:
+        assert r.result["steps"] == [1]
+        # The leftovers of the failed save (its staging directory) were removed.
+        assert [e for e in r.result["entries"] if ".keepax-tmp" in e] == []
+        assert r.result["after"] == [1, 2]
