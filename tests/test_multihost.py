@@ -36,9 +36,10 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, lis
     return out
 
 
-def _tables(path: Path) -> dict[int, dict]:
+def _tables(path: Path) -> dict[str, dict]:
+    """Every chunk table, by name, with its manifest entry under "ref"."""
     manifest = json.loads((path / "manifest.json").read_text())
-    return {t["process"]: json.loads((path / t["name"]).read_text())
+    return {t["name"]: {**json.loads((path / t["name"]).read_text()), "ref": t}
             for t in manifest["tables"]}
 
 
@@ -60,21 +61,26 @@ def test_every_process_writes_its_share_and_restores_on_two_meshes(saved, n: int
                for r in reports)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["version"] == "1.1" and manifest["files"] == []
-    assert sorted(t["process"] for t in manifest["tables"]) == list(range(n))
+    assert sorted(t["process"] for t in manifest["tables"] if not t.get("shared")) == list(
+        range(n))
     tables = _tables(path)
     # Each unique shard is written exactly once, and replicated leaves are spread over
     # processes instead of all falling on process 0.
     leaves = {leaf["path"]: i for i, leaf in enumerate(manifest["leaves"])}
     cells: dict[tuple, int] = {}
-    for process, table in tables.items():
-        assert table["chunks"], f"process {process} wrote nothing"
+    for table in tables.values():
+        process = table["process"]
         for leaf, _, _, _, _, start, _ in table["chunks"]:
+            # Cells several processes hold are listed in the writer's shared table.
+            holders = manifest["layouts"][manifest["leaves"][leaf]["cells"]["layout"]]["writers"]
+            assert table["ref"].get("shared", False) == any(len(w) > 1 for w in holders)
             key = (leaf, tuple(start))
             assert key not in cells, f"{key} written twice"
             cells[key] = process
     replicated = [leaves["['bias']"], leaves["['host']"], leaves["['key']"]]
     writers = {cells[(i, (0,) * len(manifest["leaves"][i]["shape"]))] for i in replicated}
     assert len(writers) > 1, writers
+    assert set(cells.values()) == set(range(n))  # every process wrote something
     # Each process wrote its own data files and table, named after it.
     for process in range(n):
         assert (path / f"data/p{process:05d}-chunks.json").exists()
@@ -122,9 +128,9 @@ def test_only_the_tables_of_needed_shards_are_read(saved, tmp_path: Path) -> Non
         select="rows", stats=stats,
     )
     np.testing.assert_array_equal(np.asarray(out["rows"]), global_state()["rows"])
-    tables = _tables(path)
-    sizes = {p: len(json.dumps(t, separators=(",", ":"))) for p, t in tables.items()}
-    assert stats.table_bytes_read == sum(sizes.values())  # 'rows' is spread over all 4
+    # 'rows' is split over the 4 processes, one holder per cell: their private tables only.
+    private = [t["ref"]["nbytes"] for t in _tables(path).values() if not t["ref"].get("shared")]
+    assert len(private) == 4 and stats.table_bytes_read == sum(private)
     assert stats.bytes_read == 24 * 3 * 4
 
 
@@ -138,13 +144,18 @@ def test_per_process_files_do_not_grow_with_the_process_count(saved) -> None:
     # Leaves differ only in the sharding description (mesh sizes) and the rotation chosen.
     assert abs(len(per_leaf[4]) - len(per_leaf[2])) < 8 * len(docs[2]["leaves"])
     # The process-dependent part: one table entry per process and one writer per cell holder.
-    assert len(docs[4]["tables"]) == 4 and len(docs[2]["tables"]) == 2
+    # (at most two tables per process: its own cells, and the replicated cells it wrote).
+    for n in (2, 4):
+        assert n <= len(docs[n]["tables"]) <= 2 * n
     tables = {n: _tables(saved[n][0]) for n in (2, 4)}
-    most = {n: max(len(t["chunks"]) for t in tables[n].values()) for n in (2, 4)}
-    assert most[4] <= most[2]
-    total = {n: sum(len(t["chunks"]) for t in tables[n].values()) for n in (2, 4)}
-    assert sum(len(t["files"]) for t in tables[4].values()) == 4  # one data file each
-    assert total[4] >= total[2]  # more, smaller shards in all, but fewer per process
+    for n in (2, 4):
+        per_process: dict[int, int] = {}
+        for t in tables[n].values():
+            per_process[t["process"]] = per_process.get(t["process"], 0) + len(t["chunks"])
+        tables[n] = per_process
+    # Each process lists only its own chunks: fewer each as processes are added.
+    assert max(tables[4].values()) <= max(tables[2].values())
+    assert sum(tables[4].values()) >= sum(tables[2].values())  # more, smaller shards in all
 
 
 def test_save_decisions_are_process_0s_and_preemption_reaches_all(tmp_path: Path) -> None:

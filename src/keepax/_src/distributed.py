@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any
 from keepax._src import format, tables
 from keepax._src.coordination import Coordinator
 from keepax._src.format import ChunkSource
-from keepax._src.manifest import COMMIT_FILE, MANIFEST_FILE, TABLES_VERSION, CommitMarker, TableRef
+from keepax._src.manifest import (
+    COMMIT_FILE,
+    MANIFEST_FILE,
+    TABLES_VERSION,
+    CommitMarker,
+    TableRef,
+)
 from keepax.errors import CheckpointExistsError, KeepaxError
 
 if TYPE_CHECKING:
@@ -123,16 +129,25 @@ def write_distributed(
             storage, staging, plan.sources if sources is None else sources,
             prefix=f"p{me:05d}",
         )
-        table = tables.encode_table(
-            me, files, ((leaf, c) for leaf, pairs in sorted(chunks.items()) for _, c in pairs)
+        cells = {i: extra["cells"] for i, (_, _, _, extra) in plan.arrays.items()}
+        private, shared = tables.split_shared(
+            cells, plan.layouts,
+            ((leaf, c) for leaf, pairs in sorted(chunks.items()) for _, c in pairs),
         )
-        table_path = tables.table_name(me)
-        storage.write_bytes(f"{staging}/{table_path}", table)
+        written = sum(f.nbytes for f in files)
+        refs = []
+        for is_shared, entries in ((False, private), (True, shared)):
+            if is_shared and not entries:
+                continue  # every process has a private table, maybe empty; shared ones if any
+            table = tables.encode_table(me, files, entries)
+            table_path = tables.table_name(me, is_shared)
+            storage.write_bytes(f"{staging}/{table_path}", table)
+            written += len(table)
+            refs.append([me, table_path, len(table), format.checksum(table), is_shared])
         storage.sync_dir(f"{staging}/data")
         if before_commit is not None:
             before_commit()
-        written = sum(f.nbytes for f in files) + len(table)
-        report = {"table": [me, table_path, len(table), format.checksum(table)]}
+        report = {"tables": refs}
     except Exception as e:  # noqa: BLE001 - reported to every process
         report = {"error": _error_text(e)}
     reports = coordinator.all_gather(f"{key}.written", report, **sync)
@@ -146,7 +161,7 @@ def write_distributed(
     outcome: dict[str, Any] = {}
     if leader:
         try:
-            refs = [TableRef(*r["table"]) for r in reports]
+            refs = [TableRef(*t) for r in reports for t in r["tables"]]
             if host_local:
                 refs = [r for r in refs if r.process == me]
             manifest = plan.manifest(

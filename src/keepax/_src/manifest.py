@@ -105,12 +105,18 @@ class Layout:
 
 @dataclasses.dataclass(frozen=True)
 class TableRef:
-    """A process's chunk table: its path in the checkpoint, size and CRC-32C."""
+    """A process's chunk table: its path in the checkpoint, size and CRC-32C.
+
+    Every process writes up to two: one for the cells only it holds, and a *shared* one for
+    the cells it wrote on behalf of several holders (replicated shards), which readers on
+    every process need and which stays small.
+    """
 
     process: int
     name: str
     nbytes: int
     crc32c: int
+    shared: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +244,7 @@ class Manifest:
         if self.tables:
             doc["tables"] = [
                 {"process": t.process, "name": t.name, "nbytes": t.nbytes, "crc32c": t.crc32c}
+                | ({"shared": True} if t.shared else {})
                 for t in self.tables
             ]
             doc["layouts"] = [
@@ -449,15 +456,19 @@ class _Validator:
             name = t.get("name")
             if not isinstance(name, str) or not _TABLE_FILE_RE.fullmatch(name) or ".." in name:
                 raise self.fail(f"tables[{i}].name {name!r:.80} is not a chunk table name")
+            shared = t.get("shared", False)
+            if not isinstance(shared, bool):
+                raise self.fail(f"tables[{i}].shared must be true or false")
             tables.append(TableRef(
                 self.nat(t.get("process"), f"tables[{i}].process"), name,
                 self.nat(t.get("nbytes"), f"tables[{i}].nbytes"),
                 self.nat(t.get("crc32c"), f"tables[{i}].crc32c"),
+                shared,
             ))
-        if len({t.process for t in tables}) != len(tables) or len(
+        if len({(t.process, t.shared) for t in tables}) != len(tables) or len(
             {t.name for t in tables}
         ) != len(tables):
-            raise self.fail("a process or table name is listed twice in tables")
+            raise self.fail("a table of a process or a table name is listed twice in tables")
         processes = {t.process for t in tables}
         layouts = []
         for i, lay in enumerate(self._list(doc.get("layouts"), "layouts")):

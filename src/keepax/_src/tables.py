@@ -48,6 +48,7 @@ __all__ = [
     "Assignment",
     "Assigner",
     "table_name",
+    "split_shared",
     "encode_table",
     "resolve",
     "cells_of",
@@ -60,9 +61,29 @@ _DATA_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.safetensor
 _MAX_ROTATION_TRIES = 4
 
 
-def table_name(process: int) -> str:
-    """The chunk table's path (relative to the checkpoint) of a process."""
-    return f"data/p{process:05d}-chunks.json"
+def table_name(process: int, shared: bool = False) -> str:
+    """The path (relative to the checkpoint) of a process's chunk table: of the cells only it
+    holds, or (``shared``) of the replicated cells it wrote."""
+    return f"data/p{process:05d}-{'shared' if shared else 'chunks'}.json"
+
+
+def is_shared(layout: Layout, index: int) -> bool:
+    """Whether cell ``index`` has several holders (its chunks go to the shared table)."""
+    return len(layout.writers[index]) > 1
+
+
+def split_shared(
+    manifest_cells: Mapping[int, CellRef], layouts: Sequence[Layout],
+    chunks: Iterable[tuple[int, Chunk]],
+) -> tuple[list[tuple[int, Chunk]], list[tuple[int, Chunk]]]:
+    """Splits (leaf, chunk) pairs into those of cells with one holder and the shared ones."""
+    private, shared = [], []
+    for leaf, chunk in chunks:
+        ref = manifest_cells[leaf]
+        layout = layouts[ref.layout]
+        index = linear(tuple(s // b for s, b in zip(chunk.start, ref.block)), layout.grid)
+        (shared if is_shared(layout, index) else private).append((leaf, chunk))
+    return private, shared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,9 +356,12 @@ def _parse_table(data: bytes, ref: TableRef, manifest: Manifest, where: str) -> 
             s + n > c0 + cn for s, n, c0, cn in zip(start, box, *cbox)
         ):
             raise _fail(where, name, f"chunk {j} lies outside the cell it starts in", leaf.path)
-        if writer_of(layout, leaf.cells.rotation, linear(cell, layout.grid)) != ref.process:
-            raise _fail(where, name, f"chunk {j} belongs to a cell process {ref.process} does "
-                                     "not write", leaf.path)
+        k = linear(cell, layout.grid)
+        if writer_of(layout, leaf.cells.rotation, k) != ref.process or is_shared(
+            layout, k
+        ) != ref.shared:
+            raise _fail(where, name, f"chunk {j} belongs to a cell this table does not hold",
+                        leaf.path)
         chunks.setdefault(leaf_index, []).append(
             Chunk(file, offset, nbytes, tuple(start), tuple(box), crc)
         )
@@ -417,8 +441,8 @@ def resolve(
     if not manifest.tables:
         return manifest, 0
     cells = needed_cells(manifest, needs)
-    by_process = {t.process: t for t in manifest.tables}
-    wanted: set[int] = set()
+    by_process = {(t.process, t.shared): t for t in manifest.tables}
+    wanted: set[tuple[int, bool]] = set()
     for index, indices in cells.items():
         leaf = manifest.leaves[index]
         assert isinstance(leaf, ArrayLeaf) and leaf.cells is not None
@@ -432,12 +456,13 @@ def resolve(
                     "with the same processes and mesh",
                     path=where, leaf=leaf.path,
                 )
-            if w not in by_process:
+            table = (w, is_shared(layout, k))
+            if table not in by_process:
                 raise CorruptCheckpointError(
                     f"no chunk table of process {w} is listed in the manifest", path=where,
                     leaf=leaf.path,
                 )
-            wanted.add(w)
+            wanted.add(table)
     refs = [by_process[p] for p in sorted(wanted)]
 
     def load(ref: TableRef) -> _Table:
@@ -451,20 +476,27 @@ def resolve(
 
     files: list[DataFile] = []
     per_leaf: dict[int, list[Chunk]] = {}
-    seen: set[str] = set()
-    for table in loaded:
-        base = len(files)
+    seen: dict[str, tuple[int, int]] = {}  # name -> (index in files, process)
+    for ref, table in zip(refs, loaded):
+        # A process's two tables share its data files; no two processes share one.
+        mapping = []
         for f in table.files:
-            if f.name in seen:
+            known = seen.get(f.name)
+            if known is None:
+                seen[f.name] = (len(files), ref.process)
+                mapping.append(len(files))
+                files.append(f)
+            elif known[1] != ref.process or files[known[0]] != f:
                 raise CorruptCheckpointError(
-                    f"data file {f.name} is listed by two chunk tables", path=where
+                    f"data file {f.name} is listed by two chunk tables that disagree",
+                    path=where,
                 )
-            seen.add(f.name)
-        files.extend(table.files)
+            else:
+                mapping.append(known[0])
         for index, chunks in table.chunks.items():
             if index in cells:
                 per_leaf.setdefault(index, []).extend(
-                    dataclasses.replace(c, file=c.file + base) for c in chunks
+                    dataclasses.replace(c, file=mapping[c.file]) for c in chunks
                 )
     leaves = list(manifest.leaves)
     for index, indices in cells.items():
