@@ -158,6 +158,17 @@ def test_per_process_files_do_not_grow_with_the_process_count(saved) -> None:
     assert sum(tables[4].values()) >= sum(tables[2].values())  # more, smaller shards in all
 
 
+def test_two_processes_save_into_one_bucket_prefix(s3, tmp_path: Path) -> None:
+    url = f"{s3.url}/run/ckpt"
+    env = {"KEEPAX_MP_STORAGE_OPTIONS": json.dumps(s3.options)}
+    run_processes(ROUNDTRIP, 2, tmp_path=tmp_path, args=["save", url], env=env, timeout=120)
+    keys = s3.keys("run/ckpt/")
+    assert "run/ckpt/keepax.commit" in keys and "run/ckpt/data/p00001-chunks.json" in keys
+    assert not [k for k in keys if ".keepax-" in k]  # written in place, no staging
+    _check_plain(keepax.restore(url, storage_options=s3.options))
+    assert keepax.verify(url, storage_options=s3.options) == []
+
+
 def test_save_decisions_are_process_0s_and_preemption_reaches_all(tmp_path: Path) -> None:
     results = run_processes(MANAGER, 2, tmp_path=tmp_path,
                             args=["decisions", str(tmp_path / "run")], timeout=120)

@@ -8,6 +8,8 @@ can check any restored value against it.
 
 import mp_prelude  # noqa: I001 - must come first
 
+import json
+import os
 import sys
 
 index, count = mp_prelude.init()
@@ -78,9 +80,13 @@ def check(restored: dict) -> None:
                           jax.random.key_data(jax.random.key(42)))
 
 
+# For object stores: storage options (e.g. the S3 endpoint) given by the test as JSON.
+OPTIONS = json.loads(os.environ.get("KEEPAX_MP_STORAGE_OPTIONS", "null"))
+
+
 def restore_and_check(path: str, mesh: jax.sharding.Mesh) -> dict:
     stats = keepax.RestoreStats()
-    restored = keepax.restore(path, like(mesh), stats=stats)
+    restored = keepax.restore(path, like(mesh), stats=stats, storage_options=OPTIONS)
     check(restored)
     return {"bytes_read": stats.bytes_read, "table_bytes": stats.table_bytes_read,
             "needed": needed_bytes(mesh), "mesh": list(mesh.devices.shape)}
@@ -92,7 +98,7 @@ mesh = mp_prelude.global_mesh((count, devices // count), ("data", "model"))
 result: dict = {"index": index}
 if command == "save":
     state = build(mesh)
-    saved = keepax.save(path, state, metadata={"processes": count})
+    saved = keepax.save(path, state, metadata={"processes": count}, storage_options=OPTIONS)
     result["bytes_written"] = saved.bytes_written
     result["same_mesh"] = restore_and_check(path, mesh)
     flipped = mp_prelude.global_mesh((devices // count, count), ("data", "model"))
