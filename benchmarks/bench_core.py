@@ -202,6 +202,11 @@ def raw_write(tree: Any, directory: str, nfiles: int = 4, piece: int | None = No
     import numpy as np
 
     views = [memoryview(np.asarray(x).reshape(-1).view(np.uint8)) for x in jax.tree_util.tree_leaves(tree)]
+    return raw_write_views(views, directory, nfiles, piece)
+
+
+def raw_write_views(views: list[memoryview], directory: str, nfiles: int = 4, piece: int | None = None) -> int:
+    """:func:`raw_write` for a list of byte views."""
     groups: list[list[memoryview]] = [[] for _ in range(nfiles)]
     loads = [0] * nfiles
     for v in sorted(views, key=len, reverse=True):

@@ -207,36 +207,7 @@ def views_of_total(views: list[memoryview], total: int) -> list[memoryview]:
     return out
 
 
-def raw_write_views(views: list[memoryview], directory: str, nfiles: int = 4, piece: int | None = None) -> int:
-    """``bench_core.raw_write`` for a list of byte views: ``nfiles`` files, one thread each,
-    ``writev`` of whole views (or ``piece``-byte writes), fsync of every file and the directory."""
-    import concurrent.futures
-
-    groups: list[list[memoryview]] = [[] for _ in range(nfiles)]
-    loads = [0] * nfiles
-    for v in sorted(views, key=len, reverse=True):
-        i = loads.index(min(loads))
-        groups[i].append(v)
-        loads[i] += len(v)
-    os.makedirs(directory)
-
-    def write(i: int) -> None:
-        fd = os.open(os.path.join(directory, f"raw-{i}.bin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            if piece is None:
-                bench_core._write_all(fd, groups[i])
-            else:
-                for v in groups[i]:
-                    for start in range(0, len(v), piece):
-                        bench_core._write_all(fd, [v[start : start + piece]])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    with concurrent.futures.ThreadPoolExecutor(nfiles) as pool:
-        list(pool.map(write, range(nfiles)))
-    bench_core._fsync_dir(directory)
-    return sum(loads)
+raw_write_views = bench_core.raw_write_views
 
 
 def proc_io() -> dict[str, int]:
