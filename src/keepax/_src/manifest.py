@@ -355,6 +355,7 @@ class _Validator:
         self._files: list[DataFile] = []
         self._claimed: list[int] = []
         self._layouts: tuple[Layout, ...] = ()
+        self._with_tables = False
 
     def fail(self, message: str, leaf: str | None = None) -> CorruptCheckpointError:
         return CorruptCheckpointError(
@@ -422,7 +423,12 @@ class _Validator:
         self._files = files
         self._claimed = [0] * len(files)
         tables, layouts = self._tables(doc, version)
+        if "tables" in doc and (not tables or files):
+            # Else leaves with cells would get no chunks at all, or chunks into files that
+            # resolve() replaces by the tables' files.
+            raise self.fail("a manifest with chunk tables lists at least one table and no files")
         self._layouts = layouts
+        self._with_tables = "tables" in doc
         leaves = tuple(
             self._leaf(x, i, len(files)) for i, x in enumerate(self._list(doc.get("leaves"), "leaves"))
         )
@@ -554,6 +560,9 @@ class _Validator:
             raise self.fail(str(e), path) from e
         cells = None
         chunks: list[Chunk] = []
+        if ("cells" in x) != self._with_tables:
+            raise self.fail("an array leaf has cells if and only if the manifest has chunk "
+                            "tables", path)
         if "cells" in x:
             cells = self._cells(x["cells"], path, shape)
         else:

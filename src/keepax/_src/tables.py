@@ -308,7 +308,7 @@ def _parse_table(data: bytes, ref: TableRef, manifest: Manifest, where: str) -> 
         "kind"
     ) != _TABLE_KIND:
         raise _fail(where, name, "not a keepax chunk table")
-    if doc.get("process") != ref.process:
+    if type(doc.get("process")) is not int or doc.get("process") != ref.process:
         raise _fail(where, name, f"written by process {doc.get('process')!r:.20}, the manifest "
                                  f"says {ref.process}")
     raw_files, raw_chunks = doc.get("files"), doc.get("chunks")
