@@ -73,8 +73,9 @@ def endpoint_options(endpoint: str) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """The session's moto server."""
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
+    # Imported, not skipped: the test extras install them, and a missing one must fail.
+    import moto.server  # noqa: F401
+    import s3fs  # noqa: F401
     saved = {key: os.environ.get(key) for key in _ENV}
     server, endpoint = start_moto()
     yield endpoint

@@ -13,7 +13,7 @@ S3 (``s3://``, through s3fs's session and event loop) has a fast path of its own
   being written) * part_size``). ``close`` completes the upload, ``abort`` aborts it, so an
   interrupted file never becomes visible.
 - reads: ranged ``GetObject``s only for the bytes asked for; a large range is split into
-  ``part_size`` sub-ranges fetched concurrently, each streamed straight into its destination.
+  ``read_size`` sub-ranges fetched concurrently, each streamed straight into its destination.
 - every request is retried, with exponential backoff and jitter, on throttling (``SlowDown``),
   server errors (HTTP 5xx) and dropped or refused connections, up to ``max_attempts`` attempts;
   then, or at once for a permanent error (no bucket, access denied), an ``OSError`` names the
@@ -25,8 +25,10 @@ Other fsspec file systems go through the generic fsspec API (``open``, ``cat_fil
 
 Options of keepax's own, given among ``storage_options`` (all others go to fsspec/s3fs):
 
-- ``keepax_part_size``: bytes per upload part and per concurrent ranged read (default 16 MiB;
-  S3 needs at least 5 MiB).
+- ``keepax_part_size``: bytes per upload part (default 16 MiB; S3 needs at least 5 MiB). A
+  file smaller than one part is uploaded with one ``PutObject``.
+- ``keepax_read_size``: at most this many bytes per ranged GET; larger ranges are split into
+  concurrent GETs (default 64 MiB).
 - ``keepax_max_concurrency``: requests moving data at once, per storage (default 8).
 - ``keepax_max_attempts``: attempts per request before giving up (default 5).
 - ``keepax_retry_delay``: first backoff in seconds, doubled per attempt up to 5 s (default 0.1).
@@ -60,6 +62,7 @@ class TransferOptions:
     """How data moves (see the module docstring for the ``keepax_*`` option names)."""
 
     part_size: int = 16 * _MiB
+    read_size: int = 64 * _MiB
     max_concurrency: int = 8
     max_attempts: int = 5
     retry_delay: float = 0.1
@@ -71,6 +74,9 @@ class TransferOptions:
                 f"keepax_part_size must be an integer >= 5 MiB (S3's smallest part), got "
                 f"{self.part_size!r}"
             )
+        if not isinstance(self.read_size, int) or self.read_size < _MiB:
+            raise ValueError(f"keepax_read_size must be an integer >= 1 MiB, got "
+                             f"{self.read_size!r}")
         for name in ("max_concurrency", "max_attempts"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -348,6 +354,7 @@ class _S3Writer(Writer):
                 self._s3.call("create_multipart_upload", self._key, what="starting an upload")
             )
             self._upload_id = response["UploadId"]
+        # (bytes: aiohttp sends bytes as they are, and warns about large bytearrays.)
         body, self._buffer = bytes(self._buffer), bytearray()
         number = len(self._parts) + 1
         self._slots.acquire()
@@ -419,8 +426,8 @@ class _S3Reader(Reader):
         total = max(0, min(sum(len(v) for v in views), self._size - offset))
         if total == 0:
             return 0
-        # Cut the destination into pieces of about one part each: one ranged GET per piece.
-        step = self._s3.options.part_size
+        # Cut the destination into pieces of at most read_size: one ranged GET per piece.
+        step = self._s3.options.read_size
         pieces: list[tuple[int, list[memoryview]]] = []
         current: list[memoryview] = []
         current_start, current_len, left = offset, 0, total
@@ -787,5 +794,9 @@ def _s3_defaults(fs_options: dict[str, Any], options: TransferOptions) -> dict[s
     pool for ``max_concurrency`` requests, unless the caller configured them."""
     config = dict(fs_options.get("config_kwargs") or {})
     config.setdefault("retries", {"total_max_attempts": 1})
+    # keepax checksums every chunk itself (CRC-32C, checked on every read): S3's own
+    # checksums of whole requests would only cost CPU.
+    config.setdefault("request_checksum_calculation", "when_required")
+    config.setdefault("response_checksum_validation", "when_required")
     config.setdefault("max_pool_connections", max(10, 2 * options.max_concurrency + 4))
     return {**fs_options, "config_kwargs": config}
