@@ -57,7 +57,7 @@ def _raise_reports(
         return
     lines = "; ".join(f"process {i}: {text}" for i, text in failed[:8])
     more = f"; and {len(failed) - 8} more" if len(failed) > 8 else ""
-    exists = all(r.get("exists") for _, r in [(i, reports[i]) for i, _ in failed])
+    exists = all(reports[i].get("exists") for i, _ in failed)
     cls = CheckpointExistsError if exists else KeepaxError
     raise cls(f"the save failed while {what} on {len(failed)} of {len(reports)} processes "
               f"({lines}{more}); nothing was committed", path=where, step=step)
@@ -121,7 +121,6 @@ def write_distributed(
         staging = chosen["staging"]
 
     report: dict[str, Any] = {}
-    written = 0
     try:
         if host_local:
             storage.begin_write(name, replace=prepared.overwrite)
