@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -55,10 +54,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_core import (  # noqa: E402 - shared states, cleanup and machine facts
-    GIB,
     MIB,
     REPO,
     _aligned_empty,
+    _median,
+    _paired,
+    _ratio,
     build_state,
     import_orbax,
     log,
@@ -68,6 +69,7 @@ from bench_core import (  # noqa: E402 - shared states, cleanup and machine fact
     settle,
     summarize,
     tree_nbytes,
+    write_report,
 )
 
 # Targets from issue 4 (medians).
@@ -479,22 +481,6 @@ def run_worker(args: argparse.Namespace, state: str, repeats: int, loop_repeats:
         os.unlink(out)
 
 
-def _median(t: dict[str, list[float]], op: str) -> float | None:
-    v = t.get(op)
-    return statistics.median(v) if v else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def _paired(t: dict[str, list[float]], a: str, b: str, fn: Any = None) -> float | None:
-    if not t.get(a) or not t.get(b) or len(t[a]) != len(t[b]):
-        return None
-    fn = fn or (lambda x, y: x / y)
-    return statistics.median(fn(x, y) for x, y in zip(t[a], t[b]))
-
-
 RATIOS = [
     ("keepax blocking / host copy", "keepax_blocking", "host_copy"),
     ("keepax blocking / host copy into touched buffers", "keepax_blocking", "host_copy_touched"),
@@ -778,15 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = targets(result)
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["total_seconds"] = time.perf_counter() - began
-    text = json.dumps(result, indent=2)
-    with open(os.path.join(args.dir, "async.json"), "w") as f:
-        f.write(text + "\n")
-    table = markdown(result)
-    with open(os.path.join(args.dir, "async.md"), "w") as f:
-        f.write(table)
-    print(text)
-    print()
-    print(table)
+    write_report(result, args.dir, "async", markdown(result))
     return 0
 
 

@@ -681,10 +681,24 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _paired(t: dict[str, list[float]], a: str, b: str) -> float | None:
+def _paired(t: dict[str, list[float]], a: str, b: str, fn: Any = None) -> float | None:
+    """Median over repeats of ``fn(a_i, b_i)`` (default the ratio ``a_i / b_i``)."""
     if not t.get(a) or not t.get(b) or len(t[a]) != len(t[b]):
         return None
-    return statistics.median(x / y for x, y in zip(t[a], t[b]))
+    fn = fn or (lambda x, y: x / y)
+    return statistics.median(fn(x, y) for x, y in zip(t[a], t[b]))
+
+
+def write_report(result: dict[str, Any], directory: str, name: str, table: str) -> None:
+    """Writes ``<name>.json`` and ``<name>.md`` into ``directory`` and prints both."""
+    text = json.dumps(result, indent=2)
+    with open(os.path.join(directory, f"{name}.json"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(directory, f"{name}.md"), "w") as f:
+        f.write(table)
+    print(text)
+    print()
+    print(table)
 
 
 # The raw baseline of each ratio is the faster (by median) of its variants.
@@ -1007,15 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = targets(result)
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["total_seconds"] = time.perf_counter() - began
-    text = json.dumps(result, indent=2)
-    with open(os.path.join(args.dir, "core.json"), "w") as f:
-        f.write(text + "\n")
-    table = markdown(result)
-    with open(os.path.join(args.dir, "core.md"), "w") as f:
-        f.write(table)
-    print(text)
-    print()
-    print(table)
+    write_report(result, args.dir, "core", markdown(result))
     return 0
 
 

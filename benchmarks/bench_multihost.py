@@ -34,7 +34,6 @@ Prints a JSON document (also ``<dir>/multihost.json``) then a Markdown summary
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -61,8 +60,7 @@ TARGET_SAVE_VS_RAW = 0.8  # aggregate keepax save throughput / 1-process raw wri
 TARGET_READ_VS_NEEDED = 1.1  # per-process data bytes read / bytes of the shards it needs
 
 
-def log(*parts: Any) -> None:
-    print(*parts, file=sys.stderr, flush=True)
+log = bench_core.log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,8 +621,7 @@ def targets(an: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def fmt(v: float | None) -> str:
-    return bench_core.fmt(v)
+fmt = bench_core.fmt
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -758,15 +755,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         else:
             result["notes"].append(f"work directory (child logs) kept: {work}")
-    text = json.dumps(result, indent=2)
-    with open(os.path.join(args.dir, "multihost.json"), "w") as f:
-        f.write(text + "\n")
-    table = markdown(result)
-    with open(os.path.join(args.dir, "multihost.md"), "w") as f:
-        f.write(table)
-    print(text)
-    print()
-    print(table)
+    bench_core.write_report(result, args.dir, "multihost", markdown(result))
     return 0 if ok else 1
 
 

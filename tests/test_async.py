@@ -29,9 +29,9 @@ import keepax
 from keepax import policies
 from keepax._src import async_engine, format, snapshot
 from keepax._src.storage import open_root
-from keepax._src.storage.local import LocalStorage, _LocalWriter
-from keepax._src.storage.memory import MemoryStorage, _MemoryWriter
-from keepax.errors import KeepaxError, KeepaxWarning, UnsupportedLeafError
+from keepax._src.storage.local import _LocalWriter
+from keepax._src.storage.memory import _MemoryWriter
+from keepax.errors import KeepaxError, UnsupportedLeafError
 
 # ---------------------------------------------------------------------------------------------
 # Helpers.

@@ -251,9 +251,9 @@ def test_closed_manager_refuses_work_and_close_is_idempotent(directory: str) -> 
     assert mngr.all_steps() == [1]
 
 
-def test_exit_with_an_exception_in_flight_keeps_it_and_notes_background_errors(
-    directory: str, monkeypatch
-) -> None:
+def fail_trash_deletion(directory: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes removing deleted steps' files (their trash directories) fail, as on a read-only
+    file system."""
     cls = storage_class(directory)
     original = cls.delete
 
@@ -263,6 +263,12 @@ def test_exit_with_an_exception_in_flight_keeps_it_and_notes_background_errors(
         original(self, path)
 
     monkeypatch.setattr(cls, "delete", failing_delete)
+
+
+def test_exit_with_an_exception_in_flight_keeps_it_and_notes_background_errors(
+    directory: str, monkeypatch
+) -> None:
+    fail_trash_deletion(directory, monkeypatch)
     with pytest.raises(ZeroDivisionError) as info:
         with manager(directory) as mngr:
             mngr.save(1, {"x": np.int32(1)})
@@ -631,15 +637,7 @@ def test_background_deletion_does_not_stall_save(directory: str, monkeypatch) ->
 def test_background_deletion_errors_surface_at_the_next_call(
     directory: str, monkeypatch, surfaced_by: str
 ) -> None:
-    cls = storage_class(directory)
-    original = cls.delete
-
-    def failing_delete(self: object, path: str) -> None:
-        if ".keepax-trash-" in path:
-            raise PermissionError(13, "Permission denied", path)
-        original(self, path)
-
-    monkeypatch.setattr(cls, "delete", failing_delete)
+    fail_trash_deletion(directory, monkeypatch)
     mngr = manager(directory, keep=[policies.KeepLast(1)])
     mngr.save(0, {"x": np.int32(0)})
     assert mngr.save(1, {"x": np.int32(1)})  # commits; deleting step 0 fails in the background

@@ -131,6 +131,7 @@ elif scenario == "host_local_restore":
     stats = keepax.RestoreStats()
     check(manager.restore(like=like(), stats=stats), manager.latest_step())
     result["bytes_read"] = stats.bytes_read
+    manager.wait_until_finished()  # the discarded steps' files are removed in the background
     import os
 
     result["left"] = sorted(n for n in os.listdir(mine) if not n.startswith("."))

@@ -60,7 +60,8 @@ def _raise_reports(
     exists = all(reports[i].get("exists") for i, _ in failed)
     cls = CheckpointExistsError if exists else KeepaxError
     raise cls(f"the save failed while {what} on {len(failed)} of {len(reports)} processes "
-              f"({lines}{more}); nothing was committed", path=where, step=step)
+              f"({lines}{more}); nothing was committed: fix the cause on the named processes "
+              "(their logs have the details) and save again", path=where, step=step)
 
 
 def write_distributed(
@@ -116,7 +117,8 @@ def write_distributed(
                 chosen = {"error": _error_text(e)}
         chosen = coordinator.broadcast(f"{key}.staging", chosen, **sync)
         if "error" in chosen:
-            raise KeepaxError(f"the save could not start on process 0: {chosen['error']}",
+            raise KeepaxError(f"the save could not start on process 0: {chosen['error']}; "
+                              "nothing was written: fix the cause and save again",
                               path=where, step=step)
         staging = chosen["staging"]
 

@@ -30,7 +30,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import json
 import math
 import numbers
 import operator
@@ -206,23 +205,6 @@ def _real(value: Any) -> float | None:
         ):
             return float(value)
     return None
-
-
-def _check_user_metadata(metadata: Any, step: int, where: str) -> dict[str, Any]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict):
-        raise KeepaxError(
-            f"metadata must be a dict, got {type(metadata).__name__}", path=where, step=step
-        )
-    try:
-        return json.loads(json.dumps(metadata, allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise KeepaxError(
-            f"metadata is not JSON-serialisable ({e}); convert arrays with .tolist() and "
-            "non-finite floats to strings",
-            path=where, step=step,
-        ) from e
 
 
 def _json_value(value: Any) -> Any:
@@ -1058,7 +1040,7 @@ class CheckpointManager:
             state=state,
             temporary=decision == policies.Decision.TEMPORARY,
             metrics=_check_metrics(metrics, step, where),
-            metadata=_check_user_metadata(metadata, step, where),
+            metadata=snapshot.check_metadata(metadata, where, step),
             placeholders={k: _json_value(v) for k, v in placeholders.items()},
             replaced=replaced if isinstance(replaced, StepInfo) else None,
         )
@@ -1563,8 +1545,7 @@ class CheckpointManager:
         latest = max(common, default=-1)
         newer = [r for s, r in sorted(found.items()) if s not in common and s > latest]
         if newer and self._options["discard_newer"] and not self._read_only:
-            for record in newer:
-                self._storage.delete(self._hide(record.name))
+            self._discard(newer, raise_now=True)
         elif newer:
             warnings.warn(
                 f"{self._where}: steps {[r.step for r in newer]} were committed here but not by "

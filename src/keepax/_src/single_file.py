@@ -121,7 +121,7 @@ def save_file(
         raise CheckpointExistsError(
             "a file already exists here; pass overwrite=True to replace it", path=where
         )
-    metadata = snapshot._check_metadata(metadata, where)
+    metadata = snapshot.check_metadata(metadata, where)
     plan = snapshot.plan_leaves(tree_)
     # CRCs go into the header, which precedes the data: take every chunk to host memory first.
     views = [_chunk_bytes(source) for source in plan.sources]

@@ -162,14 +162,10 @@ def chunk_view(array: Any, slices: tuple[slice, ...]) -> np.ndarray:
     return host[slices] if slices else host
 
 
-def _holders(value: Any, shape: tuple[int, ...], assigner: tables.Assigner) -> dict[Any, Any]:
-    """Every unique shard (box) of a leaf with the processes holding a copy of it."""
-    if not isinstance(value, jax.Array) or value.is_fully_addressable:
-        # Host values and process-local arrays (such as a PRNG key made on each process) are
-        # taken to be the same on every process: any of them may write it.
-        return {((0,) * len(shape), shape): range(assigner.process_count)}
+def _holders(array: jax.Array, shape: tuple[int, ...]) -> dict[Any, set[int]]:
+    """Every unique shard (box) of a global array with the processes holding a copy of it."""
     holders: dict[Any, set[int]] = {}
-    for device, index in value.sharding.devices_indices_map(shape).items():
+    for device, index in array.sharding.devices_indices_map(shape).items():
         holders.setdefault(sharding.box_from_index(index, shape), set()).add(
             device.process_index
         )
@@ -181,8 +177,15 @@ def _assigned_shards(
 ) -> list[tuple[Any, Any]]:
     """The cells this process writes in a multi-process save, as (box, data) pairs."""
     shape = tuple(int(d) for d in array.shape)
-    assignment = assigner.leaf(shape, np.dtype(array.dtype).itemsize,
-                               _holders(array, shape, assigner))
+    # Host values and process-local arrays (such as a PRNG key made on each process) are taken
+    # to be the same on every process: any of them may write it.
+    host = not isinstance(array, jax.Array) or array.is_fully_addressable
+    everyone = {((0,) * len(shape), shape): range(assigner.process_count)}
+    assignment = assigner.leaf(
+        shape, np.dtype(array.dtype).itemsize,
+        (lambda: everyone) if host else (lambda: _holders(array, shape)),
+        key=(None if host else array.sharding, shape),
+    )
     if assignment is None:
         raise UnsupportedLeafError(
             f"the shards of this array ({type(value.sharding).__name__}) do not form a regular "
@@ -191,7 +194,7 @@ def _assigned_shards(
             leaf=path,
         )
     extra["cells"] = assignment.ref
-    if not isinstance(array, jax.Array) or array.is_fully_addressable:
+    if host:
         return [(box, array[sharding.local_slices(box, ((0,) * len(shape), shape))])
                 for box in assignment.mine]
     local = {sharding.box_from_index(s.index, shape): s.data for s in array.addressable_shards}
@@ -531,7 +534,7 @@ def prepare_save(
                 "else; remove it yourself or choose another path",
                 path=where,
             )
-    metadata = _check_metadata(metadata, where)
+    metadata = check_metadata(metadata, where)
     if coordinator is None:
         return PreparedSave(storage, name, where, overwrite, metadata, plan_leaves(tree_),
                             step=step)
@@ -619,18 +622,24 @@ def _delete_quietly(storage: Storage, path: str) -> None:
         pass  # A leftover staging directory is invisible to readers (its name is hidden).
 
 
-def _check_metadata(metadata: Any, where: str) -> dict[str, Any]:
+def check_metadata(metadata: Any, where: str, step: int | None = None) -> dict[str, Any]:
+    """Checks user metadata (a JSON-able dict) and returns a JSON round-tripped copy.
+
+    Raises:
+      KeepaxError: naming the checkpoint (and step) and saying how to fix the metadata.
+    """
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
-        raise KeepaxError(f"metadata must be a dict, got {type(metadata).__name__}", path=where)
+        raise KeepaxError(f"metadata must be a dict, got {type(metadata).__name__}",
+                          path=where, step=step)
     try:
         return json.loads(json.dumps(metadata, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise KeepaxError(
             f"metadata is not JSON-serialisable ({e}); convert arrays with .tolist() and "
             "non-finite floats to strings",
-            path=where,
+            path=where, step=step,
         ) from e
 
 

@@ -24,8 +24,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 
 from keepax._src import dtypes
 from keepax._src.manifest import (
@@ -167,11 +166,36 @@ class Assignment:
     mine: tuple[Box, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Cut:
+    """How arrays of one shape and sharding are cut (the same for all of them).
+
+    Attributes:
+      block: Cell shape.
+      layout_index: Index of ``layout`` in :attr:`Assigner.layouts`.
+      layout: The grid and each cell's holders.
+      boxes: Per cell (C order), its box, or None when it is empty.
+      replicated: Whether some cell has several holders (then the rotation is chosen per
+        array, to spread the writing).
+      mine: Without replicated cells: the boxes this process writes.
+    """
+
+    block: tuple[int, ...]
+    layout_index: int
+    layout: Layout
+    boxes: tuple[Box | None, ...]
+    replicated: bool
+    mine: tuple[Box, ...]
+
+
 class Assigner:
     """Decides, identically on every process, which process writes each cell of each array.
 
-    Replicated cells go to the replica holder that has been given the fewest bytes so far
-    (among a few rotations), so the writing is spread over processes.
+    A replicated cell goes to the holder that has been given the fewest bytes of replicated
+    cells so far (among a few rotations), so their writing is spread over processes; cells
+    with one holder are written by it. The cut of arrays sharing a shape and sharding is
+    computed once (pass ``key``): planning a save of many arrays costs per distinct sharding,
+    not per array and device.
 
     Args:
       process: This process's index.
@@ -185,60 +209,79 @@ class Assigner:
         self.layouts: list[Layout] = []
         self._layout_index: dict[Layout, int] = {}
         self._load = [0] * process_count
+        self._cuts: dict[Hashable, _Cut | None] = {}
 
     def leaf(
-        self, shape: Sequence[int], itemsize: int, holders: Mapping[Box, Iterable[int]]
+        self,
+        shape: Sequence[int],
+        itemsize: int,
+        holders: Mapping[Box, Iterable[int]] | Callable[[], Mapping[Box, Iterable[int]]],
+        *,
+        key: Hashable | None = None,
     ) -> Assignment | None:
         """Assigns the cells of one array.
 
         Args:
           shape: The array's global shape.
           itemsize: Bytes per element.
-          holders: Every unique shard (box) of the array with the processes holding a copy.
+          holders: Every unique shard (box) of the array with the processes holding a copy,
+            or a function returning them (called only when ``key`` was not seen before).
+          key: Identifies arrays cut alike (e.g. ``(sharding, shape)``); None: no caching.
 
         Returns:
           The assignment, or None if the shards do not form a regular grid.
         """
         shape = tuple(shape)
+        if key is not None and key in self._cuts:
+            cut = self._cuts[key]
+        else:
+            cut = self._cut(shape, holders() if callable(holders) else holders)
+            if key is not None:
+                self._cuts[key] = cut
+        if cut is None:
+            return None
+        if not cut.replicated:
+            return Assignment(CellRef(cut.block, cut.layout_index, 0), cut.mine)
+        rotation = self._rotation(cut, itemsize)
+        mine = tuple(box for k, box in enumerate(cut.boxes)
+                     if box is not None and writer_of(cut.layout, rotation, k) == self.process)
+        return Assignment(CellRef(cut.block, cut.layout_index, rotation), mine)
+
+    def _cut(self, shape: tuple[int, ...], holders: Mapping[Box, Iterable[int]]) -> _Cut | None:
         block = grid_of(shape, holders)
         if block is None:
             return None
         grid = grid_shape(shape, block)
         writers: list[tuple[int, ...]] = [() for _ in range(math.prod(grid))]
+        boxes: list[Box | None] = [None] * len(writers)
         for box, procs in holders.items():
             if math.prod(box[1]) == 0:
                 continue
             index = linear(tuple(s // b for s, b in zip(box[0], block)), grid)
             writers[index] = tuple(sorted(set(writers[index]) | set(procs)))
+            boxes[index] = box
         if self.host_local:
             writers = [(self.process,) if self.process in w else () for w in writers]
         layout = Layout(tuple(grid), tuple(writers))
-        rotation = self._rotation(layout, shape, block, itemsize)
         index = self._layout_index.get(layout)
         if index is None:
             index = self._layout_index[layout] = len(self.layouts)
             self.layouts.append(layout)
-        mine = []
-        for k, cell in enumerate(itertools.product(*(range(g) for g in grid))):
-            if writer_of(layout, rotation, k) == self.process:
-                box = cell_box(shape, block, cell)
-                if math.prod(box[1]):
-                    mine.append(box)
-        return Assignment(CellRef(block, index, rotation), tuple(mine))
+        replicated = any(len(w) > 1 for w in writers)
+        mine = () if replicated else tuple(
+            box for box, w in zip(boxes, writers) if box is not None and w == (self.process,)
+        )
+        return _Cut(block, index, layout, tuple(boxes), replicated, mine)
 
-    def _rotation(self, layout: Layout, shape: tuple[int, ...], block: tuple[int, ...],
-                  itemsize: int) -> int:
-        width = max((len(w) for w in layout.writers), default=1)
-        cells = list(itertools.product(*(range(g) for g in layout.grid)))
-        sizes = [math.prod(cell_box(shape, block, c)[1]) * itemsize for c in cells]
-        if width <= 1:
-            candidates = [0]
-        elif len(cells) == 1:
+    def _rotation(self, cut: _Cut, itemsize: int) -> int:
+        layout = cut.layout
+        sizes = [math.prod(b[1]) * itemsize if b is not None else 0 for b in cut.boxes]
+        if len(sizes) == 1:
             # One cell (a replicated array): the least loaded holder writes it.
             holders = layout.writers[0]
-            best = min(range(len(holders)), key=lambda i: (self._load[holders[i]], i))
-            candidates = [best]
+            candidates = [min(range(len(holders)), key=lambda i: (self._load[holders[i]], i))]
         else:
+            width = max(len(w) for w in layout.writers)
             candidates = list(range(min(width, _MAX_ROTATION_TRIES)))
         best_rotation, best_peak = 0, None
         for rotation in candidates:
@@ -293,7 +336,8 @@ class _Table:
 
 def _fail(where: str, name: str, message: str, leaf: str | None = None) -> CorruptCheckpointError:
     return CorruptCheckpointError(
-        f"invalid chunk table {name}: {message}; the checkpoint is damaged", path=where, leaf=leaf
+        f"invalid chunk table {name}: {message}; the checkpoint is damaged: restore an earlier "
+        "one", path=where, leaf=leaf
     )
 
 
