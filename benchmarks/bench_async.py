@@ -198,7 +198,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     import keepax
     from keepax import policies
-    from keepax._src import async_engine
+    from keepax._src.async_engine import engine as async_engine
 
     name = args._state
     repeats, loop_repeats = args.repeats, args._loop_repeats

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 import keepax
-from keepax._src import format as fmt
+from keepax._src.format import datafiles as fmt
 
 
 def make_state(total_bytes: int) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_enable_x64", False)
 
-from keepax._src.storage import memory  # noqa: E402
+from keepax._src.io import memory  # noqa: E402
 
 
 @pytest.fixture(params=["local", "memory"])

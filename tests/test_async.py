@@ -27,10 +27,12 @@ import pytest
 
 import keepax
 from keepax import policies
-from keepax._src import async_engine, format, snapshot
-from keepax._src.storage import open_root
-from keepax._src.storage.local import _LocalWriter
-from keepax._src.storage.memory import _MemoryWriter
+from keepax._src.async_engine import engine as async_engine
+from keepax._src.format import datafiles as format
+from keepax._src.checkpoint import snapshot
+from keepax._src.io import open_root
+from keepax._src.io.local import _LocalWriter
+from keepax._src.io.memory import _MemoryWriter
 from keepax.errors import KeepaxError, UnsupportedLeafError
 
 # ---------------------------------------------------------------------------------------------
@@ -649,7 +651,7 @@ EXIT_CHILD = textwrap.dedent(
     import os, sys, time
     import jax.numpy as jnp
     import keepax
-    from keepax._src.storage.local import LocalStorage
+    from keepax._src.io.local import LocalStorage
 
     original = LocalStorage.create
     def slow(self, name):

@@ -1,4 +1,4 @@
-"""Tests of keepax._src.coordination: in process, against a fake runtime, and for real with
+"""Tests of keepax._src.commit.coordination: in process, against a fake runtime, and for real with
 2 and 4 JAX processes (tests/mp_scripts/coordination_checks.py does the checks in each)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from multiproc import SCRIPTS_DIR, run_processes
 
-from keepax._src import coordination
-from keepax._src.coordination import JaxCoordinator, SingleProcess
+from keepax._src.commit import coordination
+from keepax._src.commit.coordination import JaxCoordinator, SingleProcess
 from keepax.errors import KeepaxError
 
 # --- one process ------------------------------------------------------------------------

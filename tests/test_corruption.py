@@ -1240,7 +1240,7 @@ class _Boom(Exception):
 def _failing_writer_factory(monkeypatch: pytest.MonkeyPatch, after_bytes: int,
                             exc: type[BaseException]) -> None:
     """Makes local data-file writers fail once ``after_bytes`` bytes have been written."""
-    from keepax._src.storage import local
+    from keepax._src.io import local
 
     written = {"n": 0}
     original_write = local._LocalWriter.write
@@ -1279,7 +1279,7 @@ def test_overwrite_failing_while_writing_keeps_old_checkpoint(tmp_path, monkeypa
 
 
 def test_overwrite_failing_at_commit_rename_keeps_old_checkpoint(tmp_path, monkeypatch):
-    from keepax._src.storage import local
+    from keepax._src.io import local
 
     path = save(tmp_path, tree={"old": np.arange(10), "v": 1})
     before = file_state(tmp_path)

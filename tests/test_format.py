@@ -13,7 +13,7 @@ import pytest
 from safetensors import safe_open
 
 import keepax
-from keepax._src import format as fmt
+from keepax._src.format import datafiles as fmt
 
 
 def data_files(path) -> list[str]:

@@ -18,7 +18,7 @@ import pytest
 
 import keepax
 from keepax import policies
-from keepax._src.storage import open_root
+from keepax._src.io import open_root
 from keepax.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,

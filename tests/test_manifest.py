@@ -1,4 +1,4 @@
-"""Unit tests of ``keepax._src.manifest``: serialisation round trips, validation of untrusted
+"""Unit tests of ``keepax._src.format.manifest``: serialisation round trips, validation of untrusted
 manifests and commit markers, and a fuzz test that only keepax errors ever come out."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import keepax
-from keepax._src import dtypes
-from keepax._src.manifest import (
+from keepax._src.format import dtypes
+from keepax._src.format.manifest import (
     ARRAY_TYPES,
     FORMAT_VERSION,
     VALUE_TYPES,

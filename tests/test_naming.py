@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from keepax._src.naming import DEFAULT_TEMPLATE, NameTemplate
+from keepax._src.manager.naming import DEFAULT_TEMPLATE, NameTemplate
 from keepax.errors import PolicyError
 
 

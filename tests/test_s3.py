@@ -20,7 +20,7 @@ pytest.importorskip("moto.server")
 
 import keepax  # noqa: E402
 from keepax import policies  # noqa: E402
-from keepax._src import snapshot  # noqa: E402
+from keepax._src.checkpoint import snapshot  # noqa: E402
 from keepax.cli import main as cli_main  # noqa: E402
 from keepax.errors import (  # noqa: E402
     CheckpointExistsError,

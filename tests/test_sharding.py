@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 import keepax
-from keepax._src import sharding as shd
+from keepax._src.format import boxes as shd
 
 
 def mesh(shape: tuple[int, ...], names: tuple[str, ...]) -> jax.sharding.Mesh:

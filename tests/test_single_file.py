@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 import keepax
 from keepax import errors
-from keepax._src.storage import local
+from keepax._src.io import local
 
 # ---------------------------------------------------------------------------------------------
 # A realistic optimizer state.
@@ -404,7 +404,7 @@ def test_newer_manifest_version_inside_is_rejected(tmp_path) -> None:
     path = tmp_path / "f"
     keepax.save_file(path, {"a": 1})
     text = header(path)[1]["__metadata__"]["manifest"].replace('"version":"1.0"', '"version":"3.1"')
-    from keepax._src.format import checksum
+    from keepax._src.format.datafiles import checksum
 
     _rewrite_metadata(path, manifest=text, manifest_crc32c=str(checksum(text.encode())))
     with pytest.raises(errors.FormatVersionError, match="upgrade"):

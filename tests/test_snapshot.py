@@ -283,7 +283,7 @@ def test_save_result_and_overwrite(root: str) -> None:
 
 
 def test_large_array_is_split_into_chunks_and_spread_over_files(root: str, monkeypatch) -> None:
-    from keepax._src import format as fmt
+    from keepax._src.format import datafiles as fmt
 
     monkeypatch.setattr(fmt, "CHUNK_BYTES", 4096)
     big = random_bits((300, 17), np.float32)  # 20,400 bytes -> 5 row-chunks of <= 4 KiB

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from keepax._src.storage import (
+from keepax._src.io import (
     FsspecStorage,
     LocalStorage,
     MemoryStorage,

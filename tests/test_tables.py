@@ -1,4 +1,4 @@
-"""Per-process chunk tables (``keepax._src.tables``, ``docs/FORMAT.md`` §14).
+"""Per-process chunk tables (``keepax._src.format.tables``, ``docs/FORMAT.md`` §14).
 
 Three parts: the pure planning functions (grids, cells, who writes what); a round trip built by
 hand with the module's own functions, without processes; and hostile tables and manifests,
@@ -31,9 +31,9 @@ from multihost_state import global_state
 from multiproc import SCRIPTS_DIR, run_processes
 
 import keepax
-from keepax._src import format as fmt
-from keepax._src import tables
-from keepax._src.manifest import (
+from keepax._src.format import datafiles as fmt
+from keepax._src.format import tables
+from keepax._src.format.manifest import (
     ArrayLeaf,
     CellRef,
     CommitMarker,
@@ -42,9 +42,9 @@ from keepax._src.manifest import (
     TableRef,
     ValueLeaf,
 )
-from keepax._src.storage import memory
-from keepax._src.storage.memory import MemoryStorage
-from keepax._src.tables import (
+from keepax._src.io import memory
+from keepax._src.io.memory import MemoryStorage
+from keepax._src.format.tables import (
     Assigner,
     cell_box,
     cells_of,

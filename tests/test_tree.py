@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.tree_util import DictKey, GetAttrKey, SequenceKey
 
-from keepax._src import tree
+from keepax._src.format import tree
 from keepax.errors import CorruptCheckpointError, UnsupportedLeafError
 
 NT = collections.namedtuple("NT", "a b")

@@ -6,21 +6,21 @@ private.
 
 from keepax import errors as errors
 from keepax import policies as policies
-from keepax._src.async_engine import SaveHandle as SaveHandle
-from keepax._src.async_engine import SaveRecord as SaveRecord
-from keepax._src.async_engine import save_async as save_async
-from keepax._src.manager import CheckpointManager as CheckpointManager
-from keepax._src.manager import StepInfo as StepInfo
-from keepax._src.snapshot import CheckpointInfo as CheckpointInfo
-from keepax._src.snapshot import LeafInfo as LeafInfo
-from keepax._src.snapshot import RestoreStats as RestoreStats
-from keepax._src.snapshot import SaveResult as SaveResult
-from keepax._src.snapshot import inspect as inspect
-from keepax._src.snapshot import restore as restore
-from keepax._src.snapshot import save as save
-from keepax._src.snapshot import verify as verify
-from keepax._src.single_file import load_file as load_file
-from keepax._src.single_file import save_file as save_file
+from keepax._src.async_engine.engine import SaveHandle as SaveHandle
+from keepax._src.async_engine.engine import SaveRecord as SaveRecord
+from keepax._src.async_engine.engine import save_async as save_async
+from keepax._src.manager.manager import CheckpointManager as CheckpointManager
+from keepax._src.manager.manager import StepInfo as StepInfo
+from keepax._src.checkpoint.snapshot import CheckpointInfo as CheckpointInfo
+from keepax._src.checkpoint.snapshot import LeafInfo as LeafInfo
+from keepax._src.checkpoint.snapshot import RestoreStats as RestoreStats
+from keepax._src.checkpoint.snapshot import SaveResult as SaveResult
+from keepax._src.checkpoint.snapshot import inspect as inspect
+from keepax._src.checkpoint.snapshot import restore as restore
+from keepax._src.checkpoint.snapshot import save as save
+from keepax._src.checkpoint.snapshot import verify as verify
+from keepax._src.checkpoint.single_file import load_file as load_file
+from keepax._src.checkpoint.single_file import save_file as save_file
 from keepax.errors import KeepaxError as KeepaxError
 from keepax.errors import KeepaxWarning as KeepaxWarning
 

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import keepax  # noqa: E402
-from keepax._src import sharding as boxes  # noqa: E402
+from keepax._src.format import boxes  # noqa: E402
 from multihost_state import global_state  # noqa: E402
 
 

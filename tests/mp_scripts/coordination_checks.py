@@ -12,7 +12,7 @@ index, count = mp_prelude.init()
 
 from jax._src import distributed  # noqa: E402
 
-from keepax._src import coordination  # noqa: E402
+from keepax._src.commit import coordination  # noqa: E402
 from keepax.errors import KeepaxError  # noqa: E402
 
 log = mp_prelude.log

@@ -20,9 +20,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import keepax  # noqa: E402
-from keepax._src import format as keepax_format  # noqa: E402
-from keepax._src import tables  # noqa: E402
-from keepax._src.storage import local  # noqa: E402
+from keepax._src.format import datafiles as keepax_format  # noqa: E402
+from keepax._src.format import tables  # noqa: E402
+from keepax._src.io import local  # noqa: E402
 
 mesh = mp_prelude.global_mesh((count, 2), ("data", "model"))
 SHAPE = (64, 1024)  # 256 KiB, so the data file has bytes worth interrupting

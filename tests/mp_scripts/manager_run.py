@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import keepax  # noqa: E402
 from keepax import policies  # noqa: E402
-from keepax._src import format as keepax_format  # noqa: E402
+from keepax._src.format import datafiles as keepax_format  # noqa: E402
 
 mesh = mp_prelude.global_mesh((count, 2), ("data", "model"))
 

@@ -12,7 +12,7 @@ what to keep: ``policies.plan``). This module gathers the facts, asks, and acts:
 path is :meth:`CheckpointManager._write` and the delete path :meth:`CheckpointManager._discard`.
 
 Saves are asynchronous by default: ``_write`` captures the state in the caller's thread
-(iterator states, Python values; arrays staged by :mod:`keepax._src.async_engine`) and the
+(iterator states, Python values; arrays staged by :mod:`keepax._src.async_engine.engine`) and the
 engine's writer thread writes and commits it, then calls :meth:`CheckpointManager._committed`
 to record the step and apply retention. Decisions made while saves are in flight see those
 steps as held; queries about steps (``all_steps``, ``restore``, ...) first wait for them.
@@ -48,12 +48,14 @@ import jax
 import numpy as np
 
 from keepax import policies
-from keepax._src import async_engine, coordination, snapshot
-from keepax._src.format import RestoreStats
-from keepax._src.lock import LOCK_NAME, DirectoryLock
-from keepax._src.manifest import COMMIT_FILE
-from keepax._src.naming import DEFAULT_TEMPLATE, NameTemplate
-from keepax._src.storage import LocalStorage, Storage, is_hidden_name, open_root
+from keepax._src.async_engine import engine as async_engine
+from keepax._src.commit import coordination
+from keepax._src.checkpoint import snapshot
+from keepax._src.format.datafiles import RestoreStats
+from keepax._src.io.lock import LOCK_NAME, DirectoryLock
+from keepax._src.format.manifest import COMMIT_FILE
+from keepax._src.manager.naming import DEFAULT_TEMPLATE, NameTemplate
+from keepax._src.io import LocalStorage, Storage, is_hidden_name, open_root
 from keepax.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,

@@ -47,7 +47,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from keepax._src.storage.base import COMMIT_NAME, Reader, Storage, Writer
+from keepax._src.io.base import COMMIT_NAME, Reader, Storage, Writer
 
 __all__ = ["FsspecStorage", "TransferOptions", "split_options"]
 

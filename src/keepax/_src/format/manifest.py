@@ -14,7 +14,7 @@ import math
 import re
 from typing import Any
 
-from keepax._src import dtypes
+from keepax._src.format import dtypes
 from keepax.errors import CorruptCheckpointError, FormatVersionError
 
 __all__ = [
@@ -134,7 +134,7 @@ class ArrayLeaf:
       impl: For ``prngkey``: the PRNG implementation name (``threefry2x32``, ...).
       sharding: Informational description of the saved sharding, if any.
       cells: In checkpoints with chunk tables: how the array is cut. Its ``chunks`` are then
-        empty until :func:`keepax._src.tables.resolve` fills in those a reader needs.
+        empty until :func:`keepax._src.format.tables.resolve` fills in those a reader needs.
     """
 
     path: str

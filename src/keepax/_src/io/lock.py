@@ -22,7 +22,7 @@ import time
 import uuid
 import warnings
 
-from keepax._src.storage import LocalStorage, Storage
+from keepax._src.io import LocalStorage, Storage
 from keepax.errors import KeepaxError, KeepaxWarning
 
 __all__ = ["LOCK_NAME", "Holder", "DirectoryLock"]

@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from keepax._src import format, tables
-from keepax._src.coordination import Coordinator
-from keepax._src.format import ChunkSource
-from keepax._src.manifest import (
+from keepax._src.format import datafiles as format
+from keepax._src.format import tables
+from keepax._src.commit.coordination import Coordinator
+from keepax._src.format.datafiles import ChunkSource
+from keepax._src.format.manifest import (
     COMMIT_FILE,
     MANIFEST_FILE,
     TABLES_VERSION,
@@ -36,7 +37,7 @@ from keepax._src.manifest import (
 from keepax.errors import CheckpointExistsError, KeepaxError
 
 if TYPE_CHECKING:
-    from keepax._src.snapshot import PreparedSave, SaveResult
+    from keepax._src.checkpoint.snapshot import PreparedSave, SaveResult
 
 __all__ = ["write_distributed", "SYNC_TIMEOUT"]
 
@@ -95,7 +96,7 @@ def write_distributed(
         or a process did not arrive in time; nothing was committed.
       CheckpointExistsError: the checkpoint exists and ``overwrite`` was not given.
     """
-    from keepax._src.snapshot import SaveResult, _delete_quietly  # noqa: PLC0415 - cycle
+    from keepax._src.checkpoint.snapshot import SaveResult, _delete_quietly  # noqa: PLC0415 - cycle
 
     began = time.perf_counter()
     storage, name, where = prepared.storage, prepared.name, prepared.where

@@ -13,7 +13,7 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
-from keepax._src.storage import is_hidden_name
+from keepax._src.io import is_hidden_name
 from keepax.errors import PolicyError
 
 __all__ = ["DEFAULT_TEMPLATE", "RESERVED_NAMES", "NameTemplate", "check_name"]

@@ -26,8 +26,8 @@ import math
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 
-from keepax._src import dtypes
-from keepax._src.manifest import (
+from keepax._src.format import dtypes
+from keepax._src.format.manifest import (
     FORMAT_NAME,
     ArrayLeaf,
     CellRef,
@@ -38,8 +38,8 @@ from keepax._src.manifest import (
     TableRef,
     boxes_disjoint,
 )
-from keepax._src.sharding import Box
-from keepax._src.storage.base import Storage
+from keepax._src.format.boxes import Box
+from keepax._src.io.base import Storage
 from keepax.errors import CorruptCheckpointError, KeepaxError
 
 __all__ = [
@@ -419,7 +419,7 @@ def _parse_table(data: bytes, ref: TableRef, manifest: Manifest, where: str) -> 
 
 
 def _read_table(storage: Storage, directory: str, ref: TableRef, where: str) -> bytes:
-    from keepax._src import format  # noqa: PLC0415 - format imports this module's users
+    from keepax._src.format import datafiles as format  # noqa: PLC0415 - format imports this module's users
 
     path = f"{directory}/{ref.name}"
     try:

@@ -21,9 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keepax._src import coordination, distributed, dtypes, format, sharding, tables, tree
-from keepax._src.format import ChunkSource, ReadRequest, RestoreStats
-from keepax._src.manifest import (
+from keepax._src.commit import coordination
+from keepax._src.commit import distributed
+from keepax._src.format import dtypes
+from keepax._src.format import datafiles as format
+from keepax._src.format import boxes as sharding
+from keepax._src.format import tables
+from keepax._src.format import tree
+from keepax._src.format.datafiles import ChunkSource, ReadRequest, RestoreStats
+from keepax._src.format.manifest import (
     COMMIT_FILE,
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -37,7 +43,7 @@ from keepax._src.manifest import (
     TableRef,
     ValueLeaf,
 )
-from keepax._src.storage import Storage, is_hidden_name, split_checkpoint_path
+from keepax._src.io import Storage, is_hidden_name, split_checkpoint_path
 from keepax.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,

@@ -7,7 +7,7 @@ import errno
 import os
 import shutil
 
-from keepax._src.storage.base import Reader, Storage, Writer
+from keepax._src.io.base import Reader, Storage, Writer
 
 __all__ = ["LocalStorage"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from keepax._src.storage.base import Reader, Storage, Writer, is_hidden_name
-from keepax._src.storage.fsspec_store import FsspecStorage
-from keepax._src.storage.local import LocalStorage
-from keepax._src.storage.memory import MemoryStorage
+from keepax._src.io.base import Reader, Storage, Writer, is_hidden_name
+from keepax._src.io.fsspec_store import FsspecStorage
+from keepax._src.io.local import LocalStorage
+from keepax._src.io.memory import MemoryStorage
 
 __all__ = ["Reader", "Storage", "Writer", "LocalStorage", "MemoryStorage", "FsspecStorage",
            "is_hidden_name", "open_root", "split_checkpoint_path"]

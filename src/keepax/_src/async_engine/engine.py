@@ -64,8 +64,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from keepax._src import snapshot
-from keepax._src.format import ChunkSource
+from keepax._src.checkpoint import snapshot
+from keepax._src.format.datafiles import ChunkSource
 from keepax.errors import KeepaxError
 
 __all__ = ["SaveHandle", "SaveRecord", "SaveEngine", "save_async"]

@@ -25,10 +25,10 @@ from typing import Any
 import crc32c as _crc32c
 import numpy as np
 
-from keepax._src import dtypes
-from keepax._src.manifest import FORMAT_NAME, FORMAT_VERSION, Chunk, DataFile
-from keepax._src.sharding import Box, intersect, local_slices
-from keepax._src.storage.base import Reader, Storage, Writer
+from keepax._src.format import dtypes
+from keepax._src.format.manifest import FORMAT_NAME, FORMAT_VERSION, Chunk, DataFile
+from keepax._src.format.boxes import Box, intersect, local_slices
+from keepax._src.io.base import Reader, Storage, Writer
 from keepax.errors import CorruptCheckpointError
 
 __all__ = [

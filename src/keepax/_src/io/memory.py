@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from keepax._src.storage.base import Reader, Storage, Writer
+from keepax._src.io.base import Reader, Storage, Writer
 
 __all__ = ["MemoryStorage", "clear"]
 

@@ -1,0 +1,1 @@
+"""keepax async_engine layer."""

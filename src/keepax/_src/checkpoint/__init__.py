@@ -1,0 +1,1 @@
+"""keepax checkpoint layer."""

@@ -1,0 +1,1 @@
+"""keepax manager layer."""
