@@ -9,7 +9,7 @@ import keepax.errors
 def test_public_names() -> None:
     assert sorted(keepax.__all__) == sorted([
         "errors", "policies", "save", "save_async", "restore", "inspect", "verify",
-        "save_file", "load_file",
+        "save_file", "load_file", "open", "Checkpoint", "ChunkInfo",
         "CheckpointInfo", "LeafInfo", "RestoreStats", "SaveResult", "SaveHandle", "SaveRecord",
         "KeepaxError",
         "CheckpointManager", "StepInfo", "KeepaxWarning",
@@ -23,7 +23,8 @@ def test_error_hierarchy() -> None:
     assert sorted(e.__all__) == sorted([
         "KeepaxError", "CheckpointNotFoundError", "CheckpointExistsError", "NotCommittedError",
         "CorruptCheckpointError", "FormatVersionError", "TreeMismatchError",
-        "UnsupportedLeafError", "PolicyError", "KeepaxWarning",
+        "UnsupportedLeafError", "PolicyError", "InvalidPathError", "DirectoryLockedError",
+        "PeerProcessError", "StepOrderError", "ManagerClosedError", "KeepaxWarning",
     ])
     for name in e.__all__:
         if name == "KeepaxWarning":
@@ -39,3 +40,9 @@ def test_errors_name_path_step_and_leaf() -> None:
     err = keepax.errors.TreeMismatchError("bad", path="/x/ckpt", step=3, leaf="['w']")
     assert str(err) == "[checkpoint /x/ckpt, step 3, leaf ['w']] bad"
     assert (err.path, err.step, err.leaf) == ("/x/ckpt", 3, "['w']")
+
+
+def test_context_set_after_construction_reaches_the_message() -> None:
+    err = keepax.errors.KeepaxError("disk full", path="/x/ckpt")
+    err.step = 7
+    assert str(err) == "[checkpoint /x/ckpt, step 7] disk full"

@@ -19,6 +19,9 @@ from keepax._src.checkpoint.snapshot import inspect as inspect
 from keepax._src.checkpoint.snapshot import restore as restore
 from keepax._src.checkpoint.snapshot import save as save
 from keepax._src.checkpoint.snapshot import verify as verify
+from keepax._src.checkpoint.handle import Checkpoint as Checkpoint
+from keepax._src.checkpoint.handle import ChunkInfo as ChunkInfo
+from keepax._src.checkpoint.handle import open_checkpoint as open
 from keepax._src.checkpoint.single_file import load_file as load_file
 from keepax._src.checkpoint.single_file import save_file as save_file
 from keepax.errors import KeepaxError as KeepaxError
@@ -34,6 +37,9 @@ __all__ = [
     "restore",
     "inspect",
     "verify",
+    "open",
+    "Checkpoint",
+    "ChunkInfo",
     "CheckpointManager",
     "StepInfo",
     "save_file",

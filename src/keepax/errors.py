@@ -19,6 +19,11 @@ __all__ = [
     "TreeMismatchError",
     "UnsupportedLeafError",
     "PolicyError",
+    "InvalidPathError",
+    "DirectoryLockedError",
+    "PeerProcessError",
+    "StepOrderError",
+    "ManagerClosedError",
     "KeepaxWarning",
 ]
 
@@ -40,18 +45,24 @@ class KeepaxError(Exception):
         step: int | None = None,
         leaf: str | None = None,
     ) -> None:
+        super().__init__(message)
+        self.message = message
         self.path = path
         self.step = step
         self.leaf = leaf
+
+    def __str__(self) -> str:
+        # Built when shown, so context set after construction (``e.step = 5`` by a caller
+        # that knows the step) reaches the message.
         context = []
-        if path is not None:
-            context.append(f"checkpoint {path!s}")
-        if step is not None:
-            context.append(f"step {step}")
-        if leaf is not None:
-            context.append(f"leaf {leaf}")
+        if self.path is not None:
+            context.append(f"checkpoint {self.path!s}")
+        if self.step is not None:
+            context.append(f"step {self.step}")
+        if self.leaf is not None:
+            context.append(f"leaf {self.leaf}")
         prefix = f"[{', '.join(context)}] " if context else ""
-        super().__init__(prefix + message)
+        return prefix + self.message
 
 
 class CheckpointNotFoundError(KeepaxError, FileNotFoundError):
@@ -84,6 +95,42 @@ class UnsupportedLeafError(KeepaxError, TypeError):
 
 class PolicyError(KeepaxError, ValueError):
     """A save or retention policy, or a manager option, is invalid (raised at construction)."""
+
+
+class InvalidPathError(KeepaxError, ValueError):
+    """A path or URL keepax cannot store to (an unknown scheme, a malformed URL)."""
+
+
+class DirectoryLockedError(KeepaxError):
+    """Another live manager (this or another process on this host) holds the directory's lock."""
+
+
+class PeerProcessError(KeepaxError):
+    """Another process of a multi-process save failed, died or did not arrive in time.
+
+    Attributes:
+      processes: The indices of the processes concerned.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        processes: tuple[int, ...] = (),
+        path: str | None = None,
+        step: int | None = None,
+        leaf: str | None = None,
+    ) -> None:
+        super().__init__(message, path=path, step=step, leaf=leaf)
+        self.processes = tuple(processes)
+
+
+class StepOrderError(KeepaxError, ValueError):
+    """A manager was asked to save a step at or below one it already holds."""
+
+
+class ManagerClosedError(KeepaxError):
+    """A method was called on a closed :class:`~keepax.CheckpointManager`."""
 
 
 class KeepaxWarning(UserWarning):

@@ -907,7 +907,7 @@ def restore(
         the checkpoint is missing, incomplete, damaged or too new.
       TreeMismatchError: ``like`` does not match; the message lists every offending leaf.
     """
-    return _restore(_open(path, storage_options), like, select, partial, dtype, stats)
+    return restore_opened(_open(path, storage_options), like, select, partial, dtype, stats)
 
 
 def restore_manifest(
@@ -929,10 +929,10 @@ def restore_manifest(
       CorruptCheckpointError, TreeMismatchError: as :func:`restore`.
     """
     opened = _Opened(storage, name, where, manifest, _check_tree(manifest, where))
-    return _restore(opened, like, select, partial, dtype, stats)
+    return restore_opened(opened, like, select, partial, dtype, stats)
 
 
-def _restore(
+def restore_opened(
     opened: _Opened,
     like: Any,
     select: str | Sequence[str | tuple[Any, ...]] | None,
@@ -940,19 +940,11 @@ def _restore(
     dtype: Any,
     stats: RestoreStats | None,
 ) -> Any:
+    """Restores from an opened checkpoint; arguments as for :func:`restore`."""
     manifest = opened.manifest
     cast = _resolve_cast(dtype)
-    key_paths = opened.key_paths
     selectors = _normalize_select(select)
-    wanted = set(key_paths)
-    if selectors is not None:
-        wanted = {i for i, p in key_paths.items() if any(tree.path_matches(p, s) for s in selectors)}
-        if not wanted:
-            top = sorted({str(tree._entry_name(p[0])) for p in key_paths.values() if p})
-            raise KeepaxError(
-                f"select={select!r} matches no leaf; top-level keys are {top}",
-                path=opened.where,
-            )
+    wanted = set(selected_indices(opened, select))
 
     targets: dict[int, _Target | None] = {}
     like_order: list[int] = []
@@ -998,6 +990,34 @@ def _restore(
     if selectors is not None:
         keep = lambda p: any(tree.path_matches(p, s) for s in selectors)  # noqa: E731
     return tree.rebuild_plain(manifest.tree, values.__getitem__, keep=keep)
+
+
+def selected_indices(
+    opened: _Opened, select: str | Sequence[str | tuple[Any, ...]] | None
+) -> list[int]:
+    """The indices of the leaves ``select`` picks (all when None), in flatten order.
+
+    Raises:
+      KeepaxError: ``select`` matches no leaf.
+    """
+    key_paths = opened.key_paths
+    selectors = _normalize_select(select)
+    if selectors is None:
+        return sorted(key_paths)
+    wanted = sorted(
+        i for i, p in key_paths.items() if any(tree.path_matches(p, s) for s in selectors)
+    )
+    if not wanted:
+        top = sorted({str(tree._entry_name(p[0])) for p in key_paths.values() if p})
+        raise KeepaxError(
+            f"select={select!r} matches no leaf; top-level keys are {top}", path=opened.where
+        )
+    return wanted
+
+
+def read_plain(opened: _Opened, indices: Sequence[int]) -> dict[int, Any]:
+    """Reads the given leaves as NumPy arrays / Python values (no ``like``)."""
+    return _read_leaves(opened, indices, {}, None, None)
 
 
 def _decode_value(leaf: ValueLeaf, where: str) -> Any:
@@ -1277,7 +1297,11 @@ def inspect(path: str, *, storage_options: dict[str, Any] | None = None) -> Chec
     Raises:
       CheckpointNotFoundError, NotCommittedError, CorruptCheckpointError, FormatVersionError.
     """
-    opened = _open(path, storage_options)
+    return info_of(_open(path, storage_options))
+
+
+def info_of(opened: _Opened) -> CheckpointInfo:
+    """The :class:`CheckpointInfo` of an opened checkpoint (no array data read)."""
     m = opened.manifest
     infos = []
     for leaf in m.leaves:
@@ -1333,18 +1357,35 @@ def verify(
       CheckpointNotFoundError, NotCommittedError, CorruptCheckpointError, FormatVersionError:
         the checkpoint cannot be opened at all.
     """
-    opened = _open(path, storage_options)
+    return verify_opened(_open(path, storage_options), progress=progress)
+
+
+def resolved_manifest(opened: _Opened) -> Manifest:
+    """The manifest with every leaf's chunks listed (per-process chunk tables read in).
+
+    Raises:
+      CorruptCheckpointError: a chunk table is missing or damaged.
+    """
     m = opened.manifest
-    if m.tables:
-        whole = {
-            i: [((0,) * len(leaf.shape), tuple(leaf.shape))]
-            for i, leaf in enumerate(m.leaves)
-            if isinstance(leaf, ArrayLeaf)
-        }
-        try:
-            m, _ = tables.resolve(opened.storage, opened.name, opened.where, m, whole)
-        except KeepaxError as e:
-            return [str(e)]
+    if not m.tables:
+        return m
+    whole = {
+        i: [((0,) * len(leaf.shape), tuple(leaf.shape))]
+        for i, leaf in enumerate(m.leaves)
+        if isinstance(leaf, ArrayLeaf)
+    }
+    m, _ = tables.resolve(opened.storage, opened.name, opened.where, m, whole)
+    return m
+
+
+def verify_opened(
+    opened: _Opened, *, progress: Callable[[int, int], None] | None = None
+) -> list[str]:
+    """:func:`verify` of an opened checkpoint."""
+    try:
+        m = resolved_manifest(opened)
+    except KeepaxError as e:
+        return [str(e)]
     pieces = [
         (leaf.path, c) for leaf in m.leaves if isinstance(leaf, ArrayLeaf) for c in leaf.chunks
     ]
