@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(VENV)/.installed-core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ $(VENV)/.installed-examples: $(VENV)/.installed-core
 	$(PIP) install --quiet -e '.[examples]'
 	touch $@
 
-$(VENV)/.installed-bench: $(VENV)/.installed-core
+$(VENV)/.installed-# Lint and types only (make test runs them too).
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m mypy
+
+bench: $(VENV)/.installed-core
 	$(PIP) install --quiet -e '.[bench]'
 	touch $@
 
@@ -29,7 +34,14 @@ demo: $(VENV)/.installed-examples
 	$(PY) examples/demo.py
 
 test: $(VENV)/.installed-test
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Lint and types only (make test runs them too).
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m mypy
 
 bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/bench_core.py

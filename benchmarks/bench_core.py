@@ -842,7 +842,7 @@ def machine_info(directory: str) -> dict[str, Any]:
                     digest.update(fname.encode() + b"\0" + f.read())
     return {
         "keepax_src_sha256": digest.hexdigest()[:16],
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
         "nproc_affinity": len(os.sched_getaffinity(0)),
         "cpu": cpu,

@@ -28,8 +28,8 @@ import pytest
 import keepax
 from keepax import policies
 from keepax._src.async_engine import engine as async_engine
-from keepax._src.format import datafiles as format
 from keepax._src.checkpoint import snapshot
+from keepax._src.format import datafiles as format
 from keepax._src.io import open_root
 from keepax._src.io.local import _LocalWriter
 from keepax._src.io.memory import _MemoryWriter

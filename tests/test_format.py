@@ -43,9 +43,11 @@ def test_every_data_file_is_a_valid_safetensors_file(tmp_path) -> None:
     np.testing.assert_array_equal(tensors["['f32']"], tree["f32"])
     np.testing.assert_array_equal(tensors["['scalar']"], tree["scalar"])
     np.testing.assert_array_equal(tensors["['bool']"], tree["bool"])
-    assert tensors["['bf16']"].dtype == ml_dtypes.bfloat16 or tensors["['bf16']"].dtype.itemsize == 2
+    bf16 = tensors["['bf16']"]
+    assert bf16.dtype == ml_dtypes.bfloat16 or bf16.dtype.itemsize == 2
     # Dtypes without a safetensors code are raw bytes typed by our manifest.
-    assert tensors["['i4']"].dtype == np.uint8 and tensors["['i4']"].tobytes() == tree["i4"].tobytes()
+    i4 = tensors["['i4']"]
+    assert i4.dtype == np.uint8 and i4.tobytes() == tree["i4"].tobytes()
     assert tensors["['c64']"].tobytes() == tree["c64"].tobytes()
     with open(file, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from keepax._src.io.lock import LOCK_NAME, DirectoryLock
 from keepax._src.io import open_root
+from keepax._src.io.lock import LOCK_NAME, DirectoryLock
 from keepax.errors import KeepaxError, KeepaxWarning
 
 

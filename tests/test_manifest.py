@@ -248,7 +248,8 @@ def test_accepted_file_names(name):
 
 @pytest.mark.parametrize(
     "name",
-    ["data/.x.safetensors", "data/..safetensors", "data/../x.safetensors", "data/a..b.safetensors", "../x.safetensors",
+    ["data/.x.safetensors", "data/..safetensors", "data/../x.safetensors",
+     "data/a..b.safetensors", "../x.safetensors",
      "/data/x.safetensors", "/etc/passwd", "data/x.safetensors\n", "data/x.safetensors\x00",
      "data/x.safetensor", "data/sub/x.safetensors", "data\\x.safetensors", "x.safetensors",
      "data/.safetensors", "data/" + "a" * 129 + ".safetensors", "data/é.safetensors",

@@ -118,7 +118,8 @@ def test_only_the_tables_of_needed_shards_are_read(saved, tmp_path: Path) -> Non
     # that wrote them only, and that leaf's bytes only.
     path, _ = saved[4]
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("x",))
     stats = keepax.RestoreStats()

@@ -18,6 +18,8 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
+from s3_fixtures import S3Env, endpoint_options, start_moto  # noqa: E402
+
 import keepax  # noqa: E402
 from keepax import policies  # noqa: E402
 from keepax._src.checkpoint import snapshot  # noqa: E402
@@ -27,8 +29,6 @@ from keepax.errors import (  # noqa: E402
     CheckpointNotFoundError,
     NotCommittedError,
 )
-
-from s3_fixtures import S3Env, endpoint_options, start_moto  # noqa: E402
 
 
 def _tree(seed: int = 0, big: int = 1 << 20) -> dict[str, Any]:

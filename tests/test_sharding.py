@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 import keepax
 from keepax._src.format import boxes as shd
@@ -90,7 +91,8 @@ def test_restore_reads_only_chunks_overlapping_the_needed_boxes(tmp_path) -> Non
     # A target that lives on 2 devices only: the first half of rows on device 0 and 1.
     sub = NamedSharding(mesh((2,), ("x",)), P("x"))
     stats = keepax.RestoreStats()
-    back = keepax.restore(tmp_path / "ckpt", like=jax.ShapeDtypeStruct((64, 4), np.float32, sharding=sub), stats=stats)
+    like = jax.ShapeDtypeStruct((64, 4), np.float32, sharding=sub)
+    back = keepax.restore(tmp_path / "ckpt", like=like, stats=stats)
     np.testing.assert_array_equal(np.asarray(back), values)
     assert stats.chunks_read == 8 and stats.bytes_read == values.nbytes
 
@@ -98,7 +100,9 @@ def test_restore_reads_only_chunks_overlapping_the_needed_boxes(tmp_path) -> Non
 def test_sharded_typed_keys_and_bfloat16(tmp_path) -> None:
     m = mesh((4,), ("x",))
     keys = jax.device_put(jax.random.split(jax.random.key(0), 8), NamedSharding(m, P("x")))
-    w = jax.device_put(jnp.arange(32, dtype=jnp.bfloat16).reshape(8, 4), NamedSharding(m, P(None, "x")))
+    w = jax.device_put(
+        jnp.arange(32, dtype=jnp.bfloat16).reshape(8, 4), NamedSharding(m, P(None, "x"))
+    )
     tree = {"keys": keys, "w": w}
     keepax.save(tmp_path / "ckpt", tree)
     back = keepax.restore(tmp_path / "ckpt", like=tree)

@@ -211,7 +211,9 @@ def test_root_leaf_and_empty_tree(root: str) -> None:
 def test_like_with_shape_dtype_structs_and_default_device(root: str) -> None:
     tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": np.ones(2, np.int16)}
     keepax.save(f"{root}/ckpt", tree)
-    like = {"a": jax.ShapeDtypeStruct((2, 3), jnp.float32), "b": jax.ShapeDtypeStruct((2,), np.int16)}
+    like = {
+        "a": jax.ShapeDtypeStruct((2, 3), jnp.float32), "b": jax.ShapeDtypeStruct((2,), np.int16)
+    }
     back = keepax.restore(f"{root}/ckpt", like=like)
     assert isinstance(back["a"], jax.Array) and isinstance(back["b"], jax.Array)
     assert same_bits(back["a"], tree["a"])
@@ -248,7 +250,9 @@ def test_partial_and_dtype_casting(root: str) -> None:
     assert list(got) == ["w"] and stats.bytes_read == tree["w"].nbytes
     with pytest.raises(errors.TreeMismatchError, match=r"\['extra'\].*partial=True"):
         keepax.restore(f"{root}/ckpt", like={"w": tree["w"], "n": tree["n"]})
-    like_bf16 = {"w": jax.ShapeDtypeStruct((8,), jnp.bfloat16), "n": tree["n"], "extra": tree["extra"]}
+    like_bf16 = {
+        "w": jax.ShapeDtypeStruct((8,), jnp.bfloat16), "n": tree["n"], "extra": tree["extra"]
+    }
     with pytest.raises(errors.TreeMismatchError, match="dtype='like'"):
         keepax.restore(f"{root}/ckpt", like=like_bf16)
     cast = keepax.restore(f"{root}/ckpt", like=like_bf16, dtype="like")

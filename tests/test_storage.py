@@ -187,7 +187,8 @@ def test_big_file_in_parts(storage: Storage) -> None:
     writer = storage.create("big/file")
     view = memoryview(data)
     for start in range(0, len(data), 3 << 20):
-        writer.writev([view[start : start + (1 << 20)], view[start + (1 << 20) : start + (3 << 20)]])
+        mib = 1 << 20
+        writer.writev([view[start : start + mib], view[start + mib : start + 3 * mib]])
     writer.close()
     reader = storage.open("big/file")
     assert reader.size() == len(data)

@@ -42,8 +42,6 @@ from keepax._src.format.manifest import (
     TableRef,
     ValueLeaf,
 )
-from keepax._src.io import memory
-from keepax._src.io.memory import MemoryStorage
 from keepax._src.format.tables import (
     Assigner,
     cell_box,
@@ -53,6 +51,8 @@ from keepax._src.format.tables import (
     linear,
     writer_of,
 )
+from keepax._src.io import memory
+from keepax._src.io.memory import MemoryStorage
 from keepax.errors import CorruptCheckpointError, KeepaxError
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_assigner_is_deterministic() -> None:
 def test_each_cell_has_exactly_one_writer_among_its_holders() -> None:
     runs = [Assigner(p, 3) for p in range(3)]
     results = [_run(a, _mixed_holders()) for a in runs]
-    for i, (shape, _, holders) in enumerate(_mixed_holders()):
+    for i, (_, _, holders) in enumerate(_mixed_holders()):
         written: dict[Any, int] = {}
         for p in range(3):
             for box in results[p][i].mine:

@@ -9,8 +9,11 @@ from keepax import policies as policies
 from keepax._src.async_engine.engine import SaveHandle as SaveHandle
 from keepax._src.async_engine.engine import SaveRecord as SaveRecord
 from keepax._src.async_engine.engine import save_async as save_async
-from keepax._src.manager.manager import CheckpointManager as CheckpointManager
-from keepax._src.manager.manager import StepInfo as StepInfo
+from keepax._src.checkpoint.handle import Checkpoint as Checkpoint
+from keepax._src.checkpoint.handle import ChunkInfo as ChunkInfo
+from keepax._src.checkpoint.handle import open_checkpoint as open
+from keepax._src.checkpoint.single_file import load_file as load_file
+from keepax._src.checkpoint.single_file import save_file as save_file
 from keepax._src.checkpoint.snapshot import CheckpointInfo as CheckpointInfo
 from keepax._src.checkpoint.snapshot import LeafInfo as LeafInfo
 from keepax._src.checkpoint.snapshot import RestoreStats as RestoreStats
@@ -19,11 +22,8 @@ from keepax._src.checkpoint.snapshot import inspect as inspect
 from keepax._src.checkpoint.snapshot import restore as restore
 from keepax._src.checkpoint.snapshot import save as save
 from keepax._src.checkpoint.snapshot import verify as verify
-from keepax._src.checkpoint.handle import Checkpoint as Checkpoint
-from keepax._src.checkpoint.handle import ChunkInfo as ChunkInfo
-from keepax._src.checkpoint.handle import open_checkpoint as open
-from keepax._src.checkpoint.single_file import load_file as load_file
-from keepax._src.checkpoint.single_file import save_file as save_file
+from keepax._src.manager.manager import CheckpointManager as CheckpointManager
+from keepax._src.manager.manager import StepInfo as StepInfo
 from keepax.errors import KeepaxError as KeepaxError
 from keepax.errors import KeepaxWarning as KeepaxWarning
 

@@ -87,7 +87,8 @@ def _show(args: argparse.Namespace) -> int:
             text = repr(leaf.value)
             shape, dtype, size = (text if len(text) <= 40 else text[:37] + "..."), "", ""
         else:
-            shape = "(" + ", ".join(map(str, leaf.shape)) + ("," if len(leaf.shape) == 1 else "") + ")"
+            comma = "," if len(leaf.shape) == 1 else ""
+            shape = "(" + ", ".join(map(str, leaf.shape)) + comma + ")"
             dtype, size = leaf.dtype or "", _size(leaf.nbytes)
         sharded = ""
         if leaf.sharding and leaf.sharding.get("kind") == "named":

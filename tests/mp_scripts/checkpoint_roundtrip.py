@@ -17,12 +17,12 @@ index, count = mp_prelude.init()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
+from multihost_state import global_state  # noqa: E402
 
 import keepax  # noqa: E402
 from keepax._src.format import boxes  # noqa: E402
-from multihost_state import global_state  # noqa: E402
-
 
 SPECS = {
     "w": P("data", "model"),  # sharded over every device

@@ -4,9 +4,9 @@ Asserts in place (a failure exits 1 with its traceback in the log) and reports t
 error messages back to the test.
 """
 
-import mp_prelude  # first: configures JAX for this process
-
 import time
+
+import mp_prelude  # first: configures JAX for this process
 
 index, count = mp_prelude.init()
 
@@ -47,7 +47,7 @@ except KeepaxError as e:
     assert e.step == 5 and e.path == "/ckpt/5", (e.step, e.path)
     report["agree_error"] = str(e)
 else:
-    raise AssertionError("agree did not raise on process %d" % index)
+    raise AssertionError(f"agree did not raise on process {index}")
 # several failing processes (the last two)
 failing = {count - 2, count - 1}
 try:
@@ -82,7 +82,7 @@ except KeepaxError as e:
     report["timeout_elapsed"] = time.monotonic() - t0
     assert e.step == 9 and e.path == "/ckpt/9"
 else:
-    raise AssertionError("barrier did not time out on process %d" % index)
+    raise AssertionError(f"barrier did not time out on process {index}")
 
 
 # every process made the same calls, so the sequences still agree: collectives go on working

@@ -11,7 +11,8 @@ index, count = mp_prelude.init()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 import keepax  # noqa: E402
 from keepax import policies  # noqa: E402

@@ -26,9 +26,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from keepax._src.format import dtypes
-from keepax._src.format import datafiles as format
 from keepax._src.checkpoint import snapshot
+from keepax._src.format import datafiles as format
+from keepax._src.format import dtypes
 from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import ArrayLeaf, Chunk, DataFile, Manifest
 from keepax._src.io import (

@@ -21,23 +21,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keepax._src.commit import coordination
-from keepax._src.commit import distributed
-from keepax._src.format import dtypes
-from keepax._src.format import datafiles as format
+from keepax._src.commit import coordination, distributed
 from keepax._src.format import boxes as sharding
-from keepax._src.format import tables
-from keepax._src.format import tree
+from keepax._src.format import datafiles as format
+from keepax._src.format import dtypes, tables, tree
 from keepax._src.format.datafiles import ChunkSource, ReadRequest, RestoreStats
 from keepax._src.format.manifest import (
     COMMIT_FILE,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    TABLES_VERSION,
     ArrayLeaf,
     Chunk,
     CommitMarker,
     DataFile,
-    TABLES_VERSION,
     Layout,
     Manifest,
     TableRef,

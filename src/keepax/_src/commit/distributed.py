@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from keepax._src.commit.coordination import Coordinator
 from keepax._src.format import datafiles as format
 from keepax._src.format import tables
-from keepax._src.commit.coordination import Coordinator
 from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import (
     COMMIT_FILE,

@@ -26,8 +26,8 @@ import crc32c as _crc32c
 import numpy as np
 
 from keepax._src.format import dtypes
-from keepax._src.format.manifest import FORMAT_NAME, FORMAT_VERSION, Chunk, DataFile
 from keepax._src.format.boxes import Box, intersect, local_slices
+from keepax._src.format.manifest import FORMAT_NAME, FORMAT_VERSION, Chunk, DataFile
 from keepax._src.io.base import Reader, Storage, Writer
 from keepax.errors import CorruptCheckpointError
 
@@ -47,8 +47,8 @@ CHUNK_BYTES = 64 << 20
 _ALIGN = 64
 _SMALL = 256 << 10  # chunks below this are gathered (writes) or coalesced (reads)
 _BATCH_BYTES = 16 << 20  # at most this much gathered into one writev / coalesced read
-_COPY_BLOCK = 8 << 20
-_RUN_BYTES = 256 << 20  # consecutive big chunks read with one vectored request, up to this  # non-contiguous sources are copied out in blocks of about this size
+_COPY_BLOCK = 8 << 20  # non-contiguous sources are copied out in blocks of about this size
+_RUN_BYTES = 256 << 20  # consecutive big chunks read with one vectored request, up to this
 
 
 def checksum(data: memoryview | bytes, value: int = 0) -> int:
@@ -457,7 +457,8 @@ def read_requests(
         steps.append((group[0].chunk.file, group[0].chunk.offset, read_group, group))
     run: list[_Piece] = []
     big = sorted(
-        (p for p in pieces if p.chunk.nbytes >= _SMALL), key=lambda p: (p.chunk.file, p.chunk.offset)
+        (p for p in pieces if p.chunk.nbytes >= _SMALL),
+        key=lambda p: (p.chunk.file, p.chunk.offset),
     )
     for piece in big:
         if run:

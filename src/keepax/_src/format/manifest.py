@@ -302,7 +302,9 @@ class CommitMarker:
         try:
             doc = json.loads(data, parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise CorruptCheckpointError(f"{COMMIT_FILE} is not valid JSON ({e})", path=where) from e
+            raise CorruptCheckpointError(
+                f"{COMMIT_FILE} is not valid JSON ({e})", path=where
+            ) from e
         v = _Validator(where)
         v.obj(doc, COMMIT_FILE)
         version = v.version(doc)
@@ -430,7 +432,8 @@ class _Validator:
         self._layouts = layouts
         self._with_tables = "tables" in doc
         leaves = tuple(
-            self._leaf(x, i, len(files)) for i, x in enumerate(self._list(doc.get("leaves"), "leaves"))
+            self._leaf(x, i, len(files))
+            for i, x in enumerate(self._list(doc.get("leaves"), "leaves"))
         )
         self._check_byte_ranges(leaves)
         tree = self.obj(doc.get("tree"), "tree")

@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 
 from keepax._src.format import dtypes
+from keepax._src.format.boxes import Box
 from keepax._src.format.manifest import (
     FORMAT_NAME,
     ArrayLeaf,
@@ -38,7 +39,6 @@ from keepax._src.format.manifest import (
     TableRef,
     boxes_disjoint,
 )
-from keepax._src.format.boxes import Box
 from keepax._src.io.base import Storage
 from keepax.errors import CorruptCheckpointError, KeepaxError
 

@@ -625,7 +625,9 @@ class FsspecStorage(Storage):
             try:
                 head = s3.run(s3.call("head_object", self._key(path), what="opening"))
             except FileNotFoundError:
-                raise FileNotFoundError(errno.ENOENT, "no such object", self.display(path)) from None
+                raise FileNotFoundError(
+                    errno.ENOENT, "no such object", self.display(path)
+                ) from None
             return _S3Reader(s3, self._key(path), int(head["ContentLength"]))
         full = self._full(path)
         info = self._retry(lambda: self.fs.info(full), path, "opening")
@@ -696,7 +698,9 @@ class FsspecStorage(Storage):
             markers = [k for k in keys if k.rsplit("/", 1)[-1] == COMMIT_NAME]
             rest = [k for k in keys if k.rsplit("/", 1)[-1] != COMMIT_NAME]
             for group in (markers, rest):
-                batches = [group[i : i + _DELETE_BATCH] for i in range(0, len(group), _DELETE_BATCH)]
+                batches = [
+                    group[i : i + _DELETE_BATCH] for i in range(0, len(group), _DELETE_BATCH)
+                ]
                 for future in [self._s3.submit(self._s3.delete_keys(b)) for b in batches]:
                     future.result()
             if path.rsplit("/", 1)[-1] != COMMIT_NAME:

@@ -49,13 +49,13 @@ import numpy as np
 
 from keepax import policies
 from keepax._src.async_engine import engine as async_engine
-from keepax._src.commit import coordination
 from keepax._src.checkpoint import snapshot
+from keepax._src.commit import coordination
 from keepax._src.format.datafiles import RestoreStats
-from keepax._src.io.lock import LOCK_NAME, DirectoryLock
 from keepax._src.format.manifest import COMMIT_FILE
-from keepax._src.manager.naming import DEFAULT_TEMPLATE, NameTemplate
 from keepax._src.io import LocalStorage, Storage, is_hidden_name, open_root
+from keepax._src.io.lock import LOCK_NAME, DirectoryLock
+from keepax._src.manager.naming import DEFAULT_TEMPLATE, NameTemplate
 from keepax.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -293,7 +293,7 @@ def _check_state_value(value: Any, owner: Any, leaf: str, step: int) -> None:
         return
     if isinstance(value, np.ndarray | np.generic | jax.Array):
         dtype = value.dtype
-        if dtype == object or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if dtype == np.dtype(object) or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
             raise UnsupportedLeafError(
                 f"get_state() of {type(owner).__name__} returned an array of dtype {dtype}; "
                 "return numeric arrays (for PRNG keys, jax.random.key_data(key))",
