@@ -27,8 +27,8 @@ import pytest
 
 import keepax
 from keepax import policies
+from keepax._src import checkpoint
 from keepax._src.async_engine import engine as async_engine
-from keepax._src.checkpoint import snapshot
 from keepax._src.format import datafiles as format
 from keepax._src.io import open_root
 from keepax._src.io.local import _LocalWriter
@@ -432,7 +432,7 @@ def test_staging_streams_beyond_the_budget(
     engine = async_engine.SaveEngine("budget-test")
     handles: list[keepax.SaveHandle] = []
     save = threading.Thread(target=lambda: handles.append(engine.save(
-        lambda: snapshot.prepare_save(f"{root}/ckpt", tree),
+        lambda: checkpoint.prepare_save(f"{root}/ckpt", tree),
         path=f"{root}/ckpt", staging_budget_bytes=budget)))
     save.start()
     save.join(0.3)
@@ -510,14 +510,14 @@ def test_unseen_background_failure_is_raised_by_the_next_save_async(
 def test_a_bug_in_background_leaf_conversion_surfaces(
     root: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = snapshot.chunk_view
+    original = checkpoint.chunk_view
 
     def broken(array: Any, slices: Any) -> np.ndarray:
         if tuple(array.shape) == (7, 3):
             raise ValueError("cannot convert this leaf")
         return original(array, slices)
 
-    monkeypatch.setattr(snapshot, "chunk_view", broken)
+    monkeypatch.setattr(checkpoint, "chunk_view", broken)
     directory = f"{root}/run"
     mngr = manager(directory)
     assert mngr.save(4, {"ok": np.ones(5), "bad": jnp.zeros((7, 3))})

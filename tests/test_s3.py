@@ -22,7 +22,7 @@ from s3_fixtures import S3Env, endpoint_options, start_moto  # noqa: E402
 
 import keepax  # noqa: E402
 from keepax import policies  # noqa: E402
-from keepax._src.checkpoint import snapshot  # noqa: E402
+from keepax._src import checkpoint  # noqa: E402
 from keepax.cli import main as cli_main  # noqa: E402
 from keepax.errors import (  # noqa: E402
     CheckpointExistsError,
@@ -73,12 +73,12 @@ def test_save_restore_inspect_verify(s3: S3Env) -> None:
     data_files = [k for k in keys if k.startswith("run/ckpt/data/")]
     assert len(data_files) == result.files and len(data_files) <= 4  # never one per array
 
-    stats = snapshot.RestoreStats()
+    stats = checkpoint.RestoreStats()
     _same(keepax.restore(url, tree, stats=stats, storage_options=options), tree)
     assert stats.bytes_read == sum(a.nbytes for a in [tree["params"]["w"], tree["params"]["b"],
                                                      *tree["params"]["layers"]])
     # Only the bytes of the selected subtree are read.
-    small = snapshot.RestoreStats()
+    small = checkpoint.RestoreStats()
     part = keepax.restore(url, select=["params/b"], stats=small, storage_options=options)
     np.testing.assert_array_equal(part["params"]["b"], tree["params"]["b"])
     assert small.bytes_read == tree["params"]["b"].nbytes
@@ -111,9 +111,9 @@ def test_interrupted_save_is_invisible_and_saved_over(s3: S3Env) -> None:
     def crash() -> None:
         raise KeyboardInterrupt("killed before the commit")
 
-    prepared = snapshot.prepare_save(url, tree, storage_options=s3.options)
+    prepared = checkpoint.prepare_save(url, tree, storage_options=s3.options)
     with pytest.raises(KeyboardInterrupt):
-        snapshot.write_prepared(prepared, before_commit=crash)
+        checkpoint.write_prepared(prepared, before_commit=crash)
     keys = s3.keys("run/7/")
     assert "run/7/manifest.json" in keys and "run/7/keepax.commit" not in keys
     with pytest.raises(NotCommittedError, match="never finished"):
@@ -131,14 +131,14 @@ def test_manager_removes_leftovers_after_the_grace_period_only(s3: S3Env) -> Non
     root = f"{s3.url}/run"
     with keepax.CheckpointManager(root, storage_options=s3.options) as manager:
         manager.save(1, {"a": np.ones(4)})
-    prepared = snapshot.prepare_save(f"{root}/00000002", {"a": np.ones(4)},
+    prepared = checkpoint.prepare_save(f"{root}/00000002", {"a": np.ones(4)},
                                      storage_options=s3.options)
 
     def crash() -> None:
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        snapshot.write_prepared(prepared, before_commit=crash)
+        checkpoint.write_prepared(prepared, before_commit=crash)
     s3.client().put_object(Bucket=s3.bucket, Key="run/notes/readme.txt", Body=b"mine")
     with pytest.warns(keepax.KeepaxWarning, match="notes"):
         manager = keepax.CheckpointManager(root, staging_grace=3600, storage_options=s3.options)

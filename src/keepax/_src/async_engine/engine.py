@@ -1,10 +1,10 @@
 """Asynchronous saves: staging, the background writer, handles, and error surfacing.
 
 A save is split in two. In the caller's thread: checks, the tree taken apart
-(:func:`snapshot.prepare_save`, which captures Python values), and *staging*: every array the
+(:func:`checkpoint.prepare_save`, which captures Python values), and *staging*: every array the
 caller could change afterwards is copied, so that the caller may then donate, delete or
 mutate its buffers. On the engine's writer thread: the data files, the manifest and the
-commit (:func:`snapshot.write_prepared`), then the caller's ``on_commit`` (the manager's
+commit (:func:`checkpoint.write_prepared`), then the caller's ``on_commit`` (the manager's
 bookkeeping and retention).
 
 Staging, per array (see :func:`_stage`), copies only what the caller could change:
@@ -30,7 +30,7 @@ Staging, per array (see :func:`_stage`), copies only what the caller could chang
   shard first, so the transfers overlap), so the save blocks for about one device-to-host
   copy and uses no device memory.
 - Arrays the plan made itself (NumPy scalars, bytes, byte-swapped copies): not copied again.
-- Python values, metadata and iterator states: captured by :func:`snapshot.prepare_save`
+- Python values, metadata and iterator states: captured by :func:`checkpoint.prepare_save`
   and the manager at the call.
 
 Host memory is bounded twice: at most ``max_in_flight`` saves are staged or being written
@@ -64,7 +64,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from keepax._src.checkpoint import snapshot
+from keepax._src import checkpoint
 from keepax._src.format.datafiles import ChunkSource
 from keepax.errors import KeepaxError
 
@@ -336,8 +336,8 @@ class _Job:
         self,
         engine: SaveEngine,
         handle: SaveHandle,
-        prepared: snapshot.PreparedSave,
-        on_commit: Callable[[snapshot.SaveResult], None] | None,
+        prepared: checkpoint.PreparedSave,
+        on_commit: Callable[[checkpoint.SaveResult], None] | None,
         on_error: Callable[[KeepaxError], None] | None,
         background: bool,
     ) -> None:
@@ -398,7 +398,7 @@ class _Job:
             batch = slot.batch
             if batch is not None:
                 batch.wait()
-            return snapshot.chunk_view(slot.array, slices)
+            return checkpoint.chunk_view(slot.array, slices)
 
         return get
 
@@ -452,7 +452,7 @@ class _Job:
         committed = False
         error: BaseException | None = None
         try:
-            result = snapshot.write_prepared(
+            result = checkpoint.write_prepared(
                 self.prepared, self.sources, before_commit=self._check_not_aborted
             )
             committed = True
@@ -536,7 +536,7 @@ def _stage(job: _Job, limit: int | None) -> tuple[int, float]:
             host.clear()
         job.set_ready(staged)
 
-    def classify(slot: _Slot, buffer: snapshot.SourceBuffer) -> int:
+    def classify(slot: _Slot, buffer: checkpoint.SourceBuffer) -> int:
         array = buffer.array
         if buffer.owned:
             job.set_ready([(slot, array)])
@@ -672,14 +672,14 @@ class SaveEngine:
 
     def save(
         self,
-        prepare: Callable[[], snapshot.PreparedSave],
+        prepare: Callable[[], checkpoint.PreparedSave],
         *,
         step: int | None = None,
         path: str,
         max_in_flight: int = 1,
         staging_budget_bytes: int | None = None,
         background: bool = True,
-        on_commit: Callable[[snapshot.SaveResult], None] | None = None,
+        on_commit: Callable[[checkpoint.SaveResult], None] | None = None,
         on_error: Callable[[KeepaxError], None] | None = None,
         check: Callable[[], None] | None = None,
     ) -> SaveHandle:
@@ -891,7 +891,7 @@ def save_async(
         engine = _default_engine
     engine.check_errors()
     return engine.save(
-        lambda: snapshot.prepare_save(path, tree, metadata=metadata, overwrite=overwrite,
+        lambda: checkpoint.prepare_save(path, tree, metadata=metadata, overwrite=overwrite,
                                       storage_options=storage_options),
         path=str(path),
         max_in_flight=max_in_flight,

@@ -48,8 +48,8 @@ import jax
 import numpy as np
 
 from keepax import policies
+from keepax._src import checkpoint
 from keepax._src.async_engine import engine as async_engine
-from keepax._src.checkpoint import snapshot
 from keepax._src.commit import coordination
 from keepax._src.format.datafiles import RestoreStats
 from keepax._src.format.manifest import COMMIT_FILE
@@ -118,7 +118,7 @@ class StepInfo:
         return policies.StepRecord(self.step, self.time, self.temporary, dict(self.metrics))
 
 
-def _step_info(name: str, info: snapshot.CheckpointInfo) -> StepInfo:
+def _step_info(name: str, info: checkpoint.CheckpointInfo) -> StepInfo:
     """Reads the manager's facts from a checkpoint's metadata; ValueError if there are none."""
     meta = info.metadata.get(MANAGER_KEY)
     if not isinstance(meta, dict):
@@ -352,7 +352,7 @@ def _subtree(plain: Any, path: Sequence[Any]) -> Any:
     return node
 
 
-def _like_of(leaf: snapshot.LeafInfo) -> Any:
+def _like_of(leaf: checkpoint.LeafInfo) -> Any:
     """A ``like`` leaf that restores a stored leaf as it is (no allocation for arrays)."""
     if leaf.shape is None:
         return leaf.value
@@ -375,7 +375,7 @@ def _under(path: str, prefix: str) -> bool:
 # Restoring a step's tree (items, iterator state, strictness).
 
 
-def _item_names(info: snapshot.CheckpointInfo, items: Any) -> list[str] | None:
+def _item_names(info: checkpoint.CheckpointInfo, items: Any) -> list[str] | None:
     if items is None:
         return None
     names = [items] if isinstance(items, str) else list(items)
@@ -410,7 +410,7 @@ def _pick_items(like: Any, names: list[str], where: str) -> dict[str, Any]:
 
 
 def _restore_tree(
-    info: snapshot.CheckpointInfo,
+    info: checkpoint.CheckpointInfo,
     like: Any,
     items: list[str] | None,
     partial: bool,
@@ -419,7 +419,7 @@ def _restore_tree(
     storage_options: dict[str, Any] | None = None,
 ) -> Any:
     path = info.path
-    restore = functools.partial(snapshot.restore, storage_options=storage_options)
+    restore = functools.partial(checkpoint.restore, storage_options=storage_options)
     select = [(n,) for n in items] if items is not None else None
     if like is None:
         return restore(path, select=select, dtype=dtype, stats=stats)
@@ -459,7 +459,7 @@ def _restore_tree(
     return jax.tree_util.tree_map_with_path(put, like, main, states, is_leaf=_is_stateful)
 
 
-def _state_like(info: snapshot.CheckpointInfo, path: Sequence[Any]) -> Any:
+def _state_like(info: checkpoint.CheckpointInfo, path: Sequence[Any]) -> Any:
     where = jax.tree_util.keystr(tuple(path))
     try:
         stored = _subtree(info.tree, path)
@@ -470,12 +470,12 @@ def _state_like(info: snapshot.CheckpointInfo, path: Sequence[Any]) -> Any:
             path=info.path, leaf=where,
         ) from None
     return jax.tree_util.tree_map(
-        _like_of, stored, is_leaf=lambda x: isinstance(x, snapshot.LeafInfo)
+        _like_of, stored, is_leaf=lambda x: isinstance(x, checkpoint.LeafInfo)
     )
 
 
 def _check_no_extra(
-    info: snapshot.CheckpointInfo, plain_like: Any, stateful: list[Any], items: list[str] | None
+    info: checkpoint.CheckpointInfo, plain_like: Any, stateful: list[Any], items: list[str] | None
 ) -> None:
     """Strictness of a restore whose like holds stateful objects: every stored leaf must be
     in like or under one of those objects."""
@@ -893,7 +893,7 @@ class CheckpointManager:
         size) at each leaf; no array data is read."""
         self._check_open()
         self._settle()
-        return snapshot.inspect(self._resolve(step).path,
+        return checkpoint.inspect(self._resolve(step).path,
                                 storage_options=self._storage_options).tree
 
     def should_save(self, step: int) -> bool:
@@ -1042,7 +1042,7 @@ class CheckpointManager:
             state=state,
             temporary=decision == policies.Decision.TEMPORARY,
             metrics=_check_metrics(metrics, step, where),
-            metadata=snapshot.check_metadata(metadata, where, step),
+            metadata=checkpoint.check_metadata(metadata, where, step),
             placeholders={k: _json_value(v) for k, v in placeholders.items()},
             replaced=replaced if isinstance(replaced, StepInfo) else None,
         )
@@ -1115,9 +1115,9 @@ class CheckpointManager:
         replace = replaced is not None and replaced.name == name
         full_metadata = {MANAGER_KEY: facts, USER_KEY: metadata}
 
-        def prepare() -> snapshot.PreparedSave:
+        def prepare() -> checkpoint.PreparedSave:
             try:
-                return snapshot.prepare_save(path, tree, metadata=full_metadata,
+                return checkpoint.prepare_save(path, tree, metadata=full_metadata,
                                              storage_options=self._storage_options,
                                              overwrite=replace, host_local=self._host_local,
                                              step=step, timeout=self._sync_timeout)
@@ -1138,7 +1138,7 @@ class CheckpointManager:
         # directory waits for them), with no bookkeeping left to do.
         manager = weakref.ref(self)
 
-        def committed(_: snapshot.SaveResult) -> None:
+        def committed(_: checkpoint.SaveResult) -> None:
             mngr = manager()
             if mngr is not None:
                 mngr._committed(step, name, path, replaced)
@@ -1244,7 +1244,7 @@ class CheckpointManager:
         if discard_newer:
             self._check_writable("restore(discard_newer=True)")
         record = self._resolve(step)
-        info = snapshot.inspect(record.path, storage_options=self._storage_options)
+        info = checkpoint.inspect(record.path, storage_options=self._storage_options)
         try:
             result = _restore_tree(info, like, _item_names(info, items), partial, dtype, stats,
                                    self._storage_options)
@@ -1491,7 +1491,7 @@ class CheckpointManager:
         """Reads one entry of the directory as a step; None (with a warning) if it is not."""
         path = self._storage.display(name)
         try:
-            return _step_info(name, snapshot.inspect(path, storage_options=self._storage_options))
+            return _step_info(name, checkpoint.inspect(path, storage_options=self._storage_options))
         except (KeepaxError, OSError, ValueError) as e:
             reason = str(e)
         if not self._storage.atomic_rename and self._storage.is_unfinished(name):
