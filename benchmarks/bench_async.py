@@ -10,7 +10,7 @@ vectors):
 - ``keepax.save_async``: the time it blocks the caller (until it returns) and the total time
   until the checkpoint is committed (``handle.wait()``), with the ``SaveRecord``'s fields;
   for information also with keepax's host-memory staging (the private module constant
-  ``async_engine._CPU_STAGING = "host"``) instead of its default on-device staging copy;
+  ``async_staging._CPU_STAGING = "host"``) instead of its default on-device staging copy;
 - Orbax's async save (``ocp.StandardCheckpointer``, an ``AsyncCheckpointer``; OCDBT + zstd by
   default): blocking (until ``save()`` returns) and total (until ``wait_until_finished()``);
 - a simulated training loop: a jitted step of known duration (a chain of 1024x1024 matmuls on
@@ -198,7 +198,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     import keepax
     from keepax import policies
-    from keepax._src.async_engine import engine as async_engine
+    from keepax._src.async_engine import staging as async_staging
 
     name = args._state
     repeats, loop_repeats = args.repeats, args._loop_repeats
@@ -261,9 +261,9 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
     def keepax_async(op: str, r: int, staging: str | None) -> None:
         # staging None: keepax as shipped; "host": its host-memory staging (information).
         path = os.path.join(root, f"{op}-{r}")
-        previous = getattr(async_engine, "_CPU_STAGING", None)
+        previous = getattr(async_staging, "_CPU_STAGING", None)
         if staging is not None:
-            async_engine._CPU_STAGING = staging
+            async_staging._CPU_STAGING = staging
         try:
             settle()
             cpu = time.process_time()
@@ -275,7 +275,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
             cpu = time.process_time() - cpu
         finally:
             if staging is not None:
-                async_engine._CPU_STAGING = previous
+                async_staging._CPU_STAGING = previous
         record(f"{op}_blocking", blocked)
         record(f"{op}_total", total)
         times.setdefault(f"{op}_cpu", []).append(cpu)
@@ -317,7 +317,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
     systems = [("host_copy", run_host_copy), ("keepax", run_keepax)]
     if ocp is not None:
         systems.append(("orbax", run_orbax))
-    if not args.no_host_staging and hasattr(async_engine, "_CPU_STAGING"):
+    if not args.no_host_staging and hasattr(async_staging, "_CPU_STAGING"):
         systems.append(("keepax_hoststaging", run_keepax_host))
     order_log = []
     for r in range(repeats):
@@ -363,9 +363,9 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
                 mngr = RawSaver(directory, state)
                 saver = mngr.save
             step_s, save_s = [], []
-            previous = getattr(async_engine, "_CPU_STAGING", None)
+            previous = getattr(async_staging, "_CPU_STAGING", None)
             if kind == "keepax_hoststaging":
-                async_engine._CPU_STAGING = "host"
+                async_staging._CPU_STAGING = "host"
             settle()
             steal = cpu_steal_seconds()
             cpu = time.process_time()
@@ -394,7 +394,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
                              "committed": rec.committed} for rec in mngr.save_records]
                 mngr.close()
             if kind == "keepax_hoststaging":
-                async_engine._CPU_STAGING = previous
+                async_staging._CPU_STAGING = previous
             loop_raw.setdefault(kind, []).append({
                 "loop_seconds": loop_s, "cpu_seconds": cpu, "flush_seconds": flush_s,
                 "step_seconds": step_s,
@@ -423,7 +423,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
         kinds = ["none", "keepax"] + ([] if args.no_raw_loop else ["raw"])
         if ocp is not None and not args.no_orbax_loop:
             kinds.append("orbax")
-        if args.loop_host_staging and hasattr(async_engine, "_CPU_STAGING"):
+        if args.loop_host_staging and hasattr(async_staging, "_CPU_STAGING"):
             kinds.append("keepax_hoststaging")
         loop_order = []
         for r in range(loop_repeats):
@@ -446,7 +446,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
         "build_seconds": build_s,
         "repeats": repeats,
         "orbax_note": orbax_note,
-        "keepax_cpu_staging": getattr(async_engine, "_CPU_STAGING", None),
+        "keepax_cpu_staging": getattr(async_staging, "_CPU_STAGING", None),
         "jax_devices": [str(d) for d in jax.devices()],
         "order": order_log,
         "times": times,

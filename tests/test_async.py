@@ -27,8 +27,10 @@ import pytest
 
 import keepax
 from keepax import policies
+from keepax._src import async_engine as keepax_async
 from keepax._src import checkpoint
-from keepax._src.async_engine import engine as async_engine
+from keepax._src.async_engine import api as async_api
+from keepax._src.async_engine import staging as async_staging
 from keepax._src.format import datafiles as format
 from keepax._src.io import open_root
 from keepax._src.io.local import _LocalWriter
@@ -147,7 +149,7 @@ def assert_bit_exact(got: Any, want: Any) -> None:
 def no_failure_left_unseen() -> Any:
     """Every test leaves keepax.save_async's shared engine idle, with no failure unseen."""
     yield
-    engine = async_engine._default_engine
+    engine = async_api.default_engine(create=False)
     if engine is not None:
         engine.wait()
         engine.check_errors()
@@ -156,7 +158,7 @@ def no_failure_left_unseen() -> Any:
 @pytest.fixture(params=["device", "host"])
 def staging(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both ways CPU jax.Arrays can be staged (the default is "device")."""
-    monkeypatch.setattr(async_engine, "_CPU_STAGING", request.param)
+    monkeypatch.setattr(async_staging, "_CPU_STAGING", request.param)
     return request.param
 
 
@@ -429,7 +431,7 @@ def test_staging_streams_beyond_the_budget(
     tree = {f"w{i}": jnp.full((256, 512), i, jnp.float32) for i in range(6)}  # 512 KiB each
     tree.update({f"n{i}": np.full(65_536, i, np.float64) for i in range(4)})
     want = host_copy(tree)
-    engine = async_engine.SaveEngine("budget-test")
+    engine = keepax_async.SaveEngine("budget-test")
     handles: list[keepax.SaveHandle] = []
     save = threading.Thread(target=lambda: handles.append(engine.save(
         lambda: checkpoint.prepare_save(f"{root}/ckpt", tree),
@@ -594,7 +596,7 @@ def test_staging_failure_is_raised_by_the_call_and_commits_nothing(
     def no_memory(arrays: Any) -> Any:
         raise MemoryError("staging copy")
 
-    monkeypatch.setattr(async_engine, "_host_copies", no_memory)
+    monkeypatch.setattr(async_staging, "_host_copies", no_memory)
     directory = f"{root}/run"
     with manager(directory) as mngr:
         with pytest.raises(MemoryError):

@@ -6,9 +6,9 @@ private.
 
 from keepax import errors as errors
 from keepax import policies as policies
-from keepax._src.async_engine.engine import SaveHandle as SaveHandle
-from keepax._src.async_engine.engine import SaveRecord as SaveRecord
-from keepax._src.async_engine.engine import save_async as save_async
+from keepax._src.async_engine import SaveHandle as SaveHandle
+from keepax._src.async_engine import SaveRecord as SaveRecord
+from keepax._src.async_engine import save_async as save_async
 from keepax._src.checkpoint import Checkpoint as Checkpoint
 from keepax._src.checkpoint import CheckpointInfo as CheckpointInfo
 from keepax._src.checkpoint import ChunkInfo as ChunkInfo
