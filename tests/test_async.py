@@ -8,6 +8,7 @@ so that what the caller does after ``save`` returns happens before anything is w
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from faulty_storage import Faults, FaultyStorage
 
 import keepax
 from keepax import policies
@@ -32,9 +34,7 @@ from keepax._src import checkpoint
 from keepax._src.async_engine import api as async_api
 from keepax._src.async_engine import staging as async_staging
 from keepax._src.format import datafiles as format
-from keepax._src.io import open_root
-from keepax._src.io.local import _LocalWriter
-from keepax._src.io.memory import _MemoryWriter
+from keepax._src.io import LocalStorage, MemoryStorage, Storage, open_root
 from keepax.errors import KeepaxError, UnsupportedLeafError
 
 # ---------------------------------------------------------------------------------------------
@@ -60,47 +60,29 @@ class CountingIterator:
         self.position = int(state["position"])
 
 
-class Gate:
-    """Holds every data-file creation until opened."""
-
-    def __init__(self) -> None:
-        self.opened = threading.Event()
-        self.entered = threading.Event()
-
-    def open(self) -> None:
-        self.opened.set()
-
-
-def storage_class(path: str) -> type:
+def storage_class(path: str) -> type[Storage]:
     return type(open_root(path))
 
 
-def install_gate(monkeypatch: pytest.MonkeyPatch, path: str, *, opened: bool = False) -> Gate:
-    gate = Gate()
-    if opened:
-        gate.open()
-    cls = storage_class(path)
-    original = cls.create
-
-    def create(self: Any, name: str) -> Any:
-        if "/data/" in name:
-            gate.entered.set()
-            assert gate.opened.wait(30), "gate never opened"
-        return original(self, name)
-
-    monkeypatch.setattr(cls, "create", create)
-    return gate
+def install_gate(monkeypatch: pytest.MonkeyPatch, path: str) -> Faults:
+    """Holds every data-file creation under ``path``'s backend until ``.release()``."""
+    return Faults(hold=True).install(monkeypatch, storage_class(path))
 
 
-def install_disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every data write raises ENOSPC, as a full disk does (both storage backends)."""
+def install_disk_full(monkeypatch: pytest.MonkeyPatch) -> Faults:
+    """Every write raises ENOSPC, as a full disk does (both storage backends)."""
+    return Faults(matches=lambda path: True, fail_write_after=0).install(
+        monkeypatch, LocalStorage, MemoryStorage)
 
-    def full(self: Any, data: Any) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(_LocalWriter, "write", full)
-    monkeypatch.setattr(_LocalWriter, "writev", lambda self, buffers: full(self, None))
-    monkeypatch.setattr(_MemoryWriter, "write", full)
+def wait_until_done(handle: keepax.SaveHandle, seconds: float = 30) -> None:
+    """Waits for a save to finish without raising its failure; fails the test after
+    ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not handle.done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{handle!r} did not finish within {seconds}s")
+        time.sleep(0.01)
 
 
 def manager(directory: str, **kwargs: Any) -> keepax.CheckpointManager:
@@ -234,7 +216,7 @@ def test_donate_delete_and_mutate_right_after_return(
     assert handle.staged and not handle.done()  # nothing written yet: the gate is closed
     clobber(tree)
     assert tree["replicated"].is_deleted()
-    gate.open()
+    gate.release()
     handle.wait(timeout=30)
     got = keepax.restore(f"{root}/ckpt")
     got["blob"] = bytearray(got["blob"])
@@ -311,7 +293,7 @@ def test_manager_saves_in_the_background_and_queries_wait(
         state["extra"]["lr"] = 9.9
         metadata["tags"].append("b")
         assert visible(directory) == []  # nothing committed yet
-        gate.open()
+        gate.release()
         assert mngr.all_steps() == [3]  # waits for the save in flight
         assert mngr.metadata(3).metadata == {"tags": ["a"]}
         like = {"params": {"w": jnp.zeros((3, 4))}, "opt": np.ones(4),
@@ -357,7 +339,7 @@ def test_close_and_context_exit_wait_for_saves_in_flight(
     directory = f"{root}/run"
     with manager(directory) as mngr:
         mngr.save(1, {"x": jnp.arange(3)})
-        threading.Timer(0.3, gate.open).start()
+        threading.Timer(0.3, gate.release).start()
     assert visible(directory) == ["00000001"]
     with manager(directory) as mngr:
         assert mngr.all_steps() == [1]
@@ -370,7 +352,7 @@ def test_manager_dropped_unclosed_still_commits(root: str, monkeypatch: pytest.M
     mngr = manager(directory)
     mngr.save(1, {"x": np.int32(1)})
     del mngr
-    threading.Timer(0.3, gate.open).start()
+    threading.Timer(0.3, gate.release).start()
     with manager(directory) as again:  # waits for the save the dropped manager had in flight
         assert again.all_steps() == [1]
 
@@ -392,7 +374,7 @@ def test_at_most_max_in_flight_saves_and_the_wait_is_logged(
         second.start()
         second.join(0.3)
         assert second.is_alive()  # waits for step 1
-        gate.open()
+        gate.release()
         second.join(10)
         assert not second.is_alive()
         assert mngr.all_steps() == [1, 2]
@@ -418,7 +400,7 @@ def test_two_in_flight_do_not_wait(root: str, monkeypatch: pytest.MonkeyPatch) -
         assert not mngr.save(2, {"x": np.int32(2)})  # held (in flight): skipped
         with pytest.raises(KeepaxError, match="below the latest step 2"):
             mngr.save(1, {"x": np.int32(0)}, force=True)
-        gate.open()
+        gate.release()
         assert mngr.all_steps() == [1, 2]
         assert [r.wait_seconds for r in mngr.save_records] == [0, 0]
 
@@ -426,21 +408,25 @@ def test_two_in_flight_do_not_wait(root: str, monkeypatch: pytest.MonkeyPatch) -
 def test_staging_streams_beyond_the_budget(
     root: str, monkeypatch: pytest.MonkeyPatch, staging: str, small_chunks: None
 ) -> None:
-    gate = install_gate(monkeypatch, root)
+    gate = Faults(hold=True)  # on this save's own storage object (see prepare)
     budget = 1 << 20
     tree = {f"w{i}": jnp.full((256, 512), i, jnp.float32) for i in range(6)}  # 512 KiB each
     tree.update({f"n{i}": np.full(65_536, i, np.float64) for i in range(4)})
     want = host_copy(tree)
     engine = keepax_async.SaveEngine("budget-test")
     handles: list[keepax.SaveHandle] = []
+
+    def prepare() -> checkpoint.PreparedSave:
+        prepared = checkpoint.prepare_save(f"{root}/ckpt", tree)
+        return dataclasses.replace(prepared, storage=FaultyStorage(prepared.storage, gate))
+
     save = threading.Thread(target=lambda: handles.append(engine.save(
-        lambda: checkpoint.prepare_save(f"{root}/ckpt", tree),
-        path=f"{root}/ckpt", staging_budget_bytes=budget)))
+        prepare, path=f"{root}/ckpt", staging_budget_bytes=budget)))
     save.start()
     save.join(0.3)
     assert save.is_alive()  # 5 MiB cannot be staged in 1 MiB until the writer gets going
     assert engine.budget.used <= budget
-    gate.open()
+    gate.release()
     save.join(30)
     (handle,) = handles
     clobber_all = jax.jit(lambda t: jax.tree.map(lambda x: x * 0, t), donate_argnums=0)
@@ -485,21 +471,35 @@ def test_background_failure_surfaces_at_handle_wait_and_nothing_is_committed(
     keepax.save_async(f"{root}/other", {"w": np.ones(3)}).wait()  # seen: not raised again
 
 
+@pytest.mark.parametrize("fault", ["write after 100 KiB", "second file created", "commit rename"])
+def test_storage_fault_at_any_stage_commits_nothing_and_surfaces(
+    root: str, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    every_file = {"matches": lambda path: True}
+    faults = {
+        "write after 100 KiB": Faults(fail_write_after=100 << 10),
+        "second file created": Faults(**every_file, fail_create_at=2,
+                                      fail_create=OSError(errno.EIO, "I/O error")),
+        "commit rename": Faults(fail_rename=OSError(errno.EIO, "I/O error")),
+    }[fault].install(monkeypatch, storage_class(root))
+    handle = keepax.save_async(f"{root}/ckpt", {"w": np.ones(100_000), "b": np.zeros(3)})
+    with pytest.raises(KeepaxError, match="nothing was committed") as info:
+        handle.wait(30)
+    assert isinstance(info.value.__cause__, OSError)
+    assert faults.creates >= 1 and not handle.committed
+    assert visible(root) == [] and hidden(root) == []
+    monkeypatch.undo()
+    keepax.save_async(f"{root}/ckpt", {"w": np.ones(3)}).wait(30)  # seen: not raised again
+    assert visible(root) == ["ckpt"]
+
+
 def test_unseen_background_failure_is_raised_by_the_next_save_async(
     root: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cls = storage_class(root)
-    original = cls.create
-
-    def denied(self: Any, name: str) -> Any:
-        if "/data/" in name:
-            raise PermissionError(errno.EACCES, "Permission denied", name)
-        return original(self, name)
-
-    monkeypatch.setattr(cls, "create", denied)
+    denied = PermissionError(errno.EACCES, "Permission denied", "data file")
+    Faults(fail_create=denied).install(monkeypatch, storage_class(root))
     first = keepax.save_async(f"{root}/a", {"w": np.ones(10)})
-    while not first.done():
-        time.sleep(0.01)
+    wait_until_done(first)
     monkeypatch.undo()
     with pytest.raises(KeepaxError, match="Permission denied") as info:
         keepax.save_async(f"{root}/b", {"w": np.ones(10)})
@@ -582,7 +582,7 @@ def test_failure_of_the_save_waited_for_is_raised_by_the_waiting_save(
     thread = threading.Thread(target=second)
     thread.start()
     thread.join(0.2)
-    gate.open()
+    gate.release()
     thread.join(10)
     assert len(errors) == 1 and errors[0].step == 1  # step 2 is not saved after it
     monkeypatch.undo()
@@ -625,7 +625,7 @@ def test_retention_deletes_only_after_the_newer_step_is_committed(
         time.sleep(0.1)
         assert visible(directory) == ["00000000"]  # step 1 not committed: 0 untouched
         assert hidden(directory) == [n for n in hidden(directory) if ".keepax-tmp" in n]
-        gate.open()
+        gate.release()
         mngr.wait_until_finished()
         assert visible(directory) == ["00000001"]
 

@@ -32,6 +32,8 @@ __all__ = ["main"]
 
 
 def _size(n: int) -> str:
+    """A byte count for people, one decimal (``keepax._src.util.format_bytes`` is the
+    library's own; the CLI uses only the public API)."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
@@ -71,8 +73,13 @@ def _storage_options(pairs: Sequence[str] | None) -> dict[str, Any] | None:
     return options
 
 
+def _open(args: argparse.Namespace) -> keepax.Checkpoint:
+    """The checkpoint at ``args.path``, opened once (its manifest read and validated)."""
+    return keepax.open(args.path, storage_options=args.storage_options)
+
+
 def _show(args: argparse.Namespace) -> int:
-    info = keepax.inspect(args.path, storage_options=args.storage_options)
+    info = _open(args).info
     created = datetime.datetime.fromtimestamp(info.created, datetime.UTC)
     print(f"checkpoint  {info.path}")
     print(f"format      keepax {info.format_version}")
@@ -138,6 +145,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    checkpoint = _open(args)
     bar = None
     if sys.stderr.isatty() and not args.quiet:
         from tqdm import tqdm
@@ -151,8 +159,7 @@ def _verify(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
     try:
-        problems = keepax.verify(args.path, progress=progress,
-                                 storage_options=args.storage_options)
+        problems = checkpoint.verify(progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -161,7 +168,7 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"BAD  {problem}")
         print(f"{args.path}: {len(problems)} problem{'s' if len(problems) != 1 else ''} found")
         return 1
-    info = keepax.inspect(args.path, storage_options=args.storage_options)
+    info = checkpoint.info
     print(f"{info.path}: OK ({len(info.leaves)} leaves, {_size(info.nbytes)} checked)")
     return 0
 
