@@ -2,8 +2,9 @@
 saves and staging memory, background failures surfacing at every call that must raise them,
 retention after commit, records and logs, exit and ``kill -9`` safety.
 
-Writes are held back with a *gate* on the storage (data files are created only once it opens),
-so that what the caller does after ``save`` returns happens before anything is written.
+Writes are held back by a storage-level fault injector (``faulty_storage.Faults(hold=True)``:
+data files are created only once it is released), so that what the caller does after ``save``
+returns happens before anything is written; the same injector fails chosen storage operations.
 """
 
 from __future__ import annotations
