@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,3 +71,66 @@ def test_chunks_expose_checksums_and_verify_finds_damage(saved) -> None:
 def test_open_of_a_missing_checkpoint_names_it(tmp_path) -> None:
     with pytest.raises(keepax.errors.CheckpointNotFoundError, match="does not exist"):
         keepax.open(str(tmp_path / "missing"))
+
+
+# A checkpoint deleted while it is read (a manager's retention removing it) is gone, not damaged.
+
+
+def _retired_step(tmp_path) -> tuple[keepax.Checkpoint, str, dict]:
+    """Opens step 1 of a manager run, then lets retention delete it (a real deletion: renamed
+    to a trash name, then removed); returns the handle opened before the deletion."""
+    tree = {"w": np.arange(1024, dtype=np.float32).reshape(32, 32), "step": 1}
+    with keepax.CheckpointManager(str(tmp_path / "run"), keep=[keepax.policies.KeepLast(1)],
+                                  async_save=False) as manager:
+        manager.save(1, tree)
+        path = manager.metadata(1).path
+        ckpt = keepax.open(path)
+        manager.save(2, tree)
+        manager.wait_until_finished()
+        assert manager.all_steps() == [2]
+    return ckpt, path, tree
+
+
+def test_a_step_deleted_after_open_is_reported_as_deleted_not_damaged(tmp_path) -> None:
+    ckpt, path, tree = _retired_step(tmp_path)
+    assert ckpt.info.leaves  # the description was read when the handle was made
+    with pytest.raises(keepax.errors.CheckpointNotFoundError, match="deleted while being read"):
+        ckpt.restore(like=tree)
+    with pytest.raises(keepax.errors.CheckpointNotFoundError, match="deleted while being read"):
+        list(ckpt.iter_leaves())
+    with pytest.raises(keepax.errors.CheckpointNotFoundError, match="deleted while being"):
+        ckpt.verify()
+    with pytest.raises(keepax.errors.CheckpointNotFoundError, match="does not exist") as info:
+        keepax.inspect(path)
+    assert "never finished" not in str(info.value)
+
+
+def test_deleting_the_commit_marker_first_reads_as_deleted_and_missing_data_as_damage(
+    saved,
+) -> None:
+    """Object stores delete a checkpoint's commit marker before its other files; with the
+    marker still there, a missing data file is damage."""
+    path, tree = saved
+    ckpt = keepax.open(path)
+    data = sorted(p for p in os.listdir(f"{path}/data"))
+    os.remove(f"{path}/data/{data[0]}")
+    with pytest.raises(keepax.errors.CorruptCheckpointError, match="missing"):
+        ckpt.restore(like=tree)
+    os.remove(f"{path}/keepax.commit")
+    with pytest.raises(keepax.errors.CheckpointNotFoundError, match="deleted while being read"):
+        ckpt.restore(like=tree)
+
+
+def test_the_unfinished_save_hint_ignores_trash_left_by_a_deletion(saved) -> None:
+    path, _ = saved
+    os.rename(path, f"{path}.keepax-trash-0123456789ab")  # what retention's first phase does
+    with pytest.raises(keepax.errors.CheckpointNotFoundError, match="does not exist") as info:
+        keepax.restore(path)
+    assert "never finished" not in str(info.value)
+    os.rename(f"{path}.keepax-trash-0123456789ab", f"{path}.keepax-old-0123456789ab")
+    with pytest.raises(keepax.errors.CheckpointNotFoundError) as info:
+        keepax.inspect(path)
+    assert "never finished" not in str(info.value)
+    os.mkdir(f"{path}.keepax-tmp-0123456789ab")  # a save's staging directory
+    with pytest.raises(keepax.errors.CheckpointNotFoundError, match="never finished"):
+        keepax.inspect(path)

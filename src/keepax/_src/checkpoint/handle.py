@@ -8,7 +8,9 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from keepax._src.checkpoint import snapshot
+from keepax._src.checkpoint import inspection, restoring
+from keepax._src.checkpoint.inspection import CheckpointInfo, LeafInfo
+from keepax._src.checkpoint.opening import Opened, open_path
 from keepax._src.format.datafiles import RestoreStats
 from keepax._src.format.manifest import ArrayLeaf, Manifest
 
@@ -44,7 +46,7 @@ class Checkpoint:
     data is read only by :meth:`restore`, :meth:`iter_leaves` and :meth:`verify`.
     """
 
-    def __init__(self, opened: snapshot._Opened) -> None:
+    def __init__(self, opened: Opened) -> None:
         self._opened = opened
 
     @property
@@ -58,9 +60,9 @@ class Checkpoint:
         return self._opened.manifest
 
     @functools.cached_property
-    def info(self) -> snapshot.CheckpointInfo:
+    def info(self) -> CheckpointInfo:
         """What :func:`keepax.inspect` returns: structure, shapes, dtypes, sizes, metadata."""
-        return snapshot.info_of(self._opened)
+        return inspection.info_of(self._opened)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -77,19 +79,19 @@ class Checkpoint:
         stats: RestoreStats | None = None,
     ) -> Any:
         """Restores the checkpoint; arguments as for :func:`keepax.restore`."""
-        return snapshot.restore_opened(self._opened, like, select, partial, dtype, stats)
+        return restoring.restore_opened(self._opened, like, select, partial, dtype, stats)
 
     def iter_leaves(
         self, select: str | Sequence[str | tuple[Any, ...]] | None = None
-    ) -> Iterator[tuple[snapshot.LeafInfo, Any]]:
+    ) -> Iterator[tuple[LeafInfo, Any]]:
         """Yields ``(LeafInfo, value)`` for each (selected) leaf in flatten order, reading one
         leaf at a time, so memory holds at most one leaf's bytes.
 
         Arrays come back as whole NumPy arrays (sharded leaves assembled), PRNG keys as their
         key data, Python values as themselves.
         """
-        for index in snapshot.selected_indices(self._opened, select):
-            values = snapshot.read_plain(self._opened, [index])
+        for index in restoring.selected_indices(self._opened, select):
+            values = restoring.read_plain(self._opened, [index])
             yield self.info.leaves[index], values[index]
             del values
 
@@ -98,15 +100,14 @@ class Checkpoint:
 
         With per-process chunk tables (multi-process saves), the tables are read.
         """
-        manifest = snapshot.resolved_manifest(self._opened)
-        out = []
+        manifest = inspection.resolved_manifest(self._opened)
+        out: list[ChunkInfo] = []
         for entry in manifest.leaves:
             if not isinstance(entry, ArrayLeaf) or (leaf is not None and entry.path != leaf):
                 continue
             out.extend(
-                ChunkInfo(entry.path, (tuple(c.start), tuple(c.shape)), manifest.files[c.file].name,
-                          c.offset,
-                          c.nbytes, c.crc32c)
+                ChunkInfo(entry.path, (tuple(c.start), tuple(c.shape)),
+                          manifest.files[c.file].name, c.offset, c.nbytes, c.crc32c)
                 for c in entry.chunks
             )
         return out
@@ -114,7 +115,7 @@ class Checkpoint:
     def verify(self, *, progress: Callable[[int, int], None] | None = None) -> list[str]:
         """Re-reads every chunk and checks its checksum; one message per problem (empty when
         sound), as :func:`keepax.verify`."""
-        return snapshot.verify_opened(self._opened, progress=progress)
+        return inspection.verify_opened(self._opened, progress=progress)
 
     def __repr__(self) -> str:
         m = self._opened.manifest
@@ -136,4 +137,4 @@ def open_checkpoint(path: str, *, storage_options: dict[str, Any] | None = None)
       CheckpointNotFoundError, NotCommittedError, CorruptCheckpointError, FormatVersionError:
         the checkpoint is missing, incomplete, damaged or too new.
     """
-    return Checkpoint(snapshot._open(path, storage_options))
+    return Checkpoint(open_path(path, storage_options))

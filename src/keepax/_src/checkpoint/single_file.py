@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from keepax._src.checkpoint import snapshot
+from keepax._src import checkpoint as snapshot  # the layer's API
 from keepax._src.format import datafiles as format
 from keepax._src.format import dtypes
 from keepax._src.format.datafiles import ChunkSource

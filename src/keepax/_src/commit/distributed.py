@@ -1,8 +1,9 @@
 """Writing one checkpoint from several JAX processes.
 
-The protocol (``docs/FORMAT.md`` §3.1 and §14):
+The protocol (``docs/FORMAT.md`` §3.1 and §14), around the one commit protocol of
+:mod:`keepax._src.commit.protocol`:
 
-1. Process 0 picks the staging directory and tells everyone (on rename backends).
+1. Process 0 begins the save and tells everyone where to write (the staging directory).
 2. Every process writes the cells assigned to it (``tables.py``) into its own data files, then
    its chunk table, and makes them durable.
 3. Every process reports success (with its table's size and checksum) or its error; everyone
@@ -14,51 +15,104 @@ A process that dies never reports: the others time out (or the JAX runtime stops
 the step is never committed; its leftovers are cleaned up by the next manager start.
 
 With ``host_local`` every process saves into its own directory (a local disk per host): each
-writes every cell it holds, and commits its own copy of the manifest after step 3.
+begins its own save, writes every cell it holds, and commits its own copy of the manifest
+after step 3.
+
+This layer knows nothing of trees or plans: the checkpoint layer describes one process's part
+of a save as a :class:`DistributedSave`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
-from keepax._src.commit.coordination import Coordinator
-from keepax._src.format import datafiles as format
-from keepax._src.format import tables
-from keepax._src.format.datafiles import ChunkSource
-from keepax._src.format.manifest import (
-    COMMIT_FILE,
-    MANIFEST_FILE,
-    TABLES_VERSION,
-    CommitMarker,
-    TableRef,
-)
+from keepax._src.commit import protocol
+from keepax._src.commit.coordination import JSON, Coordinator
+from keepax._src.commit.protocol import SaveResult, Staging
+from keepax._src.format import datafiles, tables
+from keepax._src.format.datafiles import ChunkSource, DataFile
+from keepax._src.format.manifest import CellRef, Layout, Manifest, TableRef
+from keepax._src.io import Storage
 from keepax.errors import CheckpointExistsError, KeepaxError
 
-if TYPE_CHECKING:
-    from keepax._src.checkpoint.snapshot import PreparedSave, SaveResult
-
-__all__ = ["write_distributed", "SYNC_TIMEOUT"]
+__all__ = ["DistributedSave", "write_distributed", "SYNC_TIMEOUT"]
 
 SYNC_TIMEOUT = 600.0
 """Default seconds a process waits for the others at each stage of a multi-process save."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSave:
+    """This process's part of a multi-process save.
+
+    Attributes:
+      storage: Where the checkpoint goes.
+      name: Its name in ``storage``.
+      where: Its path for messages.
+      overwrite: Whether it replaces an existing checkpoint.
+      sources: The chunks this process writes (of the cells assigned to it).
+      cells: Per array leaf index, the cell layout entry its chunks belong to.
+      layouts: The cell layouts ``cells`` refer to.
+      manifest: Makes the manifest from every process's chunk tables (called on the
+        committing process only, once all data is durable).
+      coordinator: How this process meets the others.
+      serial: The save's number among this process's multi-process saves (every process
+        numbers its saves alike), naming its coordination keys.
+      host_local: Every process saves into its own directory.
+      timeout: Seconds to wait for the other processes at each stage.
+      step: The step, for messages.
+    """
+
+    storage: Storage
+    name: str
+    where: str
+    overwrite: bool
+    sources: Sequence[ChunkSource]
+    cells: Mapping[int, CellRef]
+    layouts: Sequence[Layout]
+    manifest: Callable[[Sequence[TableRef]], Manifest]
+    coordinator: Coordinator
+    serial: int
+    host_local: bool = False
+    timeout: float = SYNC_TIMEOUT
+    step: int | None = None
+
+    @property
+    def leader(self) -> bool:
+        """Whether this process commits (process 0, or every process with ``host_local``)."""
+        return self.host_local or self.coordinator.process_index == 0
+
+    def broadcast(self, stage: str, value: JSON) -> JSON:
+        """Process 0's ``value`` for ``stage`` of this save, on every process."""
+        return self.coordinator.broadcast(
+            f"save{self.serial}.{stage}", value, timeout=self.timeout, step=self.step,
+            path=self.where,
+        )
+
+    def all_gather(self, stage: str, value: JSON) -> list[JSON]:
+        """Every process's ``value`` for ``stage`` of this save."""
+        return self.coordinator.all_gather(
+            f"save{self.serial}.{stage}", value, timeout=self.timeout, step=self.step,
+            path=self.where,
+        )
 
 
 def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _raise_reports(
-    reports: Sequence[Any], what: str, where: str, step: int | None
-) -> None:
+def _raise_reports(reports: Sequence[JSON], what: str, where: str, step: int | None) -> None:
     """Raises on every process if any process reported an error."""
-    failed = [(i, r["error"]) for i, r in enumerate(reports) if r.get("error")]
+    rows = [cast("dict[str, Any]", r) for r in reports]
+    failed = [(i, r["error"]) for i, r in enumerate(rows) if r.get("error")]
     if not failed:
         return
     lines = "; ".join(f"process {i}: {text}" for i, text in failed[:8])
     more = f"; and {len(failed) - 8} more" if len(failed) > 8 else ""
-    exists = all(reports[i].get("exists") for i, _ in failed)
+    exists = all(rows[i].get("exists") for i, _ in failed)
     cls = CheckpointExistsError if exists else KeepaxError
     raise cls(f"the save failed while {what} on {len(failed)} of {len(reports)} processes "
               f"({lines}{more}); nothing was committed: fix the cause on the named processes "
@@ -66,13 +120,7 @@ def _raise_reports(
 
 
 def write_distributed(
-    prepared: PreparedSave,
-    sources: Sequence[ChunkSource] | None,
-    *,
-    coordinator: Coordinator,
-    timeout: float,
-    step: int | None = None,
-    before_commit: Callable[[], None] | None = None,
+    job: DistributedSave, *, before_commit: Callable[[], None] | None = None
 ) -> SaveResult:
     """Writes this process's share of a checkpoint and takes part in its commit.
 
@@ -80,11 +128,7 @@ def write_distributed(
     their other saves.
 
     Args:
-      prepared: What ``snapshot.prepare_save`` returned (planned with an assigner).
-      sources: The chunks to write, in place of ``prepared.plan.sources``.
-      coordinator: The processes' coordinator.
-      timeout: Seconds to wait for the other processes at each step.
-      step: The step, for messages.
+      job: This process's part of the save.
       before_commit: Called on every process once its data is durable; if it raises on any
         process, nothing is committed.
 
@@ -96,99 +140,110 @@ def write_distributed(
         or a process did not arrive in time; nothing was committed.
       CheckpointExistsError: the checkpoint exists and ``overwrite`` was not given.
     """
-    from keepax._src.checkpoint.snapshot import SaveResult, _delete_quietly  # noqa: PLC0415 - cycle
-
     began = time.perf_counter()
-    storage, name, where = prepared.storage, prepared.name, prepared.where
-    plan = prepared.plan
-    me, host_local = coordinator.process_index, prepared.host_local
-    key = f"save{prepared.serial}"
-    sync = {"timeout": timeout, "step": step, "path": where}
-    leader = host_local or me == 0
-
-    if host_local:
-        staging = storage.staging_name(name)
-    else:
-        chosen = None
-        if me == 0:
-            try:
-                storage.begin_write(name, replace=prepared.overwrite)
-                chosen = {"staging": storage.staging_name(name)}
-            except Exception as e:  # noqa: BLE001 - reported to every process
-                chosen = {"error": _error_text(e)}
-        chosen = coordinator.broadcast(f"{key}.staging", chosen, **sync)
-        if "error" in chosen:
-            raise KeepaxError(f"the save could not start on process 0: {chosen['error']}; "
-                              "nothing was written: fix the cause and save again",
-                              path=where, step=step)
-        staging = chosen["staging"]
-
-    report: dict[str, Any] = {}
+    staging = _agree_on_staging(job)
     try:
-        if host_local:
-            storage.begin_write(name, replace=prepared.overwrite)
-        files, chunks = format.write_data_files(
-            storage, staging, plan.sources if sources is None else sources,
-            prefix=f"p{me:05d}",
-        )
-        cells = {i: extra["cells"] for i, (_, _, _, extra) in plan.arrays.items()}
-        private, shared = tables.split_shared(
-            cells, plan.layouts,
-            ((leaf, c) for leaf, pairs in sorted(chunks.items()) for _, c in pairs),
-        )
-        written = sum(f.nbytes for f in files)
-        refs = []
-        for is_shared, entries in ((False, private), (True, shared)):
-            if is_shared and not entries:
-                continue  # every process has a private table, maybe empty; shared ones if any
-            table = tables.encode_table(me, files, entries)
-            table_path = tables.table_name(me, is_shared)
-            storage.write_bytes(f"{staging}/{table_path}", table)
-            written += len(table)
-            refs.append([me, table_path, len(table), format.checksum(table), is_shared])
-        storage.sync_dir(f"{staging}/data")
-        if before_commit is not None:
-            before_commit()
-        report = {"tables": refs}
+        if job.host_local:
+            staging = protocol.begin(job.storage, job.name, job.where, replace=job.overwrite)
+        files, refs, written = _write_share(job, staging.path, before_commit)
+        report: dict[str, JSON] = {"tables": refs}
     except Exception as e:  # noqa: BLE001 - reported to every process
-        report = {"error": _error_text(e)}
-    reports = coordinator.all_gather(f"{key}.written", report, **sync)
+        files, written, report = [], 0, {"error": _error_text(e)}
+    reports = job.all_gather("written", report)
     try:
-        _raise_reports(reports, "writing data", where, step)
+        _raise_reports(reports, "writing data", job.where, job.step)
     except KeepaxError:
-        if storage.atomic_rename and leader:
-            _delete_quietly(storage, staging)
+        if job.leader:
+            protocol.discard(staging)
         raise
-
-    outcome: dict[str, Any] = {}
-    if leader:
-        try:
-            refs = [TableRef(*t) for r in reports for t in r["tables"]]
-            if host_local:
-                refs = [r for r in refs if r.process == me]
-            manifest = plan.manifest(
-                (), {}, prepared.metadata, created=time.time(), tables=refs, layouts=plan.layouts
-            )
-            manifest_bytes = manifest.to_json()
-            storage.write_bytes(f"{staging}/{MANIFEST_FILE}", manifest_bytes)
-            marker = CommitMarker(TABLES_VERSION, len(manifest_bytes),
-                                  format.checksum(manifest_bytes), time.time())
-            marker_bytes = marker.to_json()
-            storage.write_bytes(f"{staging}/{COMMIT_FILE}", marker_bytes)
-            written += len(manifest_bytes) + len(marker_bytes)
-            try:
-                storage.commit(staging, name, replace=prepared.overwrite)
-            except FileExistsError:
-                outcome = {"error": "the checkpoint exists (another save created it first)",
-                           "exists": True}
-        except Exception as e:  # noqa: BLE001 - reported to every process
-            outcome = {"error": _error_text(e)}
-        if outcome and storage.atomic_rename:
-            _delete_quietly(storage, staging)
-    if host_local:
-        outcomes = coordinator.all_gather(f"{key}.committed", outcome, **sync)
-        _raise_reports(outcomes, "committing", where, step)
+    outcome: dict[str, JSON] = {}
+    if job.leader:
+        outcome, nbytes = _commit(job, staging, _table_refs(job, reports))
+        written += nbytes
+    if job.host_local:
+        _raise_reports(job.all_gather("committed", outcome), "committing", job.where, job.step)
     else:
-        outcome = coordinator.broadcast(f"{key}.committed", outcome if me == 0 else None, **sync)
-        _raise_reports([outcome], "committing on process 0", where, step)
-    return SaveResult(where, written, len(files), time.perf_counter() - began)
+        shared = job.broadcast("committed", outcome if job.leader else None)
+        _raise_reports([shared], "committing on process 0", job.where, job.step)
+    return SaveResult(job.where, written, len(files), time.perf_counter() - began)
+
+
+def _agree_on_staging(job: DistributedSave) -> Staging:
+    """Where this process writes: process 0 begins the save and tells the others (with
+    ``host_local``, each process begins its own save later, reporting failures to all)."""
+    storage = job.storage
+    if job.host_local:
+        return Staging(storage, job.name, job.where, storage.staging_name(job.name),
+                       job.overwrite)
+    chosen: JSON = None
+    if job.coordinator.process_index == 0:
+        try:
+            chosen = {"staging": protocol.begin(storage, job.name, job.where,
+                                                replace=job.overwrite).path}
+        except Exception as e:  # noqa: BLE001 - reported to every process
+            chosen = {"error": _error_text(e)}
+    answer = cast("dict[str, str]", job.broadcast("staging", chosen))
+    if "error" in answer:
+        raise KeepaxError(f"the save could not start on process 0: {answer['error']}; "
+                          "nothing was written: fix the cause and save again",
+                          path=job.where, step=job.step)
+    return Staging(storage, job.name, job.where, answer["staging"], job.overwrite)
+
+
+def _write_share(
+    job: DistributedSave, staging: str, before_commit: Callable[[], None] | None
+) -> tuple[list[DataFile], list[JSON], int]:
+    """Writes this process's data files and chunk tables durably; returns the files, the
+    table references to report and the bytes written."""
+    me = job.coordinator.process_index
+    files, chunks = datafiles.write_data_files(
+        job.storage, staging, job.sources, prefix=f"p{me:05d}"
+    )
+    private, shared = tables.split_shared(
+        job.cells, job.layouts,
+        ((leaf, c) for leaf, pairs in sorted(chunks.items()) for _, c in pairs),
+    )
+    written = sum(f.nbytes for f in files)
+    refs: list[JSON] = []
+    for is_shared, entries in ((False, private), (True, shared)):
+        if is_shared and not entries:
+            continue  # every process has a private table, maybe empty; shared ones if any
+        table = tables.encode_table(me, files, entries)
+        table_path = tables.table_name(me, is_shared)
+        job.storage.write_bytes(f"{staging}/{table_path}", table)
+        written += len(table)
+        refs.append([me, table_path, len(table), datafiles.checksum(table), is_shared])
+    job.storage.sync_dir(f"{staging}/data")
+    if before_commit is not None:
+        before_commit()
+    return files, refs, written
+
+
+def _table_refs(job: DistributedSave, reports: Sequence[JSON]) -> list[TableRef]:
+    """The chunk tables the manifest lists: every process's (with ``host_local``, this
+    process's own)."""
+    refs = []
+    for report in reports:
+        for row in cast("list[list[Any]]", cast("dict[str, Any]", report)["tables"]):
+            process, name, nbytes, crc32c, shared = row
+            refs.append(TableRef(int(process), str(name), int(nbytes), int(crc32c), bool(shared)))
+    if job.host_local:
+        refs = [r for r in refs if r.process == job.coordinator.process_index]
+    return refs
+
+
+def _commit(
+    job: DistributedSave, staging: Staging, refs: list[TableRef]
+) -> tuple[dict[str, JSON], int]:
+    """Commits on the leader; returns the outcome to report (empty on success) and the bytes
+    written."""
+    try:
+        return {}, protocol.commit(staging, job.manifest(refs))
+    except CheckpointExistsError:
+        outcome: dict[str, JSON] = {
+            "error": "the checkpoint exists (another save created it first)", "exists": True,
+        }
+    except Exception as e:  # noqa: BLE001 - reported to every process
+        outcome = {"error": _error_text(e)}
+    protocol.discard(staging)
+    return outcome, 0

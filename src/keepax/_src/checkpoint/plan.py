@@ -1,0 +1,368 @@
+"""Planning a save: what a tree's leaves are, how each is stored, and which chunks this
+process writes.
+
+A tree is taken apart into Python values (stored in the manifest) and array leaves, whose
+bytes are cut into chunks of at most ``CHUNK_BYTES``, each read from a :class:`SourceBuffer`
+(a whole array or one shard). In a multi-process save a ``tables.Assigner`` decides which
+process writes each cell of each array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from keepax._src.format import boxes as sharding
+from keepax._src.format import datafiles as format
+from keepax._src.format import dtypes, tables, tree
+from keepax._src.format.datafiles import ChunkSource
+from keepax._src.format.manifest import (
+    FORMAT_VERSION,
+    TABLES_VERSION,
+    ArrayLeaf,
+    Chunk,
+    DataFile,
+    Layout,
+    Manifest,
+    TableRef,
+    ValueLeaf,
+)
+from keepax.errors import UnsupportedLeafError
+
+__all__ = ["LeafPlan", "SourceBuffer", "chunk_view", "is_key_array", "plan_leaves"]
+
+_VERSION = "0.1.0"
+
+
+def is_key_array(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _check_dtype(dtype: np.dtype, path: str) -> None:
+    if not dtypes.is_storable(dtype):
+        raise UnsupportedLeafError(
+            f"arrays of dtype {dtype} cannot be stored (only numeric, bool and JAX's extra "
+            "dtypes); convert the leaf, e.g. to str or bytes",
+            leaf=path,
+        )
+
+
+def _value_leaf(value: Any, path: str) -> ValueLeaf | None:
+    """The manifest entry of a Python scalar or str leaf; None for other leaves."""
+    if isinstance(value, np.generic):
+        return None  # np.float64 subclasses float, but is stored as an array ("npscalar").
+    if isinstance(value, bool):
+        return ValueLeaf(path, "bool", value)
+    if isinstance(value, int):
+        try:
+            str(value)  # Python refuses ints above sys.get_int_max_str_digits() digits
+        except ValueError as e:
+            raise UnsupportedLeafError(
+                f"Python int too large to store as JSON ({e}); store it as str or bytes",
+                leaf=path,
+            ) from e
+        return ValueLeaf(path, "int", int(value))
+    if isinstance(value, float):
+        return ValueLeaf(path, "float", tree.encode_float(float(value)))
+    if isinstance(value, complex):
+        return ValueLeaf(
+            path, "complex", [tree.encode_float(value.real), tree.encode_float(value.imag)]
+        )
+    if isinstance(value, str):
+        return ValueLeaf(path, "str", str(value))
+    return None
+
+
+def _describe_sharding(array: jax.Array) -> dict[str, Any] | None:
+    s = array.sharding
+    if isinstance(s, jax.sharding.NamedSharding):
+        spec = [list(p) if isinstance(p, tuple) else p for p in s.spec]
+        return {"kind": "named", "mesh": dict(s.mesh.shape), "spec": spec}
+    if len(s.device_set) > 1:
+        return {"kind": type(s).__name__, "devices": len(s.device_set)}
+    return None
+
+
+@dataclasses.dataclass
+class SourceBuffer:
+    """An array that chunks of a leaf are read from: a whole NumPy array, or one shard of a
+    ``jax.Array`` (a single-device ``jax.Array``).
+
+    Asynchronous saves copy each buffer the caller could change (``owned`` false) and read
+    the chunks from the copy (:func:`chunk_view`).
+
+    Attributes:
+      array: The array (``np.ndarray`` or single-device ``jax.Array``).
+      chunks: ``(index into LeafPlan.sources, slices)`` of each chunk read from it; ``()``
+        slices mean the whole array.
+      owned: Whether the plan made this array itself (a private copy nobody else holds).
+    """
+
+    array: Any
+    chunks: list[tuple[int, tuple[slice, ...]]]
+    owned: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return int(math.prod(self.array.shape)) * np.dtype(self.array.dtype).itemsize
+
+
+def chunk_view(array: Any, slices: tuple[slice, ...]) -> np.ndarray:
+    """A chunk's values: ``array[slices]`` as NumPy, zero-copy for host and CPU arrays."""
+    host = np.asarray(array)
+    return host[slices] if slices else host
+
+
+def _holders(array: jax.Array, shape: tuple[int, ...]) -> dict[Any, set[int]]:
+    """Every unique shard (box) of a global array with the processes holding a copy of it."""
+    holders: dict[Any, set[int]] = {}
+    devices: Mapping[jax.Device, Any] = array.sharding.devices_indices_map(shape)
+    for device, index in devices.items():
+        holders.setdefault(sharding.box_from_index(index, shape), set()).add(
+            device.process_index
+        )
+    return holders
+
+
+def _assigned_shards(
+    value: Any, array: Any, path: str, assigner: tables.Assigner, extra: dict[str, Any]
+) -> list[tuple[Any, Any]]:
+    """The cells this process writes in a multi-process save, as (box, data) pairs."""
+    shape = tuple(int(d) for d in array.shape)
+    # Host values and process-local arrays (such as a PRNG key made on each process) are taken
+    # to be the same on every process: any of them may write it.
+    host = not isinstance(array, jax.Array) or array.is_fully_addressable
+    everyone = {((0,) * len(shape), shape): range(assigner.process_count)}
+    assignment = assigner.leaf(
+        shape, np.dtype(array.dtype).itemsize,
+        (lambda: everyone) if host else (lambda: _holders(array, shape)),
+        key=(None if host else array.sharding, shape),
+    )
+    if assignment is None:
+        raise UnsupportedLeafError(
+            f"the shards of this array ({type(value.sharding).__name__}) do not form a regular "
+            "grid, which multi-process saves need; reshard it (e.g. with a NamedSharding) "
+            "before saving",
+            leaf=path,
+        )
+    extra["cells"] = assignment.ref
+    if host:
+        return [(box, array[sharding.local_slices(box, ((0,) * len(shape), shape))])
+                for box in assignment.mine]
+    local = {sharding.box_from_index(s.index, shape): s.data for s in array.addressable_shards}
+    return [(box, local[box]) for box in assignment.mine]
+
+
+_Chunks = list[tuple[ChunkSource, tuple[slice, ...]]]
+"""The chunks read from one buffer: each chunk's source and its slices into the buffer."""
+
+
+def _array_sources(
+    index: int, path: str, value: Any, assigner: tables.Assigner | None = None
+) -> tuple[str, np.dtype, tuple[int, ...], list[tuple[Any, bool, _Chunks]], dict[str, Any]]:
+    """Classifies an array-like leaf; returns (type, dtype, shape, buffers, extra fields).
+
+    Each buffer is ``(array, owned, chunks)``.
+    """
+    extra: dict[str, Any] = {}
+    kind, array, owned, shards = _classify(value, path, extra)
+    dtype = np.dtype(array.dtype)
+    _check_dtype(dtype, path)
+    if dtype.byteorder == ">":
+        # The format stores little-endian bytes (docs/FORMAT.md); convert big-endian input.
+        dtype = dtype.newbyteorder("<")
+        array = array.astype(dtype)
+        shards = [(shards[0][0], array)]
+        owned = True
+    if assigner is not None:
+        shards = _assigned_shards(value, array, path, assigner, extra)
+    shape = tuple(int(d) for d in array.shape)
+    return kind, dtype, shape, _buffers(index, path or "<root>", dtype, shape, shards, owned), extra
+
+
+def _classify(
+    value: Any, path: str, extra: dict[str, Any]
+) -> tuple[str, Any, bool, list[tuple[Any, Any]]]:
+    """An array-like leaf's type, the array its bytes come from, whether the plan made that
+    array itself, and its shards as (box, data) pairs; adds manifest fields to ``extra``."""
+    if isinstance(value, jax.Array):
+        if value.is_deleted():
+            raise UnsupportedLeafError(
+                "this jax.Array was deleted (or donated) before the save; save before donating",
+                leaf=path,
+            )
+        kind = "jax"
+        if is_key_array(value):
+            kind = "prngkey"
+            extra["impl"] = str(jax.random.key_impl(value))
+            value = jax.random.key_data(value)
+        extra["sharding"] = _describe_sharding(value)
+        return kind, value, False, sharding.owned_shards(value)
+    if isinstance(value, np.ndarray):
+        kind, array, owned = "numpy", value, False
+    elif isinstance(value, np.generic):
+        kind, array, owned = "npscalar", np.asarray(value), True
+    elif isinstance(value, bytes | bytearray):
+        kind, array, owned = "bytes", np.frombuffer(bytes(value), np.uint8), True
+    else:
+        raise UnsupportedLeafError(
+            f"leaves of type {type(value).__module__}.{type(value).__qualname__} cannot be "
+            "stored; use arrays, Python/NumPy scalars, str, bytes or None, or register the "
+            "type as a pytree node",
+            leaf=path,
+        )
+    return kind, array, owned, [(((0,) * array.ndim, tuple(array.shape)), array)]
+
+
+def _buffers(
+    index: int, name: str, dtype: np.dtype, shape: tuple[int, ...],
+    shards: list[tuple[Any, Any]], owned: bool,
+) -> list[tuple[Any, bool, _Chunks]]:
+    """The buffers of an array leaf, each with the chunks (of at most ``CHUNK_BYTES``) read
+    from it."""
+    buffers: list[tuple[Any, bool, _Chunks]] = []
+    whole = ((0,) * len(shape), shape)
+    if (
+        len(shards) == 1
+        and shards[0][0] == whole
+        and math.prod(shape) * dtype.itemsize <= format.CHUNK_BYTES
+    ):
+        # The common case (an unsharded array of modest size): one chunk, no slicing.
+        if math.prod(shape):
+            data = shards[0][1]
+            source = ChunkSource(
+                index, name, (0,) * len(shape), shape, dtype, _chunk_getter(data, ())
+            )
+            buffers.append((data, owned, [(source, ())]))
+        return buffers
+    for box, data in shards:
+        chunks: _Chunks = []
+        for sub in sharding.split_rows(box, dtype.itemsize, format.CHUNK_BYTES):
+            if math.prod(sub[1]) == 0:
+                continue
+            chunk_name = name if sub[1] == shape else f"{name}@{','.join(map(str, sub[0]))}"
+            slices = sharding.local_slices(sub, box)
+            chunks.append((
+                ChunkSource(
+                    leaf=index,
+                    name=chunk_name,
+                    start=sub[0],
+                    shape=sub[1],
+                    dtype=dtype,
+                    data=_chunk_getter(data, slices),
+                ),
+                slices,
+            ))
+        if chunks:
+            buffers.append((data, owned, chunks))
+    return buffers
+
+
+def _chunk_getter(data: Any, slices: tuple[slice, ...]) -> Callable[[], np.ndarray]:
+    return lambda: chunk_view(data, slices)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """A tree taken apart for saving (shared by :func:`save` and single-file checkpoints).
+
+    Attributes:
+      structure: The tree's structure and leaves.
+      leaves: Per leaf, its :class:`ValueLeaf`, or None for an array leaf (its chunks are
+        known only once written).
+      sources: The chunks of every array leaf, in leaf order.
+      arrays: Per array leaf index: (type, dtype, shape, extra manifest fields).
+      buffers: The arrays the sources read from, in source order.
+      layouts: In a multi-process save: the cell layouts the leaves' ``cells`` refer to.
+    """
+
+    structure: tree.Structure
+    leaves: list[ValueLeaf | None]
+    sources: list[ChunkSource]
+    arrays: dict[int, tuple[str, np.dtype, tuple[int, ...], dict[str, Any]]]
+    buffers: list[SourceBuffer] = dataclasses.field(default_factory=list)
+    layouts: list[Layout] = dataclasses.field(default_factory=list)
+
+    def manifest(
+        self,
+        files: Sequence[DataFile],
+        chunks: dict[int, list[tuple[ChunkSource, Chunk]]],
+        metadata: dict[str, Any],
+        *,
+        created: float,
+        tables: Sequence[TableRef] = (),
+        layouts: Sequence[Layout] = (),
+    ) -> Manifest:
+        """The manifest, once the chunks are written (``chunks`` as ``write_data_files``
+        returns them; or, in a multi-process save, the chunk ``tables`` of every process and
+        the cell ``layouts``, with no ``files`` or ``chunks``)."""
+        leaves: list[Any] = list(self.leaves)
+        for index, (kind, dtype, shape, extra) in self.arrays.items():
+            leaves[index] = ArrayLeaf(
+                path=tree.keystr(self.structure.paths[index]),
+                type=kind,
+                shape=shape,
+                dtype=dtypes.dtype_name(dtype),
+                chunks=tuple(c for _, c in chunks.get(index, [])),
+                impl=extra.get("impl"),
+                sharding=extra.get("sharding"),
+                cells=extra.get("cells"),
+            )
+        return Manifest(
+            version=TABLES_VERSION if tables else FORMAT_VERSION,
+            tree=self.structure.node,
+            leaves=tuple(leaves),
+            files=tuple(files),
+            metadata=metadata,
+            created=created,
+            writer={
+                "keepax": _VERSION,
+                "jax": jax.__version__,
+                "process_count": jax.process_count(),
+            },
+            tables=tuple(tables),
+            layouts=tuple(layouts),
+        )
+
+
+def plan_leaves(tree_: Any, assigner: tables.Assigner | None = None) -> LeafPlan:
+    """Describes a tree and classifies its leaves into manifest values and array chunks.
+
+    Args:
+      tree_: The pytree.
+      assigner: In a multi-process save, decides which cells of each array this process
+        writes (its layouts end up in the manifest). None: this process writes everything it
+        owns (one replica of each shard).
+
+    Raises:
+      UnsupportedLeafError: a leaf (named by key path) cannot be stored.
+    """
+    structure = tree.describe(tree_)
+    leaves: list[ValueLeaf | None] = []
+    sources: list[ChunkSource] = []
+    buffers: list[SourceBuffer] = []
+    arrays: dict[int, tuple[str, np.dtype, tuple[int, ...], dict[str, Any]]] = {}
+    for index, (key_path, value) in enumerate(zip(structure.paths, structure.leaves)):
+        leaf_path = tree.keystr(key_path)
+        value_leaf = _value_leaf(value, leaf_path)
+        if value_leaf is not None:
+            leaves.append(value_leaf)
+            continue
+        kind, dtype, shape, leaf_buffers, extra = _array_sources(
+            index, leaf_path, value, assigner
+        )
+        arrays[index] = (kind, dtype, shape, extra)
+        for array, owned, chunks in leaf_buffers:
+            buffer = SourceBuffer(array, [], owned)
+            for source, slices in chunks:
+                buffer.chunks.append((len(sources), slices))
+                sources.append(source)
+            buffers.append(buffer)
+        leaves.append(None)
+    layouts = list(assigner.layouts) if assigner is not None else []
+    return LeafPlan(structure, leaves, sources, arrays, buffers, layouts)

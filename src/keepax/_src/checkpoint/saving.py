@@ -1,0 +1,267 @@
+"""Saving one checkpoint: check the inputs and take the tree apart (:func:`prepare_save`),
+then write the data files and commit (:func:`write_prepared`) through the commit layer's one
+protocol (:mod:`keepax._src.commit.protocol`), alone or with the other processes of a
+multi-process run (:mod:`keepax._src.commit.distributed`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from keepax._src.checkpoint.plan import LeafPlan, plan_leaves
+from keepax._src.commit import coordination, distributed, protocol
+from keepax._src.commit.protocol import SaveResult
+from keepax._src.format import datafiles as format
+from keepax._src.format import tables
+from keepax._src.format.datafiles import ChunkSource
+from keepax._src.format.manifest import COMMIT_FILE, MANIFEST_FILE
+from keepax._src.io import Storage, is_hidden_name, split_checkpoint_path
+from keepax.errors import CheckpointExistsError, KeepaxError
+
+__all__ = [
+    "PreparedSave", "SAVE_NAMESPACE", "SaveResult", "check_metadata", "prepare_save", "save",
+    "write_prepared",
+]
+
+
+def save(
+    path: str,
+    tree_: Any,
+    *,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    host_local: bool = False,
+) -> SaveResult:
+    """Saves a pytree as a checkpoint, durably and atomically.
+
+    In a multi-process (``jax.distributed``) run every process calls ``save`` with the same
+    path and tree: each writes only the shards assigned to it (one copy of each unique shard,
+    the work of replicated ones spread over their holders), and process 0 commits once every
+    process has reported its data durable; a failure on any process fails the save on all.
+
+    Data files are written and fsynced into a hidden staging directory beside ``path``, then
+    the manifest and the commit marker, then the directory is renamed into place. A crash at
+    any point leaves either no checkpoint at ``path`` or a complete one (and never damages an
+    existing one).
+
+    Args:
+      path: Directory to create (local path or ``memory://store/name``).
+      tree_: Any pytree of ``jax.Array`` (sharded or not), NumPy arrays and scalars, Python
+        ``int``/``float``/``bool``/``complex``/``str``/``bytes``, ``None`` and typed PRNG keys,
+        in dicts, lists, tuples, namedtuples, dataclasses and registered pytree nodes.
+      metadata: JSON-serialisable user metadata stored in the manifest.
+      overwrite: Replace an existing checkpoint at ``path`` (atomically: if this save fails,
+        the old one is intact; on object stores the old one is deleted first).
+      storage_options: For URLs such as ``s3://bucket/ckpt``: fsspec/s3fs options (e.g.
+        ``{"client_kwargs": {"endpoint_url": ...}}``) and keepax's ``keepax_*`` transfer
+        options (README, *Object storage*).
+      host_local: In a multi-process run, every process saves into its own ``path`` (a local
+        disk per host): each writes every shard it holds and commits its own copy, which
+        restores onto the same processes and mesh.
+
+    Returns:
+      What was written (by this process).
+
+    Raises:
+      CheckpointExistsError: ``path`` exists and ``overwrite`` is false.
+      UnsupportedLeafError: a leaf (named by key path) cannot be stored.
+      KeepaxError: ``metadata`` is not JSON-serialisable; in a multi-process run, a process
+        failed or did not arrive in time (the message names it).
+    """
+    began = time.perf_counter()
+    prepared = prepare_save(path, tree_, metadata=metadata, overwrite=overwrite,
+                            storage_options=storage_options, host_local=host_local)
+    result = write_prepared(prepared)
+    return dataclasses.replace(result, seconds=time.perf_counter() - began)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedSave:
+    """A save whose inputs are checked and whose tree is taken apart (:func:`prepare_save`),
+    ready to be written (:func:`write_prepared`), now or on a background thread.
+
+    Attributes:
+      storage: Where the checkpoint goes.
+      name: Its name in ``storage``.
+      where: Its path for messages.
+      overwrite: Whether it replaces an existing checkpoint.
+      metadata: The user metadata, checked (a JSON round-tripped copy).
+      plan: The tree's leaves: Python values captured, array chunks still to read.
+      coordinator: In a multi-process run, how this process meets the others (None: alone).
+      host_local: Every process saves into its own directory (see :func:`save`).
+      serial: The save's number among this process's multi-process saves (every process
+        numbers its saves alike), naming its coordination keys.
+      step: The step, for messages.
+      timeout: Seconds to wait for other processes at each stage of a multi-process save.
+    """
+
+    storage: Storage
+    name: str
+    where: str
+    overwrite: bool
+    metadata: dict[str, Any]
+    plan: LeafPlan
+    coordinator: coordination.Coordinator | None = None
+    host_local: bool = False
+    serial: int = 0
+    step: int | None = None
+    timeout: float = distributed.SYNC_TIMEOUT
+
+
+_serials = itertools.count()
+SAVE_NAMESPACE = "keepax-save"
+"""The coordination namespace of saves (which may run on a writer thread)."""
+
+
+def prepare_save(
+    path: str,
+    tree_: Any,
+    *,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    host_local: bool = False,
+    step: int | None = None,
+    timeout: float = distributed.SYNC_TIMEOUT,
+    storage_options: dict[str, Any] | None = None,
+) -> PreparedSave:
+    """The checks :func:`save` makes before writing anything, and the tree taken apart.
+
+    Python values and metadata are captured now; arrays are referenced, not copied. In a
+    multi-process run every process must prepare the same saves in the same order.
+
+    Raises:
+      As :func:`save`, for every error found before writing.
+    """
+    storage, name = split_checkpoint_path(path, storage_options)
+    where = storage.display(name)
+    if is_hidden_name(name):
+        raise KeepaxError(
+            "checkpoint names must not contain '.keepax-' (reserved for staging directories)",
+            path=where,
+        )
+    coordinator: coordination.Coordinator | None = coordination.current(SAVE_NAMESPACE)
+    if coordinator is not None and coordinator.process_count == 1:
+        coordinator = None
+    # (On object stores, an interrupted save's leftovers are no checkpoint: saved over.)
+    if storage.exists(name) and not storage.is_unfinished(name):
+        if not overwrite:
+            raise CheckpointExistsError(
+                "a checkpoint (or file) already exists here; pass overwrite=True to replace it",
+                path=where,
+            )
+        if not (
+            storage.exists(f"{name}/{COMMIT_FILE}") or storage.exists(f"{name}/{MANIFEST_FILE}")
+        ):
+            raise CheckpointExistsError(
+                "overwrite=True replaces keepax checkpoints only, and this path holds something "
+                "else; remove it yourself or choose another path",
+                path=where,
+            )
+    metadata = check_metadata(metadata, where)
+    if coordinator is None:
+        return PreparedSave(storage, name, where, overwrite, metadata, plan_leaves(tree_),
+                            step=step)
+    assigner = tables.Assigner(
+        coordinator.process_index, coordinator.process_count, host_local=host_local
+    )
+    return PreparedSave(
+        storage, name, where, overwrite, metadata, plan_leaves(tree_, assigner),
+        coordinator=coordinator, host_local=host_local, serial=next(_serials), step=step,
+        timeout=timeout,
+    )
+
+
+def write_prepared(
+    prepared: PreparedSave,
+    sources: Sequence[ChunkSource] | None = None,
+    *,
+    before_commit: Callable[[], None] | None = None,
+) -> SaveResult:
+    """Writes a prepared save and commits it (the part of :func:`save` that does I/O).
+
+    Args:
+      prepared: What :func:`prepare_save` returned.
+      sources: The chunks to write, in place of ``prepared.plan.sources`` (the same chunks,
+        read from staged copies).
+      before_commit: Called before the commit marker is written; if it raises, nothing is
+        committed.
+
+    Raises:
+      CheckpointExistsError: Another save created the checkpoint first.
+      OSError: The storage failed; nothing was committed.
+    """
+    plan = prepared.plan
+    chosen = plan.sources if sources is None else sources
+    if prepared.coordinator is not None:
+        return distributed.write_distributed(
+            _distributed_job(prepared, prepared.coordinator, chosen), before_commit=before_commit
+        )
+    began = time.perf_counter()
+    storage = prepared.storage
+    with protocol.staged(
+        storage, prepared.name, prepared.where, replace=prepared.overwrite
+    ) as staging:
+        files, chunks = format.write_data_files(
+            storage, staging.path, chosen, prefix=f"p{jax.process_index():05d}"
+        )
+        if files:
+            storage.sync_dir(f"{staging.path}/data")
+        manifest = plan.manifest(files, chunks, prepared.metadata, created=time.time())
+        written = protocol.commit(staging, manifest, before_commit=before_commit)
+    written += sum(f.nbytes for f in files)
+    return SaveResult(prepared.where, written, len(files), time.perf_counter() - began)
+
+
+def _distributed_job(
+    prepared: PreparedSave, coordinator: coordination.Coordinator,
+    sources: Sequence[ChunkSource],
+) -> distributed.DistributedSave:
+    """This process's part of a multi-process save, as the commit layer takes it."""
+    plan = prepared.plan
+    return distributed.DistributedSave(
+        storage=prepared.storage,
+        name=prepared.name,
+        where=prepared.where,
+        overwrite=prepared.overwrite,
+        sources=sources,
+        cells={i: extra["cells"] for i, (_, _, _, extra) in plan.arrays.items()},
+        layouts=plan.layouts,
+        manifest=lambda refs: plan.manifest(
+            (), {}, prepared.metadata, created=time.time(), tables=refs, layouts=plan.layouts
+        ),
+        coordinator=coordinator,
+        serial=prepared.serial,
+        host_local=prepared.host_local,
+        timeout=prepared.timeout,
+        step=prepared.step,
+    )
+
+
+def check_metadata(metadata: Any, where: str, step: int | None = None) -> dict[str, Any]:
+    """Checks user metadata (a JSON-able dict) and returns a JSON round-tripped copy.
+
+    Raises:
+      KeepaxError: naming the checkpoint (and step) and saying how to fix the metadata.
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise KeepaxError(f"metadata must be a dict, got {type(metadata).__name__}",
+                          path=where, step=step)
+    try:
+        return json.loads(json.dumps(metadata, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise KeepaxError(
+            f"metadata is not JSON-serialisable ({e}); convert arrays with .tolist() and "
+            "non-finite floats to strings",
+            path=where, step=step,
+        ) from e
+
