@@ -24,7 +24,6 @@ the next ``save``/``wait_until_finished``/``check_for_errors``/``close``.
 from __future__ import annotations
 
 import os
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -46,7 +45,6 @@ from keepax._src.manager.saving import Saver
 from keepax.errors import (
     CheckpointNotFoundError,
     KeepaxError,
-    KeepaxWarning,
     ManagerClosedError,
     PolicyError,
 )
@@ -69,32 +67,23 @@ class CheckpointManager:
       ...         break
       >>> mngr.close()                                               # doctest: +SKIP
 
-    **Saving.** ``save(step, state)`` asks the save policy (``policies.decide``) and writes
-    the step when it says so, or when ``force=True``, or at the first call after a preemption
-    signal. It returns whether it wrote. A step already held is not written again (``save``
-    returns False), except to upgrade a temporary checkpoint to a permanent one, or with
-    ``overwrite=True`` (atomic replace); ``force=True`` on a held step is an error.
+    **Saving.** ``save(step, state)`` writes the step when the save policy says so, with
+    ``force=True``, or at the first call after a preemption signal, and returns whether it
+    wrote. By default it returns once the state is staged (the caller may then donate or
+    mutate its arrays); the step is written and committed in the background, and a failure
+    is raised, naming the step, by the next ``save``, :meth:`wait_until_finished`,
+    :meth:`check_for_errors` or :meth:`close` (that step is never committed). Methods that
+    report steps first wait for saves in flight; :meth:`save`, :meth:`should_save` and
+    :meth:`reached_preemption` do not.
 
-    **Asynchronous saves** (the default): ``save`` returns once the state is staged — the
-    caller may then donate, delete or mutate its arrays — and the step is written and
-    committed in the background. At most ``max_in_flight`` saves are in flight (the next
-    ``save`` waits), and at most ``staging_budget_bytes`` of staged state await writing
-    (beyond it ``save`` streams: it blocks until earlier bytes are written). A background
-    failure is raised, naming the step, by the next ``save``, :meth:`wait_until_finished`,
-    :meth:`check_for_errors` or :meth:`close`; that step is never committed. Methods that
-    report steps (:meth:`all_steps`, :meth:`latest_step`, :meth:`restore`, ...) first wait
-    for saves in flight; :meth:`save`, :meth:`should_save` and :meth:`reached_preemption`
-    do not. :attr:`save_records` tells how long each save blocked and wrote.
-
-    **Restoring an older step and going on.** Steps must increase: writing a step below the
-    latest is an error. To continue from an older step k (e.g. after a divergence), restore it
-    with ``restore(step=k, discard_newer=True)`` (or build the manager with
-    ``discard_newer=True``): the steps after k are deleted, as CLU does after preemption, and
-    k+1, ... can be saved again. Without it, older steps can be restored freely (read only).
+    **Older steps.** Steps must increase (:class:`~keepax.errors.StepOrderError`). To go on
+    from an older step k, ``restore(step=k, discard_newer=True)`` deletes the steps after k
+    (as CLU does after preemption); without it, older steps are restored read-only.
 
     **Keeping.** After each commit the keep policies (``policies.plan``) pick the steps to
     delete; the newest step is never deleted, temporaries go once superseded, and steps the
-    manager cannot read (foreign files, corrupt steps) are never touched.
+    manager cannot read (foreign files, corrupt steps) are never touched. README, *Managing
+    the steps of a run*, tells more.
 
     Args:
       directory: Local directory (created if missing), ``memory://name``, or an object
@@ -131,10 +120,8 @@ class CheckpointManager:
       sync_timeout: Seconds a process waits for the others (multi-process runs).
 
     **Many processes.** In a ``jax.distributed`` run every process builds the manager and
-    makes the same calls (``save``, ``restore``, ...). Process 0 holds the directory lock,
-    removes leftovers and deletes steps; save decisions (policies, temporaries, a preemption
-    signal seen by any process) are taken by process 0 and shared, so every process saves
-    the same steps even when their clocks differ.
+    makes the same calls; process 0 holds the lock, deletes steps and takes the save
+    decisions, which every process follows (README, *Many processes*).
 
     Raises:
       PolicyError: An invalid policy, template or option.
@@ -171,10 +158,7 @@ class CheckpointManager:
             max_in_flight=max_in_flight, staging_budget_bytes=staging_budget_bytes,
             storage_options=storage_options, host_local=host_local, sync_timeout=sync_timeout,
         )
-        try:
-            self._storage: Storage = open_root(self._directory, self._opts.storage_options)
-        except ValueError as e:
-            raise PolicyError(str(e)) from None
+        self._storage = _open_storage(self._directory, self._opts)
         self._where = self._storage.display("")
         self._processes = Processes(host_local=self._opts.host_local,
                                     timeout=self._opts.sync_timeout, where=self._where)
@@ -189,7 +173,6 @@ class CheckpointManager:
         self._preemption = Preemption()
         self._closed = False
         self._lock = DirectoryLock(self._storage)
-        self._make_directory()
         writer = not self._opts.read_only and self._processes.leader
         if writer:
             self._lock.acquire()
@@ -548,30 +531,30 @@ class CheckpointManager:
             raise KeepaxError(f"{what} needs a writable manager; this one was opened with "
                               "read_only=True", path=self._where)
 
-    def _make_directory(self) -> None:
-        if not isinstance(self._storage, LocalStorage) or self._storage.is_dir(""):
-            return
-        if self._opts.read_only:
-            raise CheckpointNotFoundError("the manager directory does not exist",
-                                          path=self._where)
-        # Storage has no "make directory" (object stores and memory need none); a local
-        # manager directory is made here, so that its lock file can be created in it.
-        os.makedirs(self._storage.root, exist_ok=True)
-
     def _scan(self) -> None:
         """Lists the directory and reads the steps not read before (after the saves this
         process has in flight into it, by this manager or another)."""
         async_engine.wait_for(self._key)
         found, newer = self._processes.committed_everywhere(self._index.scan())
-        if newer and self._opts.discard_newer and not self._opts.read_only:
-            self._retention.discard(newer, raise_now=True)
-        elif newer:
-            warnings.warn(
-                f"{self._where}: steps {[r.step for r in newer]} were committed here but not by "
-                "every process; they are ignored (pass discard_newer=True to delete them)",
-                KeepaxWarning, stacklevel=3,
-            )
+        self._retention.discard_newer(newer, delete=self._opts.discard_newer
+                                      and not self._opts.read_only)
         self._index.reset(found)
+
+
+def _open_storage(directory: str, options: Options) -> Storage:
+    """The manager directory's storage; a local directory is created if missing."""
+    try:
+        storage = open_root(directory, options.storage_options)
+    except ValueError as e:
+        raise PolicyError(str(e)) from None
+    if isinstance(storage, LocalStorage) and not storage.is_dir(""):
+        if options.read_only:
+            raise CheckpointNotFoundError("the manager directory does not exist",
+                                          path=storage.display(""))
+        # Storage has no "make directory" (object stores and memory need none); a local
+        # manager directory is made here, so that its lock file can be created in it.
+        os.makedirs(storage.root, exist_ok=True)
+    return storage
 
 
 def _storage_key(storage: Storage, where: str) -> str:

@@ -146,6 +146,19 @@ class Retention:
                 functools.partial(self._removal_error, record=record, trash=trash),
             )
 
+    def discard_newer(self, newer: Sequence[StepInfo], *, delete: bool) -> None:
+        """Steps held here but not by every process (``host_local``): deleted with
+        ``delete`` (``discard_newer``), else ignored with a warning."""
+        if newer and delete:
+            self.discard(newer, raise_now=True)
+        elif newer:
+            warnings.warn(
+                f"{self._storage.display('')}: steps {[r.step for r in newer]} were committed "
+                "here but not by every process; they are ignored (pass discard_newer=True to "
+                "delete them)",
+                KeepaxWarning, stacklevel=4,
+            )
+
     def _removal_error(self, error: BaseException, record: StepInfo, trash: str) -> KeepaxError:
         return KeepaxError(
             f"removing the files of deleted step {record.step} failed in the background: "
