@@ -7,15 +7,16 @@ manager's directory, named from a template; the manager's facts about it live in
 - :mod:`.options`: the options, checked, and the configuration round trip;
 - :mod:`.index`: the step index (the directory's steps, read from their manifests);
 - :mod:`.decision`: the save decision, asking the pure :mod:`keepax.policies`;
-- :mod:`.saving`: a step's state captured for writing (with :mod:`.stateful`'s objects);
+- :mod:`.saving`: the write path (decide, capture the state, stage, commit, record, prune);
+- :mod:`.stateful`: objects with ``get_state``/``set_state``, and restoring a step's tree;
 - :mod:`.retention`: deletion (keep policies, hiding, background removal, leftovers);
 - :mod:`.processes`: what the processes of a multi-process run agree on;
 - :mod:`.preemption`: the SIGTERM/SIGINT flag.
 
 Saves are asynchronous by default: ``save`` captures the state in the caller's thread
 (iterator states, Python values; arrays staged by :mod:`keepax._src.async_engine.engine`) and
-the engine's writer thread writes and commits it, then calls
-:meth:`CheckpointManager._committed` to record the step and apply retention. Decisions made
+the engine's writer thread writes and commits it, then the :class:`.saving.Saver` records the
+step and applies retention. Decisions made
 while saves are in flight see those steps as held; queries about steps (``all_steps``,
 ``restore``, ...) first wait for them. Errors of background writes and deletions are raised by
 the next ``save``/``wait_until_finished``/``check_for_errors``/``close``.
@@ -42,12 +43,7 @@ from keepax._src.manager.preemption import Preemption
 from keepax._src.manager.processes import Processes
 from keepax._src.manager.retention import Background, Retention
 from keepax._src.manager.saving import Saver
-from keepax.errors import (
-    CheckpointNotFoundError,
-    KeepaxError,
-    ManagerClosedError,
-    PolicyError,
-)
+from keepax.errors import CheckpointNotFoundError, KeepaxError, ManagerClosedError, PolicyError
 
 __all__ = ["CheckpointManager", "StepInfo", "MANAGER_KEY"]
 

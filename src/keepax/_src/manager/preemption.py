@@ -40,10 +40,6 @@ class Preemption:
         """Acts as if a signal had arrived."""
         self.signaled = True
 
-    def reached(self, step: int) -> bool:
-        """Whether a save at ``step`` or before has answered a signal: the loop should exit."""
-        return self.saved_at is not None and step >= self.saved_at
-
     def install(self) -> None:
         """Installs the handlers (main thread only).
 
