@@ -25,6 +25,7 @@ import numpy as np
 
 from keepax._src.checkpoint import open_checkpoint
 from keepax._src.tools import _common
+from keepax._src.tools.export import _contiguous, _plain_array
 
 __all__ = ["diff", "DiffResult", "LeafDiff", "add_diff_parser", "run_diff"]
 
@@ -157,9 +158,7 @@ def _same_value(x: Any, y: Any) -> bool:
 def _read(ck: Any, path: str, parts: tuple[Any, ...]) -> np.ndarray:
     for leaf, value in ck.iter_leaves(select=[parts]):
         if leaf.path == path:
-            if isinstance(value, bytes):
-                return np.frombuffer(value, np.uint8)
-            return np.ascontiguousarray(np.asarray(value))
+            return _contiguous(_plain_array(value))
     raise AssertionError(f"leaf {path} vanished while diffing")  # pragma: no cover
 
 

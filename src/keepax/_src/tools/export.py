@@ -199,15 +199,29 @@ def _plan(info: Any, fmt: str, select: Any, cast: np.dtype | None, convert: bool
     return entries, skipped
 
 
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """``array`` in C order (a copy only if needed; 0-d arrays stay 0-d)."""
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def _plain_array(value: Any) -> np.ndarray:
+    """A leaf value as NumPy: bytes as uint8, typed PRNG keys as their key data."""
+    if isinstance(value, bytes):
+        return np.frombuffer(value, np.uint8)
+    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(value))
+    return np.asarray(value)
+
+
 def _value(entry: _Entry, value: Any) -> np.ndarray:
     """The leaf's value as the array to write (converted as planned), C-contiguous."""
-    array = np.asarray(value)
+    array = _plain_array(value)
     if entry.cast is not None:
         array = array.astype(entry.cast)
     if np.issubdtype(array.dtype, np.complexfloating):
         if entry.dtype is not None and not np.issubdtype(entry.dtype, np.complexfloating):
-            array = np.ascontiguousarray(array).view(entry.dtype).reshape(entry.shape)
-    array = np.ascontiguousarray(array)
+            array = _contiguous(array).view(entry.dtype).reshape(entry.shape)
+    array = _contiguous(array)
     if array.shape != entry.shape or (entry.dtype is not None and array.dtype != entry.dtype):
         raise KeepaxError(
             f"read {array.dtype}{list(array.shape)} where the manifest promised "
