@@ -206,10 +206,17 @@ def _chunk_map(ck: Any) -> dict[str, dict[Any, int]]:
     return out
 
 
+def _kind(leaf_type: str) -> str:
+    """jax and numpy arrays compare alike (a restore without ``like`` gives NumPy for both)."""
+    return "array" if leaf_type in ("jax", "numpy") else leaf_type
+
+
 def _compare_leaf(ck_a: Any, ck_b: Any, la: Any, lb: Any, parts: dict[str, Any],
                   chunks: tuple[dict[str, Any], dict[str, Any]], values: bool) -> LeafDiff:
     da, db = _describe(la), _describe(lb)
-    changes = tuple(k for k in ("type", "shape", "dtype") if da[k] != db[k])
+    changes = tuple(k for k in ("shape", "dtype") if da[k] != db[k])
+    if _kind(la.type) != _kind(lb.type):
+        changes = ("type", *changes)
     if la.shape is None or lb.shape is None:
         if la.shape is not None or lb.shape is not None:
             changes = changes or ("type",)
