@@ -100,7 +100,8 @@ def test_dtypes(tmp_path, ocdbt, compression):
     import_orbax(src, dst)
     restored = keepax.restore(dst)
     _same(restored, _np(expected))
-    assert restored["i4"].dtype == ml_dtypes.int4 and restored["f8"].dtype == ml_dtypes.float8_e4m3fn
+    assert restored["i4"].dtype == ml_dtypes.int4
+    assert restored["f8"].dtype == ml_dtypes.float8_e4m3fn
     assert restored["step"] == 12 and type(restored["step"]) is int
 
 
@@ -130,8 +131,8 @@ def test_manager_directory(tmp_path, compression):
     _orbax_run(src, compression)
     assert looks_like_orbax_dir(src)
     with ocp.CheckpointManager(src, item_names=("state", "extra")) as mngr:
-        expected = {s: mngr.restore(s, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(), extra=ocp.args.JsonRestore())) for s in mngr.all_steps()}
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(), extra=ocp.args.JsonRestore())
+        expected = {s: mngr.restore(s, args=args) for s in mngr.all_steps()}
     dst = str(tmp_path / "keepax_run")
     result = import_orbax(src, dst, best=("loss", "min"))
     assert result.kind == "manager" and result.steps == (0, 10, 20) and result.best_step == 10
