@@ -23,6 +23,7 @@ Orbax is an optional extra: ``pip install keepax[orbax]``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import math
@@ -48,6 +49,7 @@ _STEP_RE = re.compile(r"^(?:.*_)?(\d+)$")
 _TMP_TAG = ".orbax-checkpoint-tmp"
 _METRICS_ITEM = "metrics"
 _BATCH_BYTES = 16 << 20
+_TRIM_BYTES = 1 << 20
 
 
 def _orbax() -> Any:
@@ -192,6 +194,22 @@ def _plain_value(meta: Any, value: Any) -> Any:
 # Writing a keepax checkpoint while reading Orbax leaves.
 
 
+def _release_memory() -> None:
+    """Returns freed heap memory to the system (glibc keeps freed blocks of up to 32 MiB in
+    its arenas, one per thread, which would hold the whole state over an import)."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
 class _Loader:
     """Restores Orbax leaves on demand for the writer threads, a batch at a time, and forgets
     each leaf once all its chunks were handed out."""
@@ -203,6 +221,7 @@ class _Loader:
         self.cache: dict[int, np.ndarray] = {}
         self.lock = threading.Lock()
         self.restoring = threading.Lock()  # one Orbax restore at a time
+        self.released: list[np.ndarray] = []
 
     def _batch(self, first: int) -> list[int]:
         out, size = [first], self.leaves[first].nbytes
@@ -221,6 +240,9 @@ class _Loader:
         with self.restoring:
             with self.lock:
                 array = self.cache.get(k)
+            if self.released:
+                self.released.clear()
+                _release_memory()
             if array is None:
                 batch = self._batch(k)
                 leaf = self.leaves[k]
@@ -232,9 +254,12 @@ class _Loader:
                 del got
         with self.lock:
             self.left[k] -= 1
-            if self.left[k] <= 0:
+            done = self.left[k] <= 0
+            if done:
                 self.cache.pop(k, None)
         leaf = self.leaves[k]
+        if done and leaf.nbytes >= _TRIM_BYTES:
+            self.released.append(array)  # trimmed once the writer let go of it
         if array.shape != leaf.shape or array.dtype != leaf.dtype:
             raise KeepaxError(f"Orbax restored {array.dtype}{list(array.shape)} where its "
                               f"metadata says {leaf.dtype}{list(leaf.shape)}",
