@@ -1,0 +1,240 @@
+"""keepax.import_orbax on checkpoints written by the real orbax-checkpoint, compared
+bit-exactly with what Orbax itself restores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax.training import train_state
+
+import keepax
+from keepax._src.tools.orbax_import import import_orbax, looks_like_orbax_dir
+from keepax.errors import CheckpointExistsError, KeepaxError
+
+
+def _same(a, b):
+    """Same structure, and every leaf the same dtype, shape and bytes."""
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb, (ta, tb)
+    for x, y in zip(la, lb):
+        if isinstance(x, np.ndarray | jax.Array):
+            x, y = np.asarray(x), np.asarray(y)
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert x.tobytes() == y.tobytes()
+        else:
+            assert type(x) is type(y) and x == y
+
+
+@pytest.fixture(autouse=True)
+def _orbax_warnings():
+    """Orbax's own restores warn about how it finds shardings: not what is tested here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sharding info not provided",
+                                category=UserWarning)
+        yield
+
+
+def _np(tree):
+    """Orbax's restored arrays as NumPy (Python scalars stay)."""
+    return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array | np.ndarray) else x,
+                        tree)
+
+
+class _Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+
+def _train_state():
+    model = _Model()
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    state = train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                          tx=optax.adam(1e-3))
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    return state.apply_gradients(grads=grads)
+
+
+def test_standard_checkpointer_train_state(tmp_path):
+    src = str(tmp_path / "orbax")
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(src, _train_state())
+    expected = ocp.StandardCheckpointer().restore(src)
+    dst = str(tmp_path / "keepax")
+    result = import_orbax(src, dst)
+    assert result.kind == "checkpoint" and result.paths == (dst,)
+    _same(keepax.restore(dst), _np(expected))
+
+
+@pytest.mark.parametrize("ocdbt,compression", [(True, True), (False, False)])
+def test_dtypes(tmp_path, ocdbt, compression):
+    tree = {
+        "bf16": jnp.arange(12, dtype=jnp.bfloat16).reshape(3, 4) / 7,
+        "i4": jnp.array([1, -2, 7, -8], dtype=jnp.int4),
+        "f8": jnp.array([1.5, -2.0, 0.25], dtype=jnp.float8_e4m3fn),
+        "key": jax.random.key_data(jax.random.key(5)),
+        "np": np.linspace(0, 1, 10),
+        "step": 12,
+        "lr": 0.5,
+    }
+    src = str(tmp_path / "orbax")
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt, use_compression=compression)
+    with ocp.Checkpointer(handler) as ck:
+        ck.save(src, args=ocp.args.PyTreeSave(tree))
+    expected = ocp.PyTreeCheckpointer().restore(src)
+    dst = str(tmp_path / "k")
+    import_orbax(src, dst)
+    restored = keepax.restore(dst)
+    _same(restored, _np(expected))
+    assert restored["i4"].dtype == ml_dtypes.int4
+    assert restored["f8"].dtype == ml_dtypes.float8_e4m3fn
+    assert restored["step"] == 12 and type(restored["step"]) is int
+
+
+def _orbax_run(directory, compression=True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=5, best_fn=lambda m: m["loss"],
+                                           best_mode="min")
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.PyTreeSave,
+                 ocp.PyTreeCheckpointHandler(use_compression=compression))
+    registry.add("state", ocp.args.PyTreeRestore,
+                 ocp.PyTreeCheckpointHandler(use_compression=compression))
+    states = {}
+    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as mngr:
+        for step, loss in ((0, 3.0), (10, 1.0), (20, 2.0)):
+            state = {"w": jnp.full((4, 4), step, jnp.float32), "b": jnp.arange(3) + step}
+            states[step] = state
+            mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                                    extra=ocp.args.JsonSave({"epoch": step})),
+                      metrics={"loss": loss, "acc": step / 20})
+        mngr.wait_until_finished()
+    return states
+
+
+@pytest.mark.parametrize("compression", [True, False])
+def test_manager_directory(tmp_path, compression):
+    src = str(tmp_path / "orbax_run")
+    _orbax_run(src, compression)
+    assert looks_like_orbax_dir(src)
+    with ocp.CheckpointManager(src, item_names=("state", "extra")) as mngr:
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(), extra=ocp.args.JsonRestore())
+        expected = {s: mngr.restore(s, args=args) for s in mngr.all_steps()}
+    dst = str(tmp_path / "keepax_run")
+    result = import_orbax(src, dst, best=("loss", "min"))
+    assert result.kind == "manager" and result.steps == (0, 10, 20) and result.best_step == 10
+    assert not looks_like_orbax_dir(dst)
+    with keepax.CheckpointManager(dst, read_only=True, best=("loss", "min")) as mngr:
+        assert mngr.all_steps() == [0, 10, 20]
+        assert mngr.metrics(20) == {"loss": 2.0, "acc": 1.0}
+        assert mngr.best_step() == 10
+        for step in (0, 10, 20):
+            got = mngr.restore(step)
+            _same(got["state"], _np(dict(expected[step]["state"])))
+            assert got["extra"] == {"epoch": step}
+            assert mngr.metadata(step).metadata["orbax"]["best"] == ["loss", "min"]
+    # Running it again skips what is there (an interrupted import resumes).
+    again = import_orbax(src, dst)
+    assert again.skipped == (0, 10, 20) and again.steps == ()
+
+
+def test_single_step_and_selected_steps(tmp_path):
+    src = str(tmp_path / "orbax_run")
+    states = _orbax_run(src)
+    one = import_orbax(os.path.join(src, "10"), str(tmp_path / "one"))
+    got = keepax.restore(one.paths[0])
+    _same(got["state"], _np(states[10]))
+    assert keepax.inspect(one.paths[0]).metadata["orbax"]["metrics"]["loss"] == 1.0
+    some = import_orbax(src, str(tmp_path / "some"), steps=[20])
+    assert some.steps == (20,)
+    with pytest.raises(KeepaxError, match=r"step\(s\) \[5\]"):
+        import_orbax(src, str(tmp_path / "none"), steps=[5])
+    with pytest.raises(CheckpointExistsError):
+        import_orbax(os.path.join(src, "10"), str(tmp_path / "one"))
+
+
+def test_not_orbax(tmp_path):
+    keepax.save(str(tmp_path / "k"), {"a": np.ones(2)})
+    assert not looks_like_orbax_dir(str(tmp_path))
+    with pytest.raises(KeepaxError, match="not an Orbax checkpoint"):
+        import_orbax(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_without_orbax_installed(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["orbax"] = None  # as if orbax-checkpoint were not installed
+        from keepax._src.tools.orbax_import import import_orbax
+        from keepax.errors import KeepaxError
+        try:
+            import_orbax({str(tmp_path)!r}, {str(tmp_path / "x")!r})
+        except KeepaxError as e:
+            print(e)
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert "pip install keepax[orbax]" in run.stdout, run.stderr
+
+
+def test_cli(tmp_path, capsys):
+    import argparse
+
+    from keepax._src.tools.orbax_import import add_import_orbax_parser
+
+    src = str(tmp_path / "orbax_run")
+    _orbax_run(src)
+    parser = argparse.ArgumentParser()
+    add_import_orbax_parser(parser.add_subparsers())
+    args = parser.parse_args(["import-orbax", src, str(tmp_path / "k"), "--best", "loss:min",
+                              "--json", "-q"])
+    assert args.run(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == [0, 10, 20] and out["best_step"] == 10
+
+
+_MEMORY_CHILD = textwrap.dedent("""
+    import json, sys
+    import psutil
+    import orbax.checkpoint as ocp
+    from keepax._src.tools.orbax_import import import_orbax
+    base = psutil.Process().memory_info().rss
+    import_orbax(sys.argv[1], sys.argv[2])
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) * 1024
+    print(json.dumps({"extra": peak - base}))
+""")
+
+
+@pytest.mark.slow
+def test_memory_bounded(tmp_path):
+    leaf = 16 << 20
+    src = str(tmp_path / "orbax")
+    tree = {f"w{i}": np.full(leaf // 4, i, np.float32) for i in range(16)}  # 256 MiB
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(src, tree)
+    del tree
+    # A fixed mmap threshold makes glibc return freed leaves to the system at once, so the
+    # peak shows what is held, not what the allocator keeps for reuse.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    run = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, src, str(tmp_path / "k")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    extra = json.loads(run.stdout.strip().splitlines()[-1])["extra"]
+    # The writer threads (up to 4) each hold the leaf they write; Orbax its read buffers.
+    print("peak extra", extra >> 20, "MiB")
+    assert extra < (64 << 20) + 4 * leaf, extra
+    got = keepax.restore(str(tmp_path / "k"), select="w15")
+    assert float(got["w15"][0]) == 15.0
