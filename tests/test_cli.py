@@ -84,13 +84,13 @@ def test_ls_lists_steps_with_time_size_metrics_and_kind(root: str, capsys) -> No
     assert main(["ls", directory]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["step", "time", "(UTC)", "size", "metrics", "kind", "name"]
-    row10 = next(line for line in lines if line.startswith("10 "))
-    assert "permanent" in row10 and "acc=0.5 loss=0.0909091" in row10 and "00000010" in row10
-    assert "KiB" in row10
-    row13 = next(line for line in lines if line.startswith("13 "))
+    assert lines[0].split() == ["step", "time", "(UTC)", "size", "acc", "loss", "kind", "name"]
+    row10 = next(line for line in lines if line.split()[:1] == ["10"])
+    assert "permanent" in row10 and "0.5" in row10 and "0.0909091" in row10
+    assert "00000010" in row10 and "KiB" in row10
+    row13 = next(line for line in lines if line.split()[:2] == ["*", "13"])  # the lowest loss
     assert "temporary" in row13
-    assert "3 steps (1 temporary)" in out and "latest 13" in out
+    assert "3 steps (1 temporary)" in out and "latest 13" in out and "best 13" in out
 
 
 def test_ls_of_an_empty_or_missing_directory(tmp_path, capsys) -> None:

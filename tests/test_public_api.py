@@ -10,6 +10,7 @@ def test_public_names() -> None:
     assert sorted(keepax.__all__) == sorted([
         "errors", "policies", "save", "save_async", "restore", "inspect", "verify",
         "save_file", "load_file", "open", "Checkpoint", "ChunkInfo",
+        "copy", "diff", "export", "gc", "import_orbax",
         "CheckpointInfo", "LeafInfo", "RestoreStats", "SaveResult", "SaveHandle", "SaveRecord",
         "KeepaxError",
         "CheckpointManager", "StepInfo", "KeepaxWarning",

@@ -24,6 +24,11 @@ from keepax._src.checkpoint import save_file as save_file
 from keepax._src.checkpoint import verify as verify
 from keepax._src.manager.manager import CheckpointManager as CheckpointManager
 from keepax._src.manager.manager import StepInfo as StepInfo
+from keepax._src.tools.copy import copy as copy
+from keepax._src.tools.diff import diff as diff
+from keepax._src.tools.export import export as export
+from keepax._src.tools.gc import gc as gc
+from keepax._src.tools.orbax_import import import_orbax as import_orbax
 from keepax.errors import KeepaxError as KeepaxError
 from keepax.errors import KeepaxWarning as KeepaxWarning
 
@@ -40,6 +45,11 @@ __all__ = [
     "open",
     "Checkpoint",
     "ChunkInfo",
+    "copy",
+    "diff",
+    "export",
+    "gc",
+    "import_orbax",
     "CheckpointManager",
     "StepInfo",
     "save_file",

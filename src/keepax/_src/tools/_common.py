@@ -13,10 +13,11 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from keepax._src.util import format_bytes
 from keepax.errors import KeepaxError
 
-__all__ = ["leaf_parts", "parse_size", "format_size", "Progress", "print_json", "add_common",
-           "storage_options", "run_cli", "chunked"]
+__all__ = ["leaf_parts", "parse_size", "format_size", "table", "Progress", "print_json",
+           "add_common", "storage_options", "run_cli", "chunked"]
 
 
 def leaf_parts(tree: Any) -> dict[str, tuple[Any, ...]]:
@@ -74,12 +75,16 @@ def parse_size(size: int | str) -> int:
 
 def format_size(n: int) -> str:
     """``n`` bytes for people: ``512 B``, ``1.5 MiB``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
+    return format_bytes(n, 1)
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    """Rows under headers, columns padded to their widest cell."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
 
 
 class Progress:

@@ -1,5 +1,5 @@
-"""Machine-readable output of ``keepax ls``, ``show`` and ``verify``, and ``ls``'s table with
-one column per metric and the best step marked.
+"""``keepax ls``, ``show`` and ``verify``: text (``ls`` with one column per metric and the best
+step marked) and machine-readable output (``--json``).
 
 Every ``*_json`` function returns plain JSON-able dicts (no NaN: non-finite floats become
 strings), so ``keepax ls DIR --json | jq`` and plotting scripts can rely on the shape
@@ -8,14 +8,20 @@ documented in each docstring.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import keepax
 from keepax._src.tools import _common
 
-__all__ = ["best_of", "parse_best", "ls_json", "format_ls", "show_json", "verify_json"]
+__all__ = [
+    "add_ls_parser", "add_show_parser", "add_verify_parser", "best_of", "format_ls", "ls_json",
+    "parse_best", "show_json", "verify_json",
+]
 
 
 def _plain(value: Any) -> Any:
@@ -99,14 +105,6 @@ def ls_json(directory: str, steps: Sequence[Any], best: tuple[str, str] | None =
     }
 
 
-def _table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
 def format_ls(directory: str, steps: Sequence[Any], best: tuple[str, str] | None = None) -> str:
     """``keepax ls``'s text: one row per step with one column per metric, the best step
     marked ``*``, then a summary line."""
@@ -121,7 +119,7 @@ def format_ls(directory: str, steps: Sequence[Any], best: tuple[str, str] | None
         rows.append(["*" if s.step == best_step else "", str(s.step),
                      f"{created:%Y-%m-%d %H:%M:%S}", _common.format_size(s.nbytes), *metrics,
                      "temporary" if s.temporary else "permanent", s.name])
-    text = _table(rows, ["", "step", "time (UTC)", "size", *names, "kind", "name"])
+    text = _common.table(rows, ["", "step", "time (UTC)", "size", *names, "kind", "name"])
     temporary = sum(s.temporary for s in steps)
     text += (f"\n\n{len(steps)} step{'s' if len(steps) != 1 else ''}"
              + (f" ({temporary} temporary)" if temporary else "")
@@ -163,3 +161,116 @@ def verify_json(path: str, problems: Sequence[str], info: Any = None) -> dict[st
     return {"path": path, "ok": not problems, "problems": list(problems),
             "leaves": None if info is None else len(info.leaves),
             "nbytes": None if info is None else info.nbytes}
+
+
+def add_ls_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds ``keepax ls DIR [--best METRIC[:min|max]] [--json]``."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "ls", help="list the steps of a CheckpointManager directory")
+    parser.add_argument("directory", help="manager directory or URL")
+    parser.add_argument("--best", metavar="METRIC[:min|max]",
+                        help="mark the best step by this metric (default: loss, if recorded)")
+    _common.add_common(parser, quiet=False)
+    parser.set_defaults(run=_run_ls)
+    return parser
+
+
+def _run_ls(args: argparse.Namespace) -> int:
+    def body() -> int:
+        best = parse_best(args.best)
+        with keepax.CheckpointManager(args.directory, read_only=True,
+                                      storage_options=_common.storage_options(args)) as mngr:
+            steps = [mngr.metadata(step) for step in mngr.all_steps()]
+        if args.json:
+            _common.print_json(ls_json(args.directory, steps, best))
+        else:
+            print(format_ls(args.directory, steps, best))
+        return 0
+
+    return _common.run_cli("ls", body)
+
+
+def add_show_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds ``keepax show PATH [--json]``."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "show", help="show a checkpoint's tree, shapes, dtypes and sizes")
+    parser.add_argument("path", help="checkpoint directory or URL")
+    _common.add_common(parser, quiet=False)
+    parser.set_defaults(run=_run_show)
+    return parser
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    def body() -> int:
+        info = keepax.open(args.path, storage_options=_common.storage_options(args)).info
+        if args.json:
+            _common.print_json(show_json(info))
+        else:
+            print(format_show(info))
+        return 0
+
+    return _common.run_cli("show", body)
+
+
+def format_show(info: keepax.CheckpointInfo) -> str:
+    """``keepax show``'s text: the header, one row per leaf, then totals."""
+    created = datetime.datetime.fromtimestamp(info.created, datetime.UTC)
+    lines = [f"checkpoint  {info.path}", f"format      keepax {info.format_version}",
+             f"created     {created:%Y-%m-%d %H:%M:%S} UTC",
+             "writer      " + ", ".join(f"{k} {v}" for k, v in info.writer.items())]
+    if info.metadata:
+        lines.append(f"metadata    {json.dumps(info.metadata, sort_keys=True)}")
+    rows = []
+    for leaf in info.leaves:
+        if leaf.shape is None:
+            text = repr(leaf.value)
+            shape, dtype, size = (text if len(text) <= 40 else text[:37] + "..."), "", ""
+        else:
+            comma = "," if len(leaf.shape) == 1 else ""
+            shape = "(" + ", ".join(map(str, leaf.shape)) + comma + ")"
+            dtype, size = leaf.dtype or "", _common.format_size(leaf.nbytes)
+        sharded = ""
+        if leaf.sharding and leaf.sharding.get("kind") == "named":
+            sharded = f"mesh {leaf.sharding['mesh']} spec {leaf.sharding['spec']}"
+        rows.append([leaf.path or "<root>", leaf.type, shape, dtype, size, sharded])
+    lines += ["", _common.table(rows, ["leaf", "type", "shape / value", "dtype", "size",
+                                       "sharding"])]
+    arrays = sum(1 for leaf in info.leaves if leaf.shape is not None)
+    files = len(info.files)
+    lines.append(
+        f"\n{len(info.leaves)} leaves ({arrays} arrays), {_common.format_size(info.nbytes)} of "
+        f"array data in {files} data file{'s' if files != 1 else ''} "
+        f"({_common.format_size(sum(n for _, n in info.files))})"
+    )
+    return "\n".join(lines)
+
+
+def add_verify_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds ``keepax verify PATH [--json] [-q]``: exit 0 sound, 1 damaged, 2 unreadable."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "verify", help="recompute every checksum")
+    parser.add_argument("path", help="checkpoint directory or URL")
+    _common.add_common(parser)
+    parser.set_defaults(run=_run_verify)
+    return parser
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    def body() -> int:
+        checkpoint = keepax.open(args.path, storage_options=_common.storage_options(args))
+        with _common.Progress("verify", quiet=args.quiet) as bar:
+            problems = checkpoint.verify(progress=bar)
+        info = checkpoint.info
+        if args.json:
+            _common.print_json(verify_json(info.path, problems, info))
+        elif problems:
+            for problem in problems:
+                print(f"BAD  {problem}")
+            print(f"{args.path}: {len(problems)} problem{'s' if len(problems) != 1 else ''} "
+                  "found")
+        else:
+            print(f"{info.path}: OK ({len(info.leaves)} leaves, "
+                  f"{_common.format_size(info.nbytes)} checked)")
+        return 1 if problems else 0
+
+    return _common.run_cli("verify", body)

@@ -474,6 +474,7 @@ def _import_manager(ocp: Any, src: str, dst: str, found: dict[int, str],
                     steps: Sequence[int] | None, best: tuple[str, str] | None, overwrite: bool,
                     batch_bytes: int, progress: Callable[[int, int], None] | None,
                     storage_options: dict[str, Any] | None) -> ImportResult:
+    from keepax._src.manager import index as keepax_index  # noqa: PLC0415 - higher layer
     from keepax._src.manager import manager as keepax_manager  # noqa: PLC0415 - higher layer
     from keepax._src.manager.naming import DEFAULT_TEMPLATE, NameTemplate  # noqa: PLC0415
 
@@ -506,7 +507,7 @@ def _import_manager(ocp: Any, src: str, dst: str, found: dict[int, str],
                      "placeholders": {}, "iterators": []}
             user = {"orbax": {"source": found[step], "items": sorted([*pytrees, *plain]),
                               "metrics": raw, **({"best": list(best)} if best else {})}}
-            metadata = {keepax_manager.MANAGER_KEY: facts, keepax_manager.USER_KEY: user}
+            metadata = {keepax_index.MANAGER_KEY: facts, keepax_index.USER_KEY: user}
             nbytes += _write(storage.display(name), pytrees, unwrap, plain, metadata,
                              overwrite and step in held, batch_bytes, storage_options)
             written.append(storage.display(name))
