@@ -12,19 +12,18 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+# Imported, not skipped: the test extras install them, and a missing one must fail.
+import moto.server  # noqa: F401
 import numpy as np
 import pytest
+import s3fs  # noqa: F401
+from s3_fixtures import S3Env, endpoint_options, start_moto
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto.server")
-
-from s3_fixtures import S3Env, endpoint_options, start_moto  # noqa: E402
-
-import keepax  # noqa: E402
-from keepax import policies  # noqa: E402
-from keepax._src import checkpoint  # noqa: E402
-from keepax.cli import main as cli_main  # noqa: E402
-from keepax.errors import (  # noqa: E402
+import keepax
+from keepax import policies
+from keepax._src import checkpoint
+from keepax.cli import main as cli_main
+from keepax.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     NotCommittedError,
