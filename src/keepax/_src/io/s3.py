@@ -34,7 +34,7 @@ from keepax.errors import CheckpointNotFoundError
 if TYPE_CHECKING:
     from keepax._src.io.fsspec_store import TransferOptions
 
-__all__ = ["NoBucketError", "S3Transport", "S3Writer", "S3Reader", "epoch"]
+__all__ = ["EndpointTimeoutError", "NoBucketError", "S3Transport", "S3Writer", "S3Reader", "epoch"]
 
 _MiB = 1 << 20
 _DELETE_BATCH = 1000  # S3 DeleteObjects takes at most 1000 keys
@@ -42,6 +42,14 @@ _DELETE_BATCH = 1000  # S3 DeleteObjects takes at most 1000 keys
 
 class NoBucketError(CheckpointNotFoundError):
     """The bucket itself does not exist (so no checkpoint can be in it)."""
+
+
+class EndpointTimeoutError(TimeoutError):
+    """The object store did not answer in time (it stopped answering, or cannot be reached).
+
+    (A class of its own also because asyncio rebuilds a plain ``TimeoutError`` crossing
+    threads from its ``args``, which drops the file name.)
+    """
 
 
 class _ShortRead(Exception):
@@ -99,9 +107,15 @@ def _plural(n: int) -> str:
 
 
 def translate(
-    error: BaseException, url: str, what: str, options: TransferOptions, endpoint: str = ""
+    error: BaseException, url: str, what: str, options: TransferOptions, endpoint: str = "",
+    *, attempts: int | None = None,
 ) -> OSError:
-    """The exception a caller sees for a request that failed for good."""
+    """The exception a caller sees for a request that failed for good.
+
+    Args:
+      attempts: How many attempts were made, where botocore did not count them (a response
+        body retried by keepax); such a failure counts as transient.
+    """
     status, code = _status_and_code(error)
     message = str(error)
     if code == "NoSuchBucket":
@@ -122,10 +136,11 @@ def translate(
     if isinstance(error, OSError) and error.filename is not None:
         return error
     kind = _botocore_kind(error) or ("read-timeout" if isinstance(error, TimeoutError) else "")
-    attempts = _attempts(error, options)
+    retried_here = attempts is not None
+    attempts = attempts if attempts is not None else _attempts(error, options)
     at = f" at {endpoint}" if endpoint else ""
     if kind == "read-timeout":
-        return TimeoutError(
+        return EndpointTimeoutError(
             errno.ETIMEDOUT,
             f"{what} failed: the object store{at} stopped answering (no response within "
             f"keepax_read_timeout={options.read_timeout:g} s, {_plural(attempts)}); check "
@@ -134,14 +149,14 @@ def translate(
             url,
         )
     if kind == "connect-timeout":
-        return TimeoutError(
+        return EndpointTimeoutError(
             errno.ETIMEDOUT,
             f"{what} failed: could not connect to the object store{at} within "
             f"keepax_connect_timeout={options.connect_timeout:g} s ({_plural(attempts)}); "
             "is the endpoint right and reachable?",
             url,
         )
-    transient = bool(kind) or code in _THROTTLING_CODES or (
+    transient = retried_here or bool(kind) or code in _THROTTLING_CODES or (
         status is not None and (status >= 500 or status == 429)
     ) or isinstance(error, (ConnectionError, _ShortRead))
     if transient:
@@ -198,8 +213,11 @@ class S3Transport:
             self._endpoint = str(getattr(getattr(client, "meta", None), "endpoint_url", ""))
         return client
 
-    def _fail(self, error: BaseException, key: str, what: str) -> OSError:
-        return translate(error, f"s3://{self.bucket}/{key}", what, self.options, self._endpoint)
+    def _fail(
+        self, error: BaseException, key: str, what: str, attempts: int | None = None
+    ) -> OSError:
+        return translate(error, f"s3://{self.bucket}/{key}", what, self.options, self._endpoint,
+                         attempts=attempts)
 
     async def call(self, method: str, key: str, *, what: str, **kwargs: Any) -> Any:
         """One request (``method`` on ``key``), retried by botocore; errors translated."""
@@ -239,7 +257,7 @@ class S3Transport:
                 except Exception as e:
                     failures += 1
                     if failures >= self.options.max_attempts:
-                        raise self._fail(e, key, "reading") from e
+                        raise self._fail(e, key, "reading", failures) from e
                     await asyncio.sleep(self.options.backoff(failures - 1))
                 finally:
                     body.close()
