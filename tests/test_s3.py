@@ -545,3 +545,24 @@ def test_timeouts_and_retries_configure_botocore(s3: S3Env) -> None:
     assert mine.fs.config_kwargs["read_timeout"] == 99  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="keepax_read_timeout"):
         open_root(f"{s3.url}/x", {"keepax_read_timeout": 0})
+
+
+def test_checkpoints_on_a_second_s3_implementation(s3rver: S3Env) -> None:
+    """What must hold on real S3 holds on s3rver too, not only on moto: multipart saves,
+    ranged restores, overwriting (marker first), not-found errors."""
+    options = {**s3rver.options, "keepax_part_size": 5 << 20}
+    tree = _tree(2, big=12 << 20)
+    url = f"{s3rver.url}/run/ckpt"
+    keepax.save(url, tree, storage_options=options)
+    _same(keepax.restore(url, tree, storage_options=options), tree)
+    assert keepax.verify(url, storage_options=options) == []
+    with pytest.raises(CheckpointExistsError):
+        keepax.save(url, tree, storage_options=options)
+    keepax.save(url, {"w": np.zeros(3)}, overwrite=True, storage_options=options)
+    _same(keepax.restore(url, storage_options=options), {"w": np.zeros(3)})
+    info = keepax.inspect(url, storage_options=options)
+    data = [k[len("run/ckpt/") :] for k in s3rver.keys("run/ckpt/data/")]
+    assert data == [f for f, _ in info.files]  # the old checkpoint's files are gone
+    for missing in (f"{s3rver.url}/nothing", f"{s3rver.url}/run/nothing"):
+        with pytest.raises(CheckpointNotFoundError):
+            keepax.inspect(missing, storage_options=options)
