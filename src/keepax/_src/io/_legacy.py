@@ -44,7 +44,10 @@ def begin_write(storage: Storage, name: str, *, replace: bool) -> None:
         return
     entries = storage.list(name)
     if not entries:
-        storage.abort_uploads(name)  # of an earlier save that died mid-file
+        try:
+            storage.abort_uploads(name)  # of an earlier save that died mid-file
+        except OSError:
+            pass  # optional clean-up: the parts stay invisible
         return
     if _MARKER in entries:
         if not replace:
