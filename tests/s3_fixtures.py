@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -43,7 +48,11 @@ class S3Env:
         """A boto3 client of the server (to look at or damage objects directly)."""
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=self.options.get("key"),
+            aws_secret_access_key=self.options.get("secret"),
+        )
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every key in the bucket under ``prefix``, sorted."""
@@ -104,5 +113,60 @@ def s3(moto_endpoint: str) -> Iterator[S3Env]:
     )
     env = dataclasses.replace(env, url=f"s3://{env.bucket}")
     env.client().create_bucket(Bucket=env.bucket)
+    yield env
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def s3rver_endpoint() -> Iterator[str]:
+    """A second, independent S3 implementation: s3rver (npm), on loopback.
+
+    moto is the S3 server of most tests; the conformance suite also runs against s3rver, so
+    that what must hold on real S3 is not only what moto does. s3rver is a Node package
+    (``npm install -g s3rver``), outside the Python extras: where it is not installed the
+    tests that ask for it are skipped, saying so, unless ``KEEPAX_REQUIRE_S3RVER=1`` makes a
+    missing one fail (as it should in CI that installs it).
+    """
+    binary = shutil.which("s3rver")
+    if binary is None:
+        if os.environ.get("KEEPAX_REQUIRE_S3RVER"):
+            pytest.fail("s3rver is not installed (npm install -g s3rver)")
+        pytest.skip("s3rver is not installed (npm install -g s3rver); "
+                    "KEEPAX_REQUIRE_S3RVER=1 makes this a failure")
+    with socket.socket() as probe:  # a free port (s3rver's own "-p 0" is only printed)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as directory:
+        process = subprocess.Popen(
+            [binary, "-d", directory, "-a", "127.0.0.1", "-p", str(port), "--silent",
+             "--no-vhost-buckets"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(600):  # until it listens (or exits)
+                if process.poll() is not None:
+                    raise RuntimeError(f"s3rver exited with status {process.returncode}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+@pytest.fixture
+def s3rver(s3rver_endpoint: str) -> Iterator[S3Env]:
+    """A fresh bucket on the session's s3rver."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"keepax-{uuid.uuid4().hex[:12]}"
+    env = S3Env(endpoint=s3rver_endpoint, bucket=bucket, url=f"s3://{bucket}",
+                options={"client_kwargs": {"endpoint_url": s3rver_endpoint},
+                         "key": "S3RVER", "secret": "S3RVER"})  # s3rver's one account
+    env.client().create_bucket(Bucket=bucket)
     yield env
     s3fs.S3FileSystem.clear_instance_cache()

@@ -8,23 +8,24 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+# Imported, not skipped: the test extras install them, and a missing one must fail.
+import moto.server  # noqa: F401
 import numpy as np
 import pytest
+import s3fs  # noqa: F401
+from s3_fixtures import S3Env, endpoint_options, start_moto
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto.server")
-
-from s3_fixtures import S3Env, endpoint_options, start_moto  # noqa: E402
-
-import keepax  # noqa: E402
-from keepax import policies  # noqa: E402
-from keepax._src import checkpoint  # noqa: E402
-from keepax.cli import main as cli_main  # noqa: E402
-from keepax.errors import (  # noqa: E402
+import keepax
+from keepax import policies
+from keepax._src import checkpoint
+from keepax._src.io import open_root
+from keepax.cli import main as cli_main
+from keepax.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     NotCommittedError,
@@ -246,8 +247,9 @@ def test_cli_on_s3(s3: S3Env, capsys: pytest.CaptureFixture[str]) -> None:
 
 class _FaultProxy:
     """A loopback HTTP proxy to an S3 server; ``decide(n, method, path)`` says what to do with
-    the n-th request: None (forward it), an HTTP status (answer with an S3 error instead), or
-    "drop" (close the connection without an answer)."""
+    the n-th request: None (forward it), an HTTP status (answer with an S3 error instead),
+    "drop" (close the connection without an answer) or "truncate" (forward it, then send
+    only half of the answer's body and close the connection)."""
 
     def __init__(self, upstream: str, decide: Callable[[int, str, str], Any]) -> None:
         self.upstream = upstream.split("://", 1)[1]
@@ -277,6 +279,7 @@ class _FaultProxy:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
+                truncate = action == "truncate"
                 if isinstance(action, int):
                     code = {503: "SlowDown", 500: "InternalError", 403: "AccessDenied"}[action]
                     payload = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
@@ -308,7 +311,12 @@ class _FaultProxy:
                 length = response.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if truncate:  # the body dies mid-stream: half of it, then the connection
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                elif self.command != "HEAD":
                     self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
@@ -428,3 +436,133 @@ def test_server_dying_mid_save_commits_nothing(s3: S3Env) -> None:
         mngr.wait_until_finished()
         assert mngr.all_steps() == [1, 2]
     assert s3.client().list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
+
+
+def test_a_body_dying_mid_stream_is_asked_for_again(s3: S3Env, proxy_factory: Any) -> None:
+    """botocore cannot retry a response whose body dies after its headers: keepax asks for
+    the rest of the range again, and gives up (naming the object) when it keeps dying."""
+    tree = _tree(7, big=3 << 20)
+    keepax.save(f"{s3.url}/cut", tree, storage_options=s3.options)
+    cut: list[str] = []
+
+    def once(n: int, method: str, path: str) -> Any:
+        if method == "GET" and "/data/" in path and not cut:
+            cut.append(path)
+            return "truncate"
+        return None
+
+    proxy = proxy_factory(once)
+    _same(keepax.restore(f"{s3.url}/cut", tree, storage_options=proxy.options()), tree)
+    assert cut and proxy.faults == 1
+
+    always = proxy_factory(
+        lambda n, method, path: "truncate" if method == "GET" and "/data/" in path else None
+    )
+    with pytest.raises(OSError, match="reading failed after 2 attempts") as info:
+        keepax.restore(f"{s3.url}/cut", tree,
+                       storage_options=always.options(keepax_max_attempts=2))
+    assert f"{s3.url}/cut/data/" in str(info.value)
+
+
+def test_missing_checkpoints_and_buckets_are_not_found(s3: S3Env) -> None:
+    for url in (f"{s3.url}/name", f"{s3.url}/run/name", "s3://no-such-bucket/name",
+                "s3://no-such-bucket/run/name"):
+        with pytest.raises(CheckpointNotFoundError) as info:
+            keepax.inspect(url, storage_options=s3.options)
+        assert url in str(info.value)
+        with pytest.raises(CheckpointNotFoundError):
+            keepax.restore(url, storage_options=s3.options)
+    with pytest.raises(CheckpointNotFoundError, match="bucket 'no-such-bucket' does not exist"):
+        keepax.inspect("s3://no-such-bucket/name", storage_options=s3.options)
+
+
+def test_unfinished_uploads_are_aborted_after_the_grace_period(s3: S3Env) -> None:
+    client = s3.client()
+    dead = client.create_multipart_upload(Bucket=s3.bucket, Key="run/00000002/data/p0")
+    other = client.create_multipart_upload(Bucket=s3.bucket, Key="elsewhere/data/p0")
+    storage = open_root(f"{s3.url}/run", s3.options)
+    # (moto dates every upload 2010-11-10: "young" is younger than that here.)
+    assert storage.abort_uploads("", older_than=10**10) == 0  # may still be in progress
+    assert storage.abort_uploads("", older_than=0) == 1
+    left = client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
+    assert [u["UploadId"] for u in left] == [other["UploadId"]]  # outside the prefix
+    assert dead["UploadId"] not in [u["UploadId"] for u in left]
+    assert storage.abort_uploads("") == 0
+
+
+class _Stalled:
+    """A TCP endpoint that accepts connections and never answers (a hung server)."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(64)
+        self.endpoint = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.socket.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)  # held open, never read from nor written to
+
+    def close(self) -> None:
+        self.socket.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_a_stalled_endpoint_fails_saying_it_stopped_answering() -> None:
+    stalled = _Stalled()
+    try:
+        options = {**endpoint_options(stalled.endpoint), "key": "k", "secret": "s",
+                   "keepax_read_timeout": 0.5,
+                   "keepax_connect_timeout": 1, "keepax_max_attempts": 2}
+        for call in (lambda: keepax.save("s3://bucket/ckpt", {"w": np.ones(3)},
+                                         storage_options=options),
+                     lambda: keepax.restore("s3://bucket/ckpt", storage_options=options)):
+            with pytest.raises(TimeoutError, match="stopped answering") as info:
+                call()
+            message = str(info.value)
+            assert stalled.endpoint in message and "keepax_read_timeout=0.5 s" in message
+            assert "2 attempts" in message and "s3://bucket/ckpt" in message
+        assert stalled.accepted  # it was reached, and answered nothing
+    finally:
+        stalled.close()
+
+
+def test_timeouts_and_retries_configure_botocore(s3: S3Env) -> None:
+    storage = open_root(f"{s3.url}/x", {**s3.options, "keepax_read_timeout": 7,
+                                        "keepax_connect_timeout": 3, "keepax_max_attempts": 4})
+    config = storage.fs.config_kwargs  # type: ignore[attr-defined]
+    assert config["retries"] == {"mode": "standard", "total_max_attempts": 4}
+    assert (config["connect_timeout"], config["read_timeout"]) == (3, 7)
+    mine = open_root(f"{s3.url}/x", {**s3.options, "config_kwargs": {"read_timeout": 99}})
+    assert mine.fs.config_kwargs["read_timeout"] == 99  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="keepax_read_timeout"):
+        open_root(f"{s3.url}/x", {"keepax_read_timeout": 0})
+
+
+def test_checkpoints_on_a_second_s3_implementation(s3rver: S3Env) -> None:
+    """What must hold on real S3 holds on s3rver too, not only on moto: multipart saves,
+    ranged restores, overwriting (marker first), not-found errors."""
+    options = {**s3rver.options, "keepax_part_size": 5 << 20}
+    tree = _tree(2, big=12 << 20)
+    url = f"{s3rver.url}/run/ckpt"
+    keepax.save(url, tree, storage_options=options)
+    _same(keepax.restore(url, tree, storage_options=options), tree)
+    assert keepax.verify(url, storage_options=options) == []
+    with pytest.raises(CheckpointExistsError):
+        keepax.save(url, tree, storage_options=options)
+    keepax.save(url, {"w": np.zeros(3)}, overwrite=True, storage_options=options)
+    _same(keepax.restore(url, storage_options=options), {"w": np.zeros(3)})
+    info = keepax.inspect(url, storage_options=options)
+    data = [k[len("run/ckpt/") :] for k in s3rver.keys("run/ckpt/data/")]
+    assert data == [f for f, _ in info.files]  # the old checkpoint's files are gone
+    for missing in (f"{s3rver.url}/nothing", f"{s3rver.url}/run/nothing"):
+        with pytest.raises(CheckpointNotFoundError):
+            keepax.inspect(missing, storage_options=options)

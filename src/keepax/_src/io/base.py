@@ -1,37 +1,69 @@
-"""The storage interface every backend implements, and the commit protocol's two flavours.
+"""The storage interface every backend implements.
 
 A :class:`Storage` is rooted at a directory (or bucket prefix). Paths given to it are relative,
 ``/``-separated, and never contain ``..``: keepax builds them itself, never from user keys.
 
-Commit protocols (``docs/FORMAT.md`` §Commit):
+Storage is plain storage: files, ranged reads, listing, deletion, and capabilities a commit
+protocol builds on. It knows nothing of keepax's format (file names, markers, manifests):
 
-- *rename* (local disk, memory): a checkpoint is written under a hidden staging name beside its
-  final name and renamed into place once complete.
-- *marker* (object stores): a checkpoint is written in place; its commit marker, written
-  last, alone makes it visible. Before anything of an existing checkpoint is modified or
-  deleted, its marker is deleted (:meth:`Storage.begin_write`, :meth:`Storage.delete`).
+- :attr:`Storage.atomic_rename`: whether :meth:`Storage.rename_dir` renames a directory
+  atomically (local disk, memory). Where it is true, a commit protocol can write under a
+  hidden staging name and rename into place; where it is false (object stores), a small
+  object written last with :meth:`Storage.write_bytes` is visible whole or not at all, and
+  :meth:`Storage.delete` of one file can be ordered before the deletion of its directory.
+- :meth:`Storage.abort_uploads`: discards the invisible parts of uploads that a killed
+  writer left (object stores; nothing elsewhere).
 
-In both, the last file written inside a checkpoint is its commit marker; readers ignore any
-checkpoint directory without one and any name containing ``.keepax-``.
+Names containing :data:`STAGING_TAG` are reserved for temporaries (staging and trash).
 """
 
 from __future__ import annotations
 
 import abc
+import errno
 import uuid
 
-__all__ = ["Storage", "Writer", "Reader", "STAGING_TAG", "COMMIT_NAME", "is_hidden_name"]
+from keepax._src.io import _legacy
+from keepax.errors import KeepaxError
+
+__all__ = ["Storage", "Writer", "Reader", "STAGING_TAG", "is_hidden_name", "with_path"]
 
 STAGING_TAG = ".keepax-"
 """Names containing this tag are staging or trash directories: never checkpoints."""
-
-COMMIT_NAME = "keepax.commit"
-"""The commit marker's file name (``docs/FORMAT.md`` §4); marker backends delete it first."""
 
 
 def is_hidden_name(name: str) -> bool:
     """Whether a directory entry is keepax's own temporary (staging or trash) entry."""
     return STAGING_TAG in name
+
+
+_ERRNOS = (
+    (FileNotFoundError, errno.ENOENT), (FileExistsError, errno.EEXIST),
+    (PermissionError, errno.EACCES), (NotADirectoryError, errno.ENOTDIR),
+    (IsADirectoryError, errno.EISDIR), (TimeoutError, errno.ETIMEDOUT),
+)
+
+
+def with_path(error: OSError, doing: str, where: str) -> OSError:
+    """``error`` again, naming the file it concerns and what was being done to it.
+
+    The errno (hence the ``OSError`` subclass) is kept, so ``except`` clauses keep working;
+    errors that already name a file are returned as they are.
+
+    Args:
+      error: An ``OSError`` from the operating system or a client library.
+      doing: What failed, e.g. ``"writing"``.
+      where: The file's display path (:meth:`Storage.display`).
+    """
+    if error.filename is not None or isinstance(error, KeepaxError):
+        return error
+    code = error.errno
+    if code is None:
+        code = next((c for cls, c in _ERRNOS if isinstance(error, cls)), errno.EIO)
+    reason = error.strerror or str(error) or type(error).__name__
+    wrapped = OSError(code, f"{doing} failed: {reason}", where)
+    wrapped.__cause__ = error
+    return wrapped
 
 
 class Writer(abc.ABC):
@@ -89,7 +121,8 @@ class Storage(abc.ABC):
 
     Attributes:
       url: The root, as the user wrote it (used in error messages).
-      atomic_rename: Whether :meth:`commit` renames a staging directory into place.
+      atomic_rename: Whether :meth:`rename_dir` renames directories atomically (and so
+        whether :meth:`commit` renames a staging directory into place).
     """
 
     url: str
@@ -161,37 +194,41 @@ class Storage(abc.ABC):
         None where the backend keeps no times or nothing is there."""
         return None
 
-    def is_unfinished(self, name: str) -> bool:
-        """Whether ``name`` holds only what an interrupted save leaves (a manifest or data
-        files, no commit marker). Only marker backends leave such directories at a final
-        name; rename backends leave hidden staging directories instead."""
-        return False
+    def abort_uploads(self, path: str = "", *, older_than: float = 0.0) -> int:
+        """Aborts unfinished uploads under a directory that started at least ``older_than``
+        seconds ago; returns how many.
 
-    def begin_write(self, name: str, *, replace: bool) -> None:  # noqa: B027 - optional hook
-        """Prepares the final name ``name`` for a checkpoint about to be written.
+        Object stores keep the parts of a multipart upload whose writer died (invisible, but
+        stored and billed) until it is completed or aborted. Backends without such uploads
+        have nothing to abort and return 0.
 
-        Rename backends write elsewhere first and need nothing here. Marker backends write in
-        place, so they delete an existing checkpoint's commit marker first, then its other
-        files (with ``replace``), or the leftovers of an interrupted save.
-
-        Raises:
-          FileExistsError: ``name`` holds a committed checkpoint and ``replace`` is false, or
-            holds files that are not keepax's.
+        Args:
+          path: The directory (``""``: the whole storage).
+          older_than: The grace period in seconds: younger uploads may still be in progress.
         """
+        del path, older_than
+        return 0
+
+    # -- Commit protocol steps, kept as methods while other layers call them so. ---------------
 
     def staging_name(self, name: str) -> str:
-        """Where a checkpoint called ``name`` is written before it is committed."""
+        """Where a checkpoint called ``name`` is written before it is committed: a hidden
+        sibling where renames are atomic, ``name`` itself elsewhere."""
         if not self.atomic_rename:
             return name
         return f"{name}{STAGING_TAG}tmp-{uuid.uuid4().hex[:12]}"
 
     def commit(self, staging: str, name: str, *, replace: bool) -> None:
-        """Makes a fully written staging directory visible as ``name``.
+        """Renames a fully written staging directory into place as ``name`` (nothing to do
+        where :attr:`atomic_rename` is false: there the last small object written commits).
 
         Args:
-          staging: What :meth:`staging_name` returned, with the commit marker already inside.
+          staging: What :meth:`staging_name` returned, complete.
           name: The final name.
           replace: Whether an existing ``name`` is to be replaced (atomically where possible).
+
+        Raises:
+          FileExistsError: ``name`` exists and ``replace`` is false.
         """
         if not self.atomic_rename:
             return
@@ -218,3 +255,11 @@ class Storage(abc.ABC):
         else:
             self.rename_dir(staging, name)
             self.sync_dir(parent)
+
+    def is_unfinished(self, name: str) -> bool:
+        """Deprecated shim (the commit layer is to own it): see ``_legacy.is_unfinished``."""
+        return _legacy.is_unfinished(self, name)
+
+    def begin_write(self, name: str, *, replace: bool) -> None:
+        """Deprecated shim (the commit layer is to own it): see ``_legacy.begin_write``."""
+        _legacy.begin_write(self, name, replace=replace)

@@ -1,4 +1,15 @@
-"""Local file system storage: positional I/O on file descriptors, fsync, atomic rename."""
+"""Local file system storage: positional I/O on file descriptors, fsync, atomic rename.
+
+Reading is safe on a checkpoint from anyone:
+
+- only regular files are opened: a FIFO, a device or a socket where a file should be is refused
+  (checked before opening, opened non-blocking so that nothing can hang, checked again after);
+- nothing outside the checkpoint is read: a path whose symbolic links resolve outside the
+  top-level entry of the storage it lies in (the checkpoint directory, for the storages
+  keepax opens for a checkpoint path) is refused, unless the storage was opened with
+  ``follow_symlinks=True`` (storage option ``keepax_follow_symlinks``).
+"""
+
 
 from __future__ import annotations
 
@@ -6,8 +17,11 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
+from collections.abc import Callable
 
-from keepax._src.io.base import Reader, Storage, Writer
+from keepax._src.io.base import Reader, Storage, Writer, with_path
+from keepax.errors import CorruptCheckpointError
 
 __all__ = ["LocalStorage"]
 
@@ -45,17 +59,29 @@ def _rename2(source: str, target: str, flags: int) -> None:
 
 
 class _LocalWriter(Writer):
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    def __init__(self, path: str, where: str) -> None:
+        self._path, self._where = path, where
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise with_path(e, "creating", where) from e
 
     def write(self, data: memoryview) -> None:
         data = data.cast("B") if data.ndim != 1 or data.format != "B" else data
-        while len(data):
-            n = os.write(self._fd, data)
-            data = data[n:]
+        try:
+            while len(data):
+                n = os.write(self._fd, data)
+                data = data[n:]
+        except OSError as e:
+            raise with_path(e, "writing", self._where) from e
 
     def writev(self, buffers: list[memoryview]) -> None:
+        try:
+            self._writev(buffers)
+        except OSError as e:
+            raise with_path(e, "writing", self._where) from e
+
+    def _writev(self, buffers: list[memoryview]) -> None:
         pending = [b.cast("B") if b.ndim != 1 or b.format != "B" else b for b in buffers]
         pending = [b for b in pending if len(b)]
         while pending:
@@ -73,6 +99,8 @@ class _LocalWriter(Writer):
     def close(self) -> None:
         try:
             os.fsync(self._fd)
+        except OSError as e:
+            raise with_path(e, "syncing", self._where) from e
         finally:
             os.close(self._fd)
             self._fd = -1
@@ -83,12 +111,44 @@ class _LocalWriter(Writer):
             self._fd = -1
 
 
+_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symbolic link",
+}
+
+
+_Refuse = Callable[[str], CorruptCheckpointError]
+
+
 class _LocalReader(Reader):
-    def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._size = os.fstat(self._fd).st_size
+    def __init__(self, path: str, where: str, refuse: _Refuse) -> None:
+        self._where = where
+        # Never open what is not a regular file (opening a FIFO blocks until a writer comes,
+        # opening a device may act on it); O_NONBLOCK and the fstat after close the window
+        # in which it could be swapped between the two.
+        try:
+            if not stat.S_ISREG(mode := os.stat(path).st_mode):
+                raise refuse(_KINDS.get(stat.S_IFMT(mode), "not a regular file"))
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            raise with_path(e, "opening", where) from e
+        try:
+            info = os.fstat(self._fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise refuse(_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file"))
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._size = info.st_size
 
     def read_into(self, offset: int, out: memoryview) -> int:
+        try:
+            return self._read_into(offset, out)
+        except OSError as e:
+            raise with_path(e, "reading", self._where) from e
+
+    def _read_into(self, offset: int, out: memoryview) -> int:
         out = out.cast("B") if out.ndim != 1 or out.format != "B" else out
         total = 0
         while total < len(out):
@@ -99,6 +159,12 @@ class _LocalReader(Reader):
         return total
 
     def readv_into(self, offset: int, outs: list[memoryview]) -> int:
+        try:
+            return self._readv_into(offset, outs)
+        except OSError as e:
+            raise with_path(e, "reading", self._where) from e
+
+    def _readv_into(self, offset: int, outs: list[memoryview]) -> int:
         pending = [o.cast("B") if o.ndim != 1 or o.format != "B" else o for o in outs]
         pending = [o for o in pending if len(o)]
         total = 0
@@ -129,13 +195,23 @@ class LocalStorage(Storage):
     Data files are written with ``write``/``writev`` and ``fsync``ed on close; commits rename a
     staging directory into place with ``renameat2`` (``RENAME_NOREPLACE``, or
     ``RENAME_EXCHANGE`` to replace atomically), then ``fsync`` the parent directory.
+
+    Reads open regular files only, and only inside the top-level entry their path starts
+    with (module docstring).
+
+    Args:
+      root: The directory.
+      follow_symlinks: Whether to read files through symbolic links that lead outside their
+        top-level entry (a checkpoint whose ``data`` directory links elsewhere, say). Off by
+        default: a checkpoint from anyone must not make keepax read other files.
     """
 
     atomic_rename = True
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, follow_symlinks: bool = False) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.url = os.fspath(root)
+        self.follow_symlinks = follow_symlinks
 
     def _abs(self, path: str) -> str:
         return os.path.join(self.root, path) if path else self.root
@@ -143,7 +219,7 @@ class LocalStorage(Storage):
     def create(self, path: str) -> Writer:
         full = self._abs(path)
         self._makedirs(os.path.dirname(full))
-        return _LocalWriter(full)
+        return _LocalWriter(full, self.display(path))
 
     def _makedirs(self, directory: str) -> None:
         """Creates missing directories and fsyncs each new entry's parent (durable names)."""
@@ -161,7 +237,31 @@ class LocalStorage(Storage):
             _fsync_dir(os.path.dirname(d))
 
     def open(self, path: str) -> Reader:
-        return _LocalReader(self._abs(path))
+        top = path.split("/", 1)[0]
+        full = self._abs(path)
+        if not self.follow_symlinks:
+            full = self._inside(path, top)
+
+        def refuse(kind: str) -> CorruptCheckpointError:
+            return CorruptCheckpointError(
+                f"{path} is {kind}, not a regular file: keepax opens regular files only",
+                path=self.display(top),
+            )
+
+        return _LocalReader(full, self.display(path), refuse)
+
+    def _inside(self, path: str, top: str) -> str:
+        """``path`` with its symbolic links resolved, if it stays inside ``top``."""
+        base = os.path.realpath(self._abs(top))
+        real = os.path.realpath(self._abs(path))
+        if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
+            return real
+        raise CorruptCheckpointError(
+            f"{path} is reached through a symbolic link and resolves to {real}, outside the "
+            "checkpoint: keepax reads no file outside it. If you trust this checkpoint, pass "
+            "storage_options={'keepax_follow_symlinks': True}",
+            path=self.display(top),
+        )
 
     def exists(self, path: str) -> bool:
         return os.path.exists(self._abs(path))
