@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from keepax._src.commit import protocol
 from keepax._src.io import (
     FsspecStorage,
     LocalStorage,
@@ -138,34 +139,35 @@ def test_commit_protocol(storage: Storage) -> None:
 
 
 def test_marker_commit_protocol(storage: Storage) -> None:
-    """Rename backends stage elsewhere; marker backends write in place, marker first gone."""
+    """The commit layer's marker steps over each backend: rename backends stage elsewhere;
+    marker backends write in place, the marker first gone."""
     assert storage.modified("nothing") is None
-    storage.begin_write("new", replace=False)  # nothing there: nothing to do
+    protocol.begin_write(storage, "new", replace=False)  # nothing there: nothing to do
     if storage.atomic_rename:
         storage.write_bytes("old/keepax.commit", b"m")
-        storage.begin_write("old", replace=False)  # staged elsewhere: the old one stays
-        assert storage.exists("old/keepax.commit") and not storage.is_unfinished("old")
+        protocol.begin_write(storage, "old", replace=False)  # staged elsewhere: the old one stays
+        assert storage.exists("old/keepax.commit") and not protocol.is_unfinished(storage, "old")
         return
     assert storage.staging_name("ckpt") == "ckpt"
     storage.write_bytes("ckpt/data/p0.safetensors", b"data")
     storage.write_bytes("ckpt/manifest.json", b"{}")
-    assert storage.is_unfinished("ckpt")  # no marker yet
+    assert protocol.is_unfinished(storage, "ckpt")  # no marker yet
     storage.write_bytes("ckpt/keepax.commit", b"m")
     storage.commit("ckpt", "ckpt", replace=False)  # nothing to do
-    assert not storage.is_unfinished("ckpt")
+    assert not protocol.is_unfinished(storage, "ckpt")
     with pytest.raises(FileExistsError):
-        storage.begin_write("ckpt", replace=False)
+        protocol.begin_write(storage, "ckpt", replace=False)
     assert storage.exists("ckpt/keepax.commit")
-    storage.begin_write("ckpt", replace=True)  # the old checkpoint goes, marker first
+    protocol.begin_write(storage, "ckpt", replace=True)  # the old checkpoint goes, marker first
     assert not storage.exists("ckpt")
     # Leftovers of an interrupted save are cleared; foreign files are refused.
     storage.write_bytes("left/manifest.json", b"{}")
-    storage.begin_write("left", replace=False)
+    protocol.begin_write(storage, "left", replace=False)
     assert not storage.exists("left")
     storage.write_bytes("foreign/notes.txt", b"mine")
-    assert not storage.is_unfinished("foreign")
+    assert not protocol.is_unfinished(storage, "foreign")
     with pytest.raises(FileExistsError):
-        storage.begin_write("foreign", replace=False)
+        protocol.begin_write(storage, "foreign", replace=False)
     assert storage.exists("foreign/notes.txt")
 
 

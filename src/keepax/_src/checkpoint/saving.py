@@ -151,7 +151,7 @@ def prepare_save(
     if coordinator is not None and coordinator.process_count == 1:
         coordinator = None
     # (On object stores, an interrupted save's leftovers are no checkpoint: saved over.)
-    if storage.exists(name) and not storage.is_unfinished(name):
+    if storage.exists(name) and not protocol.is_unfinished(storage, name):
         if not overwrite:
             raise CheckpointExistsError(
                 "a checkpoint (or file) already exists here; pass overwrite=True to replace it",

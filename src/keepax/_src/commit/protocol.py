@@ -18,15 +18,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import time
 from collections.abc import Callable, Iterator
 
 from keepax._src.format import datafiles
-from keepax._src.format.manifest import COMMIT_FILE, MANIFEST_FILE, CommitMarker, Manifest
+from keepax._src.format.manifest import (
+    COMMIT_FILE,
+    DATA_DIR,
+    MANIFEST_FILE,
+    CommitMarker,
+    Manifest,
+)
 from keepax._src.io import Storage
 from keepax.errors import CheckpointExistsError
 
-__all__ = ["SaveResult", "Staging", "begin", "commit", "discard", "staged"]
+__all__ = [
+    "SaveResult", "Staging", "begin", "begin_write", "commit", "discard", "is_unfinished",
+    "staged",
+]
 
 _EXISTS = "another save created this checkpoint first; pass overwrite=True to replace it"
 
@@ -76,7 +86,7 @@ def begin(storage: Storage, name: str, where: str, *, replace: bool) -> Staging:
       OSError: The storage failed.
     """
     try:
-        storage.begin_write(name, replace=replace)
+        begin_write(storage, name, replace=replace)
     except FileExistsError as e:
         raise CheckpointExistsError(_EXISTS, path=where) from e
     return Staging(storage, name, where, storage.staging_name(name), replace)
@@ -147,3 +157,43 @@ def staged(storage: Storage, name: str, where: str, *, replace: bool) -> Iterato
     except BaseException:
         discard(staging)
         raise
+
+
+_UNFINISHED_ENTRIES = frozenset({MANIFEST_FILE, DATA_DIR})
+
+
+def is_unfinished(storage: Storage, name: str) -> bool:
+    """Whether ``name`` holds only what an interrupted marker save leaves (a manifest or data
+    files, no commit marker); always false where saves are staged and renamed."""
+    if storage.atomic_rename:
+        return False
+    entries = storage.list(name)
+    return bool(entries) and COMMIT_FILE not in entries and set(entries) <= _UNFINISHED_ENTRIES
+
+
+def begin_write(storage: Storage, name: str, *, replace: bool) -> None:
+    """Prepares the final name ``name`` for a marker save: deletes an existing checkpoint's
+    marker first, then its other files (with ``replace``), or an interrupted save's leftovers
+    (and its unfinished uploads). Nothing to do where saves are staged and renamed.
+
+    Raises:
+      FileExistsError: ``name`` holds a committed checkpoint and ``replace`` is false, or
+        holds files that are not keepax's.
+    """
+    if storage.atomic_rename:
+        return
+    entries = storage.list(name)
+    if not entries:
+        try:
+            storage.abort_uploads(name)  # of an earlier save that died mid-file
+        except OSError:
+            pass  # optional clean-up: the parts stay invisible
+        return
+    if COMMIT_FILE in entries:
+        if not replace:
+            raise FileExistsError(errno.EEXIST, "a checkpoint exists", storage.display(name))
+        # The marker first: from here on no reader takes the old files for a checkpoint.
+        storage.delete(f"{name}/{COMMIT_FILE}")
+    elif not replace and not is_unfinished(storage, name):
+        raise FileExistsError(errno.EEXIST, "something else exists here", storage.display(name))
+    storage.delete(name)

@@ -23,7 +23,6 @@ import abc
 import errno
 import uuid
 
-from keepax._src.io import _legacy
 from keepax.errors import KeepaxError
 
 __all__ = ["Storage", "Writer", "Reader", "STAGING_TAG", "is_hidden_name", "with_path"]
@@ -255,11 +254,3 @@ class Storage(abc.ABC):
         else:
             self.rename_dir(staging, name)
             self.sync_dir(parent)
-
-    def is_unfinished(self, name: str) -> bool:
-        """Deprecated shim (the commit layer is to own it): see ``_legacy.is_unfinished``."""
-        return _legacy.is_unfinished(self, name)
-
-    def begin_write(self, name: str, *, replace: bool) -> None:
-        """Deprecated shim (the commit layer is to own it): see ``_legacy.begin_write``."""
-        _legacy.begin_write(self, name, replace=replace)

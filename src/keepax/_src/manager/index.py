@@ -23,6 +23,7 @@ from typing import Any
 
 from keepax import policies
 from keepax._src import checkpoint
+from keepax._src.commit import protocol
 from keepax._src.io import Storage, is_hidden_name
 from keepax._src.manager.options import check_step, is_real
 from keepax.errors import CheckpointNotFoundError, KeepaxError, KeepaxWarning, PolicyError
@@ -260,7 +261,7 @@ class StepIndex:
             return step_info(name, handle.info)
         except (KeepaxError, OSError, ValueError) as e:
             reason = str(e)
-        if not self._storage.atomic_rename and self._storage.is_unfinished(name):
+        if not self._storage.atomic_rename and protocol.is_unfinished(self._storage, name):
             return None  # Object stores: a save in progress or interrupted (no marker yet).
         if not self._storage.exists(name):
             return None  # Deleted or renamed since it was listed (another process's retention).

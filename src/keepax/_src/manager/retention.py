@@ -18,8 +18,9 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 from keepax import policies
+from keepax._src.commit import protocol
+from keepax._src.format.manifest import COMMIT_FILE
 from keepax._src.io import Storage, is_hidden_name
-from keepax._src.io.base import COMMIT_NAME
 from keepax._src.io.lock import LOCK_NAME
 from keepax._src.manager.index import StepIndex, StepInfo
 from keepax.errors import KeepaxError, KeepaxWarning
@@ -174,7 +175,7 @@ class Retention:
             trash = f"{name}.keepax-trash-{uuid.uuid4().hex[:12]}"
             self._storage.rename_dir(name, trash)
             return trash
-        self._storage.delete(f"{name}/{COMMIT_NAME}")
+        self._storage.delete(f"{name}/{COMMIT_FILE}")
         return name
 
     def remove_leftovers(self, grace: float) -> None:
@@ -188,7 +189,8 @@ class Retention:
             if name.startswith(LOCK_NAME):
                 continue
             try:
-                if not (is_hidden_name(name) or (marker and self._storage.is_unfinished(name))):
+                unfinished = marker and protocol.is_unfinished(self._storage, name)
+                if not (is_hidden_name(name) or unfinished):
                     continue
                 modified = self._storage.modified(name)
                 if modified is None or now - modified < grace:

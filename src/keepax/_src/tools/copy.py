@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from keepax._src.checkpoint import open_checkpoint
+from keepax._src.commit import protocol
 from keepax._src.format import datafiles
 from keepax._src.format.manifest import COMMIT_FILE, MANIFEST_FILE
 from keepax._src.io import Storage, split_checkpoint_path
@@ -184,7 +185,7 @@ def _copy_one(src: str, dst: str, *, overwrite: bool, report: Callable[[int, int
     counter = _Counter(sum(n for _, n in files), report=report)
     staging = dst_storage.staging_name(dst_name)
     try:
-        dst_storage.begin_write(dst_name, replace=overwrite)
+        protocol.begin_write(dst_storage, dst_name, replace=overwrite)
     except FileExistsError as e:
         raise CheckpointExistsError("a checkpoint (or file) already exists here; pass "
                                     "overwrite=True (CLI: --overwrite) to replace it",

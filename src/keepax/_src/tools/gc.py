@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from keepax import policies
+from keepax._src.commit import protocol
 from keepax._src.io import is_hidden_name, open_root
 from keepax._src.io.lock import LOCK_NAME
 from keepax._src.manager.manager import CheckpointManager
@@ -96,7 +97,7 @@ def _leftovers(directory: str, grace: float, now: float,
     for name in storage.list(""):
         if name.startswith(LOCK_NAME):
             continue
-        unfinished = marker and not is_hidden_name(name) and storage.is_unfinished(name)
+        unfinished = marker and not is_hidden_name(name) and protocol.is_unfinished(storage, name)
         if not (is_hidden_name(name) or unfinished):
             continue
         what = "unfinished save (no commit marker)" if unfinished else "staging or trash"
