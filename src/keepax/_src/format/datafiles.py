@@ -435,12 +435,38 @@ def read_requests(
             )
             piece.targets.append((request, _direct_view(request, chunk)))
     pieces = list(by_chunk.values())
-    opened = _Files(storage, directory, files, where)
+    reading = _Reading(_Files(storage, directory, files, where), files, where, stats)
+    streams = _sequential_streams(_read_steps(pieces, reading), workers)
 
-    def read_run(run: list[_Piece]) -> int:
+    def run_stream(stream: list[tuple[int, int, Callable[[Any], int], Any]]) -> int:
+        return sum(fn(arg) for _, _, fn, arg in stream)
+
+    try:
+        if len(streams) <= 1:
+            total = sum(run_stream(stream) for stream in streams)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(min(workers, len(streams))) as pool:
+                total = sum(pool.map(run_stream, streams))
+    finally:
+        reading.opened.close()
+    stats.bytes_read = total
+    stats.chunks_read = len(pieces)
+    return stats
+
+
+@dataclasses.dataclass
+class _Reading:
+    """What the read steps of one :func:`read_requests` share."""
+
+    opened: _Files
+    files: Sequence[DataFile]
+    where: str
+    stats: RestoreStats
+
+    def run(self, run: list[_Piece]) -> int:
         """Reads consecutive big chunks of one file with one vectored request, straight into
         their outputs where possible, then verifies and delivers each."""
-        reader = opened.get(run[0].chunk.file, stats)
+        reader = self.opened.get(run[0].chunk.file, self.stats)
         landed = [piece.landing() for piece in run]
         landings = [
             view if view is not None else memoryview(bytearray(piece.chunk.nbytes))
@@ -449,33 +475,38 @@ def read_requests(
         expected = sum(piece.chunk.nbytes for piece in run)
         if reader.readv_into(run[0].chunk.offset, landings) != expected:
             raise CorruptCheckpointError(
-                f"data file {files[run[0].chunk.file].name} ends inside a chunk",
-                path=where,
+                f"data file {self.files[run[0].chunk.file].name} ends inside a chunk",
+                path=self.where,
                 leaf=run[0].leaf,
             )
         for piece, landing, view in zip(run, landings, landed):
-            _verify(landing, piece, files, where)
+            _verify(landing, piece, self.files, self.where)
             piece.deliver(landing, view)
         return expected
 
-    def read_group(group: list[_Piece]) -> int:
+    def group(self, group: list[_Piece]) -> int:
         """Reads adjacent small chunks of one file with one request."""
         first, last = group[0].chunk, group[-1].chunk
         span = last.offset + last.nbytes - first.offset
         buffer = memoryview(bytearray(span))
-        reader = opened.get(first.file, stats)
+        reader = self.opened.get(first.file, self.stats)
         if reader.read_into(first.offset, buffer) != span:
             raise CorruptCheckpointError(
-                f"data file {files[first.file].name} ends inside a chunk", path=where
+                f"data file {self.files[first.file].name} ends inside a chunk", path=self.where
             )
         for piece in group:
             begin = piece.chunk.offset - first.offset
             view = buffer[begin : begin + piece.chunk.nbytes]
-            _verify(view, piece, files, where)
+            _verify(view, piece, self.files, self.where)
             piece.deliver(view)
         return span
 
-    # Each step reads one big chunk or a run of adjacent small ones.
+
+def _read_steps(
+    pieces: Sequence[_Piece], reading: _Reading
+) -> list[tuple[int, int, Callable[[Any], int], Any]]:
+    """Cuts the pieces into read steps: runs of adjacent small chunks, and runs of
+    consecutive big ones (each as (file, offset, function, argument))."""
     steps: list[tuple[int, int, Callable[[Any], int], Any]] = []
     small = sorted(
         (p for p in pieces if p.chunk.nbytes < _SMALL), key=lambda p: (p.chunk.file, p.chunk.offset)
@@ -487,11 +518,11 @@ def read_requests(
             gap = piece.chunk.offset - (prev.offset + prev.nbytes)
             span = piece.chunk.offset + piece.chunk.nbytes - group[0].chunk.offset
             if piece.chunk.file != prev.file or not 0 <= gap <= _SMALL or span > _BATCH_BYTES:
-                steps.append((group[0].chunk.file, group[0].chunk.offset, read_group, group))
+                steps.append((group[0].chunk.file, group[0].chunk.offset, reading.group, group))
                 group = []
         group.append(piece)
     if group:
-        steps.append((group[0].chunk.file, group[0].chunk.offset, read_group, group))
+        steps.append((group[0].chunk.file, group[0].chunk.offset, reading.group, group))
     run: list[_Piece] = []
     big = sorted(
         (p for p in pieces if p.chunk.nbytes >= _SMALL),
@@ -510,27 +541,12 @@ def read_requests(
                 or piece.landing() is None
                 or run[-1].landing() is None
             ):
-                steps.append((run[0].chunk.file, run[0].chunk.offset, read_run, run))
+                steps.append((run[0].chunk.file, run[0].chunk.offset, reading.run, run))
                 run = []
         run.append(piece)
     if run:
-        steps.append((run[0].chunk.file, run[0].chunk.offset, read_run, run))
-    streams = _sequential_streams(steps, workers)
-
-    def run_stream(stream: list[tuple[int, int, Callable[[Any], int], Any]]) -> int:
-        return sum(fn(arg) for _, _, fn, arg in stream)
-
-    try:
-        if len(streams) <= 1:
-            total = sum(run_stream(stream) for stream in streams)
-        else:
-            with concurrent.futures.ThreadPoolExecutor(min(workers, len(streams))) as pool:
-                total = sum(pool.map(run_stream, streams))
-    finally:
-        opened.close()
-    stats.bytes_read = total
-    stats.chunks_read = len(pieces)
-    return stats
+        steps.append((run[0].chunk.file, run[0].chunk.offset, reading.run, run))
+    return steps
 
 
 def check_sizes(

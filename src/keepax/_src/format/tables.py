@@ -552,6 +552,23 @@ def resolve(
         with concurrent.futures.ThreadPoolExecutor(min(workers, len(refs))) as pool:
             loaded = list(pool.map(load, refs))
 
+    files, per_leaf = _merge(refs, loaded, cells, where)
+    leaves = list(manifest.leaves)
+    for index, indices in cells.items():
+        leaf = leaves[index]
+        assert isinstance(leaf, ArrayLeaf) and leaf.cells is not None
+        kept = _cover_cells(leaf, manifest.layouts[leaf.cells.layout].grid, indices,
+                            per_leaf.get(index, []), where)
+        leaves[index] = dataclasses.replace(leaf, chunks=tuple(kept))
+    nbytes = sum(r.nbytes for r in refs)
+    return dataclasses.replace(manifest, files=tuple(files), leaves=tuple(leaves)), nbytes
+
+
+def _merge(
+    refs: Sequence[TableRef], loaded: Sequence[_Table], cells: Mapping[int, set[int]], where: str
+) -> tuple[list[DataFile], dict[int, list[Chunk]]]:
+    """One list of data files for the tables read (chunks renumbered into it), and the
+    chunks of the needed leaves."""
     files: list[DataFile] = []
     per_leaf: dict[int, list[Chunk]] = {}
     seen: dict[str, tuple[int, int]] = {}  # name -> (index in files, process)
@@ -576,34 +593,36 @@ def resolve(
                 per_leaf.setdefault(index, []).extend(
                     dataclasses.replace(c, file=mapping[c.file]) for c in chunks
                 )
-    leaves = list(manifest.leaves)
-    for index, indices in cells.items():
-        leaf = leaves[index]
-        assert isinstance(leaf, ArrayLeaf) and leaf.cells is not None
-        grid = manifest.layouts[leaf.cells.layout].grid
-        volume: dict[int, int] = {}
-        kept = []
-        for c in per_leaf.get(index, []):
-            k = linear(tuple(s // b for s, b in zip(c.start, leaf.cells.block)), grid)
-            if k in indices:
-                volume[k] = volume.get(k, 0) + math.prod(c.shape)
-                kept.append(c)
-        for k in indices:
-            cell = _unravel(k, grid)
-            want = math.prod(cell_box(leaf.shape, leaf.cells.block, cell)[1])
-            if volume.get(k, 0) != want:
-                raise CorruptCheckpointError(
-                    f"the chunk tables cover {volume.get(k, 0)} of the {want} elements of shard "
-                    f"{list(cell)}; the checkpoint is damaged",
-                    path=where, leaf=leaf.path,
-                )
-        regions = [cell_box(leaf.shape, leaf.cells.block, _unravel(k, grid)) for k in indices]
-        if not covers_exactly([(c.start, c.shape) for c in kept], regions):
-            raise CorruptCheckpointError("chunks of the array overlap", path=where,
-                                         leaf=leaf.path)
-        leaves[index] = dataclasses.replace(leaf, chunks=tuple(kept))
-    nbytes = sum(r.nbytes for r in refs)
-    return dataclasses.replace(manifest, files=tuple(files), leaves=tuple(leaves)), nbytes
+    return files, per_leaf
+
+
+def _cover_cells(
+    leaf: ArrayLeaf, grid: Sequence[int], indices: set[int], chunks: Sequence[Chunk], where: str
+) -> list[Chunk]:
+    """The chunks of the needed cells, checked to cover each exactly (sizes first)."""
+    assert leaf.cells is not None
+    volume: dict[int, int] = {}
+    kept = []
+    for c in chunks:
+        k = linear(tuple(s // b for s, b in zip(c.start, leaf.cells.block)), grid)
+        if k in indices:
+            volume[k] = volume.get(k, 0) + math.prod(c.shape)
+            kept.append(c)
+    regions = []
+    for k in indices:
+        cell = _unravel(k, grid)
+        region = cell_box(leaf.shape, leaf.cells.block, cell)
+        want = math.prod(region[1])
+        if volume.get(k, 0) != want:
+            raise CorruptCheckpointError(
+                f"the chunk tables cover {volume.get(k, 0)} of the {want} elements of shard "
+                f"{list(cell)}; the checkpoint is damaged",
+                path=where, leaf=leaf.path,
+            )
+        regions.append(region)
+    if not covers_exactly([(c.start, c.shape) for c in kept], regions):
+        raise CorruptCheckpointError("chunks of the array overlap", path=where, leaf=leaf.path)
+    return kept
 
 
 def _unravel(index: int, grid: Sequence[int]) -> tuple[int, ...]:
