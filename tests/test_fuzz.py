@@ -42,8 +42,9 @@ from test_tables import _build
 
 import keepax
 from keepax._src.checkpoint.single_file import inspect_file
+from keepax._src.format.manifest import CommitMarker, Manifest
 from keepax._src.io.local import LocalStorage
-from keepax.errors import KeepaxError
+from keepax.errors import CorruptCheckpointError, KeepaxError
 
 _EXAMPLES = int(os.environ.get("KEEPAX_FUZZ_EXAMPLES", "0"))
 _BUDGET_SECONDS = 5.0
@@ -432,3 +433,20 @@ def test_the_watch_sees_outside_opens_and_big_allocations(tmp_path) -> None:
     with pytest.raises(ValueError):
         _check(lambda: int("x"), inside)
     _check(lambda: (inside / "ok").write_bytes(b"fine"), inside)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-be", "utf-16-le", "utf-32-be", "utf-32-le"])
+def test_json_in_other_encodings_is_damage(bases, scratch, encoding) -> None:
+    """Found by a long run: ``json.loads`` of bytes detects UTF-16/32 and imports the codec
+    (the first time, an import and an open outside the checkpoint). The format is UTF-8 only:
+    such a marker or manifest is damage, decoded by nothing else."""
+    root = scratch(bases["dir"])
+    ckpt = root / "ckpt"
+    for name, parse in (("keepax.commit", CommitMarker.from_json),
+                        ("manifest.json", Manifest.from_json)):
+        data = (ckpt / name).read_text().encode(encoding)
+        with pytest.raises(CorruptCheckpointError, match="not valid JSON"):
+            parse(data, where=str(ckpt))
+        (ckpt / name).write_bytes(data)
+        for call in _directory_calls(ckpt)[:3]:
+            _check(call, root)

@@ -83,13 +83,17 @@ def _reject_constant(name: str) -> Any:
 
 
 def loads(data: bytes | str) -> Any:
-    """Parses untrusted JSON text strictly: ``NaN``/``Infinity`` are refused.
+    """Parses untrusted JSON text strictly: UTF-8 only; ``NaN``/``Infinity`` are refused.
 
     Raises:
       ValueError: not valid JSON (also for numbers with more digits than Python converts).
       UnicodeDecodeError: not UTF-8.
       RecursionError: nested too deeply.
     """
+    if not isinstance(data, str):
+        # UTF-8 only (as the format says): json.loads would detect UTF-16/32 in bytes and
+        # import their codecs, work a checkpoint's bytes should never cause.
+        data = bytes(data).decode("utf-8")
     return json.loads(data, parse_constant=_reject_constant)
 
 
