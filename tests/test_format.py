@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 import jax.numpy as jnp
@@ -104,3 +105,79 @@ def test_plan_spreads_bytes_evenly(max_files: int) -> None:
     assert max(sizes) <= 100 << 20 or max_files == 1
     for g in groups:  # leaf order kept inside each file
         assert [s.leaf for s in g] == sorted(s.leaf for s in g)
+
+
+# ---------------------------------------------------------------------------------------------
+# check_header: the safetensors header matches the manifest (issue 12 point 8).
+
+
+def _header_problems(path) -> list[str]:
+    from keepax._src.checkpoint import snapshot  # noqa: PLC0415 - the layer above, for a test
+    from keepax._src.io import split_checkpoint_path  # noqa: PLC0415
+
+    storage, name = split_checkpoint_path(str(path))
+    opened = snapshot._open(str(path))
+    return fmt.check_headers(storage, name, snapshot.resolved_manifest(opened), where=str(path))
+
+
+def _edit_header(file: str, edit) -> None:
+    """Rewrites a data file's header (same length, re-padded), keeping the data bytes."""
+    with open(file, "rb") as f:
+        raw = f.read()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= length, "the edit must not lengthen the header"
+    with open(file, "wb") as f:
+        f.write(raw[:8] + text + b" " * (length - len(text)) + raw[8 + length :])
+
+
+def _sharded_tree():
+    return {"w": np.arange(24, dtype=np.float32).reshape(4, 6),
+            "i4": np.arange(6, dtype=ml_dtypes.int4), "c": np.array([1 + 2j], np.complex64),
+            "s": np.float16(3), "n": 5}
+
+
+def test_headers_of_a_saved_checkpoint_match(tmp_path) -> None:
+    keepax.save(tmp_path / "ckpt", _sharded_tree())
+    assert _header_problems(tmp_path / "ckpt") == []
+    keepax.save(tmp_path / "root", np.ones((3, 2), np.int8))
+    assert _header_problems(tmp_path / "root") == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda h: h.__setitem__("['x']", h.pop("['w']")), r"tensor \['w'\] is null"),
+        (lambda h: h["['w']"].__setitem__("dtype", "I32"), r"tensor \['w'\] is"),
+        (lambda h: h["['w']"].__setitem__("shape", [6, 4]), r"tensor \['w'\] is"),
+        (lambda h: h["['w']"]["data_offsets"].__setitem__(1, 95), r"tensor \['w'\] is"),
+        (lambda h: h["__metadata__"].__setitem__("format", "other"), "__metadata__.format"),
+        (lambda h: h["__metadata__"].__setitem__("format", 3), "__metadata__ is not an object"),
+        (lambda h: (h["__metadata__"].pop("format_version"), h["__metadata__"].pop("file"),
+                    h.__setitem__("x", {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]})),
+         "not in the manifest"),
+    ],
+)
+def test_damaged_header_is_reported(tmp_path, edit, match) -> None:
+    keepax.save(tmp_path / "ckpt", {"w": np.arange(24, dtype=np.float32).reshape(4, 6),
+                                    "pad": np.zeros(64, np.uint8)})
+    (file,) = data_files(tmp_path / "ckpt")
+    _edit_header(file, edit)
+    problems = _header_problems(tmp_path / "ckpt")
+    assert problems and any(re.search(match, p) for p in problems), problems
+    assert all(p.startswith(str(tmp_path / "ckpt")) and "p00000-000.safetensors" in p
+               for p in problems)
+    # keepax itself reads through the manifest: the checkpoint still restores.
+    assert np.array_equal(keepax.restore(tmp_path / "ckpt")["w"], np.arange(24).reshape(4, 6))
+
+
+def test_unparsable_header_is_reported(tmp_path) -> None:
+    keepax.save(tmp_path / "ckpt", {"w": np.arange(4, dtype=np.float32)})
+    (file,) = data_files(tmp_path / "ckpt")
+    with open(file, "r+b") as f:
+        f.seek(8)
+        f.write(b"\xff")
+    (problem,) = _header_problems(tmp_path / "ckpt")
+    assert "not valid JSON" in problem

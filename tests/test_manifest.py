@@ -4,9 +4,11 @@ manifests and commit markers, and a fuzz test that only keepax errors ever come 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
+import sys
 from typing import Any
 
 import jax
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import keepax
+from keepax._src.format import datafiles as fmt
 from keepax._src.format import dtypes
 from keepax._src.format.manifest import (
     ARRAY_TYPES,
@@ -644,3 +647,225 @@ def test_fuzz_mutated_commit_marker(saved, data):
     assert type(marker.manifest_nbytes) is int and marker.manifest_nbytes >= 0
     assert type(marker.manifest_crc32c) is int and marker.manifest_crc32c >= 0
     assert isinstance(marker.committed, float)
+
+
+# ---------------------------------------------------------------------------------------------
+# Format 1.2: per-chunk codec, stored size and digest.
+
+DIGEST = "xxh3-128:" + "0123456789abcdef" * 2
+
+
+def _doc_12(**extras: Any) -> dict[str, Any]:
+    """The hand-made manifest as format 1.2, with ``extras`` on every chunk of ``['a']``."""
+    doc = _doc()
+    doc["version"] = "1.2"
+    for chunk in doc["leaves"][0]["chunks"]:
+        chunk.update(extras)
+    return doc
+
+
+def test_v12_raw_codec_and_digests_read():
+    doc = _doc_12(codec="raw", digest=DIGEST)
+    doc["leaves"][0]["chunks"][0]["stored_nbytes"] = doc["leaves"][0]["chunks"][0]["nbytes"]
+    m = _parse(doc)
+    assert m.version == (1, 2)
+    chunks = m.leaves[0].chunks
+    assert [c.codec for c in chunks] == ["raw"] * 3
+    assert [c.digest for c in chunks] == [DIGEST] * 3
+    assert chunks[0].stored == chunks[0].nbytes == chunks[0].stored_nbytes
+    assert chunks[1].stored_nbytes is None and chunks[1].stored == chunks[1].nbytes
+    assert Manifest.from_json(m.to_json(), where=WHERE) == m  # written back as read
+
+
+def test_writers_keep_writing_1_0_without_1_2_members():
+    text = hand_made().to_json()
+    assert b'"version":"1.0"' in text
+    assert b"codec" not in text and b"digest" not in text and b"stored_nbytes" not in text
+    old = hand_made()
+    leaf = dataclasses.replace(old.leaves[0], chunks=tuple(
+        dataclasses.replace(c, digest=DIGEST) for c in old.leaves[0].chunks))
+    with pytest.raises(ValueError, match="need format version 1.2"):
+        dataclasses.replace(old, leaves=(leaf, *old.leaves[1:])).to_json()
+
+
+@pytest.mark.parametrize(
+    ("extras", "match"),
+    [
+        ({"codec": "zstd"}, "unknown codec 'zstd'"),
+        ({"codec": 3}, "unknown codec 3"),
+        ({"codec": None}, "unknown codec None"),
+        ({"codec": "raw", "stored_nbytes": 1}, "stored_nbytes 1 must equal"),
+        ({"stored_nbytes": -1}, "stored_nbytes -1"),
+        ({"stored_nbytes": "32"}, "stored_nbytes '32'"),
+        ({"digest": "xxh3-128"}, "digest"),
+        ({"digest": "xxh3-128:ABCDEF0123456789"}, "digest"),
+        ({"digest": "xxh3-128:0123"}, "digest"),
+        ({"digest": ":0123456789abcdef"}, "digest"),
+        ({"digest": 7}, "digest"),
+    ],
+)
+def test_v12_bad_chunk_members_rejected(extras, match):
+    with pytest.raises(CorruptCheckpointError, match=match) as info:
+        _parse(_doc_12(**extras))
+    assert info.value.leaf == "['a']"
+
+
+def test_unknown_codec_in_a_newer_minor_asks_for_a_newer_keepax():
+    doc = _doc_12(codec="zstd", stored_nbytes=7)
+    doc["version"] = "1.3"
+    with pytest.raises(FormatVersionError, match="upgrade keepax") as info:
+        _parse(doc)
+    assert info.value.leaf == "['a']"
+
+
+def test_v12_real_checkpoint_with_digests_restores(tmp_path):
+    tree = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "step": 3}
+    path = tmp_path / "ckpt"
+    keepax.save(str(path), tree)
+    doc = json.loads((path / "manifest.json").read_bytes())
+    doc["version"] = "1.2"
+    for leaf in doc["leaves"]:
+        for chunk in leaf.get("chunks", []):
+            chunk.update(codec="raw", stored_nbytes=chunk["nbytes"], digest=DIGEST)
+    _rewrite(path, doc)
+    restored = keepax.restore(str(path))
+    assert np.array_equal(restored["w"], tree["w"]) and restored["step"] == 3
+    assert keepax.inspect(str(path)).format_version == "1.2"
+    assert keepax.verify(str(path)) == []
+
+
+def _rewrite(path: Any, doc: Any, **marker: Any) -> None:
+    """Writes a manifest and a commit marker that matches it."""
+    data = json.dumps(doc).encode()
+    (path / "manifest.json").write_bytes(data)
+    fields = {"format": "keepax", "version": doc["version"], "manifest_nbytes": len(data),
+              "manifest_crc32c": fmt.checksum(data), "committed": 1.0} | marker
+    (path / "keepax.commit").write_text(json.dumps(fields).replace('"HUGE"', str(10**309)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile values (issue 12): every one is a CorruptCheckpointError, never another exception.
+
+
+@pytest.mark.parametrize("name", [",3", "04", "f4,f4", "(3,)f4", "[('a', 'f4')]", "i4 ", "b1",
+                                  "int", "complex32", "bcomplex32", "m8", "M8[s]", "a5"])
+def test_dtype_names_are_looked_up_never_parsed(tmp_path, name):
+    with pytest.raises(CorruptCheckpointError, match="unknown or unsupported dtype"):
+        _parse(_one_leaf_doc(name, 1))
+    path = tmp_path / "ckpt"
+    keepax.save(str(path), {"x": np.zeros(2, np.uint8)})
+    doc = json.loads((path / "manifest.json").read_bytes())
+    doc["leaves"][0]["dtype"] = name
+    _rewrite(path, doc)
+    for call in (keepax.inspect, keepax.restore, keepax.verify):
+        with pytest.raises(CorruptCheckpointError):
+            call(str(path))
+
+
+@pytest.mark.parametrize(
+    "value", [10**309, -(10**309), 10**20, "1e400", "-1e400", -1, 1e12],
+    ids=["1e309-int", "-1e309-int", "1e20-int", "1e400", "-1e400", "-1", "1e12"],
+)
+def test_huge_or_impossible_times_are_damage(tmp_path, value):
+    text = json.dumps({"format": "keepax", "version": "1.0", "manifest_nbytes": 1,
+                       "manifest_crc32c": 0, "committed": "X"})
+    raw = text.replace('"X"', value if isinstance(value, str) else repr(value)).encode()
+    with pytest.raises(CorruptCheckpointError, match="committed must be a Unix time"):
+        CommitMarker.from_json(raw, where=WHERE)
+    manifest = json.dumps(_doc() | {"created": "X"})
+    raw = manifest.replace('"X"', value if isinstance(value, str) else repr(value)).encode()
+    with pytest.raises(CorruptCheckpointError, match="created must be a Unix time"):
+        Manifest.from_json(raw, where=WHERE)
+    # End to end: the marker (no checksum) and the manifest of a real checkpoint.
+    path = tmp_path / "ckpt"
+    keepax.save(str(path), {"x": np.zeros(2, np.uint8)})
+    doc = json.loads((path / "manifest.json").read_bytes())
+    _rewrite(path, doc, committed="HUGE")
+    for call in (keepax.inspect, keepax.restore, keepax.verify):
+        with pytest.raises(CorruptCheckpointError):
+            call(str(path))
+
+
+def test_times_in_range_are_kept():
+    assert _parse(_doc() | {"created": 0}).created == 0.0
+    assert _parse(_doc() | {"created": 4102444800}).created == 4102444800.0
+    assert _parse(_doc() | {"created": 1e11}).created == 1e11
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation cost: a disjoint cover crafted against a sweep (issue 12 point 3).
+
+
+def _staircase(k: int, *, overlap: bool = False) -> bytes:
+    """A manifest whose one uint8 array (2k x 2k) is cut into 3k chunks: k rows of width k on
+    the top left, k columns of height k on the top right, k full rows below. A sweep along
+    axis 0 keeps all k columns active while it passes the k top rows (k**2 comparisons).
+    ``overlap``: the last row is moved up one (same volume, one row twice, one never)."""
+    n = 2 * k
+    boxes = [((r, 0), (1, k)) for r in range(k)]
+    boxes += [((0, c), (k, 1)) for c in range(k, n)]
+    boxes += [((r, 0), (1, n)) for r in range(k, n)]
+    if overlap:
+        boxes[-1] = ((n - 2, 0), (1, n))
+    chunks, offset = [], 64
+    for start, shape in boxes:
+        size = shape[0] * shape[1]
+        chunks.append({"file": 0, "offset": offset, "nbytes": size, "start": list(start),
+                       "shape": list(shape), "crc32c": 0})
+        offset += size
+    return json.dumps({
+        "format": "keepax", "version": "1.0",
+        "files": [{"name": "data/p00000-000.safetensors", "nbytes": offset}],
+        "tree": {"k": "leaf", "i": 0},
+        "leaves": [{"path": "", "type": "numpy", "shape": [n, n], "dtype": "uint8",
+                    "chunks": chunks}],
+    }).encode()
+
+
+def _lines_executed(fn: Any) -> int:
+    """Python lines executed by ``fn()`` (a measure of work that does not depend on the
+    machine's speed)."""
+    count = 0
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal count
+        if event == "line":
+            count += 1
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        fn()
+    finally:
+        sys.settrace(previous)
+    return count
+
+
+def test_crafted_cover_validation_grows_linearly():
+    small, large = _staircase(300), _staircase(600)
+    work_small = _lines_executed(lambda: Manifest.from_json(small, where=WHERE))
+    work_large = _lines_executed(lambda: Manifest.from_json(large, where=WHERE))
+    # Twice the chunks, about twice the work (a quadratic check does four times as much).
+    assert work_large < 2.5 * work_small, (work_small, work_large)
+
+
+@pytest.mark.timeout(60)
+def test_crafted_cover_of_24k_chunks_is_checked(tmp_path):
+    data = _staircase(8000)
+    m = Manifest.from_json(data, where=WHERE)
+    assert len(m.leaves[0].chunks) == 24_000
+    with pytest.raises(CorruptCheckpointError, match="overlap"):
+        Manifest.from_json(_staircase(8000, overlap=True), where=WHERE)
+    # Through inspect too (the data file need not exist for inspect).
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    _rewrite(path, json.loads(data))
+    assert keepax.inspect(str(path)).leaves[0].chunks == 24_000
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_small_overlapping_covers_rejected(k):
+    with pytest.raises(CorruptCheckpointError, match="overlap"):
+        Manifest.from_json(_staircase(k, overlap=True), where=WHERE)
+    assert Manifest.from_json(_staircase(k), where=WHERE).leaves[0].shape == (2 * k, 2 * k)

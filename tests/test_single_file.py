@@ -516,3 +516,90 @@ def test_paths(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path / "sub")
     keepax.save_file("g.keepax", {"b": 2})
     assert keepax.load_file(f"file://{tmp_path}/sub/g.keepax") == {"b": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata back, inspect, and temporaries of interrupted saves (issue 13 point 14).
+
+
+def test_load_file_with_metadata(tmp_path) -> None:
+    tree = {"x": np.arange(3.0), "cost": 0.5}
+    keepax.save_file(tmp_path / "fit.keepax", tree, metadata={"phase": "lbfgs", "n": [1, 2]})
+    got, metadata = keepax.load_file(tmp_path / "fit.keepax", with_metadata=True)
+    assert_identical(got, tree)
+    assert metadata == {"phase": "lbfgs", "n": [1, 2]}
+    keepax.save_file(tmp_path / "plain.keepax", tree)
+    assert keepax.load_file(tmp_path / "plain.keepax", with_metadata=True)[1] == {}
+
+
+def test_inspect_file_describes_a_single_file(tmp_path) -> None:
+    from keepax._src.checkpoint.single_file import inspect_file  # noqa: PLC0415
+
+    tree = {"x": np.arange(6, dtype=np.float32).reshape(2, 3), "cost": 0.25, "tag": "best"}
+    keepax.save_file(tmp_path / "fit.keepax", tree, metadata={"phase": 2})
+    info = inspect_file(tmp_path / "fit.keepax")
+    assert isinstance(info, keepax.CheckpointInfo)
+    assert info.metadata == {"phase": 2}
+    assert info.path == str(tmp_path / "fit.keepax")
+    by_path = {leaf.path: leaf for leaf in info.leaves}
+    assert by_path["['x']"].shape == (2, 3) and by_path["['x']"].dtype == "float32"
+    assert by_path["['cost']"].value == 0.25 and by_path["['tag']"].value == "best"
+    assert info.nbytes == 24
+    assert info.files == (("fit.keepax", os.path.getsize(tmp_path / "fit.keepax")),)
+    with pytest.raises(errors.CheckpointNotFoundError):
+        inspect_file(tmp_path / "missing.keepax")
+    with open(tmp_path / "fit.keepax", "r+b") as f:
+        f.seek(20)
+        f.write(b"\x00")
+    with pytest.raises(errors.CorruptCheckpointError):
+        inspect_file(tmp_path / "fit.keepax")
+
+
+def test_next_save_removes_stale_temporaries(tmp_path) -> None:
+    keepax.save_file(tmp_path / "fit.keepax", {"a": 1})
+    # What a save killed mid-write leaves: a hidden temporary of this name (and others').
+    stale = [tmp_path / "fit.keepax.keepax-tmp-0123456789ab",
+             tmp_path / "fit.keepax.keepax-tmp-ba9876543210"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    other = tmp_path / "other.keepax.keepax-tmp-0123456789ab"  # another file's: kept
+    other.write_bytes(b"partial")
+    not_ours = tmp_path / "fit.keepax.keepax-tmp-notatemp"  # not keepax's name pattern: kept
+    not_ours.write_bytes(b"x")
+    staging_dir = tmp_path / "fit.keepax.keepax-tmp-aaaaaaaaaaaa"  # a directory save's: kept
+    staging_dir.mkdir()
+    keepax.save_file(tmp_path / "fit.keepax", {"a": 2}, overwrite=True)
+    assert keepax.load_file(tmp_path / "fit.keepax") == {"a": 2}
+    assert sorted(hidden_entries(tmp_path)) == sorted(
+        p.name for p in (other, not_ours, staging_dir))
+
+
+def test_a_save_in_progress_keeps_its_temporary(tmp_path) -> None:
+    """Another process's save holds the directory lock: its temporary is never removed, and
+    the next save waits for it instead."""
+    import fcntl  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    temp = tmp_path / "fit.keepax.keepax-tmp-0123456789ab"
+    temp.write_bytes(b"being written")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+         str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:  # the lock is held: a save_file now would wait
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        assert temp.exists()
+    finally:
+        holder.communicate("")  # the holder exits: its lock is released
+    keepax.save_file(tmp_path / "fit.keepax", {"a": 1})
+    assert hidden_entries(tmp_path) == []

@@ -10,6 +10,7 @@ allocation).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -36,7 +37,9 @@ from keepax._src.format import tables
 from keepax._src.format.manifest import (
     ArrayLeaf,
     CellRef,
+    Chunk,
     CommitMarker,
+    DataFile,
     Layout,
     Manifest,
     TableRef,
@@ -53,7 +56,7 @@ from keepax._src.format.tables import (
 )
 from keepax._src.io import memory
 from keepax._src.io.memory import MemoryStorage
-from keepax.errors import CorruptCheckpointError, KeepaxError
+from keepax.errors import CorruptCheckpointError, FormatVersionError, KeepaxError
 
 # ---------------------------------------------------------------------------------------------
 # Planning (pure).
@@ -271,7 +274,8 @@ def _build(storage: MemoryStorage, directory: str, *, host_local: bool = False,
             cells[leaf] = a.ref
             for start, size in a.mine:
                 sl = tuple(slice(s, s + n) for s, n in zip(start, size))
-                sources.append(fmt.ChunkSource(leaf, f"{key}{list(start)}", start, size,
+                tensor = fmt.tensor_name(f"['{key}']", start, size, value.shape)
+                sources.append(fmt.ChunkSource(leaf, tensor, start, size,
                                                value.dtype, lambda v=value, sl=sl: v[sl]))
         layouts = assigner.layouts
         files, chunks = fmt.write_data_files(storage, directory, sources,
@@ -715,3 +719,89 @@ def test_malformed_manifest_tables_layouts_cells(
     _expect_corrupt(ckpt, match)
     with pytest.raises(CorruptCheckpointError, match=match):
         keepax.inspect(str(ckpt))
+
+
+# ---------------------------------------------------------------------------------------------
+# Format 1.2 rows: an eighth element with the chunk's codec, stored size and digest.
+
+DIGEST = "xxh3-128:" + "0123456789abcdef" * 2
+
+
+def _rewrite_tables(storage: MemoryStorage, directory: str, manifest: Manifest,
+                    edit: Callable[[dict[str, Any]], None]) -> None:
+    """Edits every table, then records the tables' new sizes and CRCs in the manifest."""
+    refs = []
+    for ref in manifest.tables:
+        path = f"{directory}/{ref.name}"
+        reader = storage.open(path)
+        raw = bytearray(reader.size())
+        reader.read_into(0, memoryview(raw))
+        reader.close()
+        doc = json.loads(raw)
+        edit(doc)
+        data = json.dumps(doc).encode()
+        storage.write_bytes(path, data)
+        refs.append(dataclasses.replace(ref, nbytes=len(data), crc32c=fmt.checksum(data)))
+    data = dataclasses.replace(manifest, tables=tuple(refs)).to_json()
+    storage.write_bytes(f"{directory}/manifest.json", data)
+    marker = CommitMarker(manifest.version, len(data), fmt.checksum(data), 0.0)
+    storage.write_bytes(f"{directory}/keepax.commit", marker.to_json())
+
+
+def _with_extras(extras: dict[str, Any], version: str = "1.2") -> Callable[[Any], None]:
+    def edit(doc: dict[str, Any]) -> None:
+        doc["version"] = version
+        for row in doc["chunks"]:
+            row.append(dict(extras, stored_nbytes=row[3]) if "stored" in extras else extras)
+    return edit
+
+
+def test_v12_rows_with_raw_codec_and_digest_read(store: Any) -> None:
+    storage, name = store
+    manifest = _build(storage, "ckpt")
+    _rewrite_tables(storage, "ckpt", manifest,
+                    _with_extras({"codec": "raw", "digest": DIGEST, "stored": True}))
+    restored = keepax.restore(f"memory://{name}/ckpt")
+    for key, want in _VALUES.items():
+        assert np.array_equal(restored[key], want), key
+    assert keepax.verify(f"memory://{name}/ckpt") == []
+
+
+def test_encode_table_writes_1_2_only_with_extras() -> None:
+    files = [DataFile("data/p00000-000.safetensors", 100)]
+    plain = json.loads(tables.encode_table(0, files, [(0, Chunk(0, 64, 4, (0,), (4,), 1))]))
+    assert plain["version"] == "1.1" and len(plain["chunks"][0]) == 7
+    chunk = Chunk(0, 64, 4, (0,), (4,), 1, digest=DIGEST)
+    newer = json.loads(tables.encode_table(0, files, [(0, chunk)]))
+    assert newer["version"] == "1.2" and newer["chunks"][0][7] == {"digest": DIGEST}
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "match"),
+    [
+        (_with_extras({"codec": "zstd"}), CorruptCheckpointError, "unknown codec 'zstd'"),
+        (_with_extras({"codec": "zstd"}, "1.9"), FormatVersionError, "upgrade keepax"),
+        (_with_extras({"digest": "md5"}), CorruptCheckpointError, "digest"),
+        (_with_extras({"stored_nbytes": 0}), CorruptCheckpointError, "stored_nbytes"),
+        (lambda doc: doc["chunks"][0].append([1]), CorruptCheckpointError, "must be"),
+        (lambda doc: doc.__setitem__("version", "2.0"), CorruptCheckpointError, "version"),
+        (lambda doc: doc.pop("version"), CorruptCheckpointError, "version"),
+    ],
+)
+def test_v12_bad_rows_rejected(store: Any, edit: Any, error: Any, match: str) -> None:
+    storage, name = store
+    manifest = _build(storage, "ckpt")
+    _rewrite_tables(storage, "ckpt", manifest, edit)
+    with pytest.raises(error, match=match):
+        keepax.restore(f"memory://{name}/ckpt")
+
+
+def test_hand_built_data_file_headers_match(store: Any) -> None:
+    storage, name = store
+    _build(storage, "ckpt")
+    from keepax._src.checkpoint import snapshot  # noqa: PLC0415
+
+    opened = snapshot._open(f"memory://{name}/ckpt")
+    resolved = snapshot.resolved_manifest(opened)
+    assert len(resolved.files) == 2
+    assert fmt.check_headers(storage, "ckpt", resolved, where="ckpt") == []

@@ -22,6 +22,7 @@ from keepax._src.checkpoint import restore as restore
 from keepax._src.checkpoint import save as save
 from keepax._src.checkpoint import save_file as save_file
 from keepax._src.checkpoint import verify as verify
+from keepax._src.format import spec as _spec
 from keepax._src.manager.manager import CheckpointManager as CheckpointManager
 from keepax._src.manager.manager import StepInfo as StepInfo
 from keepax._src.tools.copy import copy as copy
@@ -32,7 +33,7 @@ from keepax._src.tools.orbax_import import import_orbax as import_orbax
 from keepax.errors import KeepaxError as KeepaxError
 from keepax.errors import KeepaxWarning as KeepaxWarning
 
-__version__ = "0.1.0"
+__version__ = _spec.KEEPAX_VERSION  # one place: keepax/_src/format/spec.py
 
 __all__ = [
     "errors",

@@ -14,13 +14,14 @@ so ``like``, ``select``, ``partial`` and ``dtype`` behave exactly as in ``keepax
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import fcntl
 import os
 import re
-import struct
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -28,7 +29,7 @@ import numpy as np
 
 from keepax._src import checkpoint as snapshot  # the layer's API
 from keepax._src.format import datafiles as format
-from keepax._src.format import dtypes
+from keepax._src.format import spec
 from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import ArrayLeaf, Chunk, DataFile, Manifest
 from keepax._src.io import (
@@ -48,7 +49,10 @@ from keepax.errors import (
     KeepaxError,
 )
 
-__all__ = ["save_file", "load_file", "FILE_FORMAT_NAME", "FILE_FORMAT_VERSION", "SELF_NAME"]
+__all__ = [
+    "save_file", "load_file", "inspect_file", "FILE_FORMAT_NAME", "FILE_FORMAT_VERSION",
+    "SELF_NAME",
+]
 
 FILE_FORMAT_NAME = "keepax-file"
 FILE_FORMAT_VERSION = (1, 0)
@@ -58,9 +62,9 @@ SELF_NAME = "data/self.safetensors"
 """The name under which the embedded manifest lists the file itself (its only data file)."""
 
 _ALIGN = 64
-_MAX_HEADER_BYTES = 100_000_000  # the limit safetensors readers apply
-_VERSION_RE = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
 _CRC_RE = re.compile(r"[0-9]{1,10}")
+_TEMP_TAG = ".keepax-tmp-"
+_TEMP_RE = re.compile(r"\.keepax-tmp-[0-9a-f]{12}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +88,9 @@ def save_file(
 
     The file is written to a hidden sibling (``<name>.keepax-tmp-<hex>``), fsynced, renamed
     into place and the directory fsynced: a crash leaves either the old file (or none) or the
-    complete new one.
+    complete new one. The temporary a crashed save left behind is removed by the next
+    ``save_file`` to the same path (saves to one directory hold a lock on it while they
+    write, so a temporary found there under the lock belongs to no running save).
 
     Args:
       path: The file to create: a local path (or ``memory://store/name``).
@@ -160,7 +166,7 @@ def _chunk_bytes(source: ChunkSource) -> memoryview:
         raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
     if not array.flags.c_contiguous:
         array = array.copy(order="C")
-    return memoryview(array.reshape(-1).view(np.uint8))
+    return memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def _header(
@@ -181,32 +187,19 @@ def _header(
             chunks.setdefault(source.leaf, []).append((source, chunk))
             offset += source.nbytes
         manifest = plan.manifest([DataFile(SELF_NAME, offset)], chunks, metadata, created=created)
-        text = _header_json(manifest.to_json().decode("ascii"), plan.sources)
+        manifest_text = manifest.to_json().decode("ascii")
+        text = format.header_json(
+            {
+                "format": FILE_FORMAT_NAME,
+                "format_version": spec.version_text(FILE_FORMAT_VERSION),
+                "manifest": manifest_text,
+                "manifest_crc32c": str(format.checksum(manifest_text.encode("ascii"))),
+            },
+            plan.sources,
+        )
         if len(text) <= length:
-            return struct.pack("<Q", length) + text + b" " * (length - len(text))
+            return format.pad_header(text, length)
         length = len(text) + (-(8 + len(text))) % _ALIGN
-
-
-def _header_json(manifest_text: str, sources: Sequence[ChunkSource]) -> bytes:
-    """The safetensors header JSON (unpadded): metadata first, then one tensor per chunk."""
-    header: dict[str, Any] = {
-        "__metadata__": {
-            "format": FILE_FORMAT_NAME,
-            "format_version": f"{FILE_FORMAT_VERSION[0]}.{FILE_FORMAT_VERSION[1]}",
-            "manifest": manifest_text,
-            "manifest_crc32c": str(format.checksum(manifest_text.encode("ascii"))),
-        }
-    }
-    begin = 0
-    for source in sources:
-        code = dtypes.safetensors_code(source.dtype)
-        header[source.name] = {
-            "dtype": code or "U8",
-            "shape": list(source.shape) if code is not None else [source.nbytes],
-            "data_offsets": [begin, begin + source.nbytes],
-        }
-        begin += source.nbytes
-    return json.dumps(header, separators=(",", ":")).encode("ascii")
 
 
 def _write(
@@ -220,27 +213,68 @@ def _write(
         return
     if not isinstance(storage, LocalStorage):
         raise KeepaxError("single-file checkpoints are local files only", path=where)
-    temp = storage.staging_name(name)
-    try:
-        _write_parts(storage.create(temp), parts)  # fsynced on close
-        source, target = os.path.join(storage.root, temp), os.path.join(storage.root, name)
-        if overwrite:
-            os.replace(source, target)
-        else:
-            try:
-                storage.rename_dir(temp, name)  # renameat2(RENAME_NOREPLACE); works on files
-            except FileExistsError as e:
-                raise CheckpointExistsError(
-                    "another save created this file first; pass overwrite=True to replace it",
-                    path=where,
-                ) from e
-        storage.sync_dir("")
-    except BaseException:
+    with _directory_lock(os.path.dirname(os.path.join(storage.root, name))) as locked:
+        if locked:
+            _remove_stale_temps(storage, name)
+        temp = f"{name}{_TEMP_TAG}{uuid.uuid4().hex[:12]}"
         try:
-            storage.delete(temp)
+            _write_parts(storage.create(temp), parts)  # fsynced on close
+            source, target = os.path.join(storage.root, temp), os.path.join(storage.root, name)
+            if overwrite:
+                os.replace(source, target)
+            else:
+                try:
+                    storage.rename_dir(temp, name)  # renameat2(RENAME_NOREPLACE); works on files
+                except FileExistsError as e:
+                    raise CheckpointExistsError(
+                        "another save created this file first; pass overwrite=True to replace "
+                        "it",
+                        path=where,
+                    ) from e
+            storage.sync_dir("")
+        except BaseException:
+            try:
+                storage.delete(temp)
+            except OSError:
+                pass  # A leftover temporary is hidden; the next save_file here removes it.
+            raise
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: str) -> Iterator[bool]:
+    """Holds an exclusive ``flock`` on a directory: ``save_file``s into one directory write one
+    at a time, so a temporary found while holding it is a crashed save's. The kernel releases
+    the lock of a process that dies. Where directories cannot be locked (some network file
+    systems), saves go ahead unlocked (yielding False) and leave stale temporaries alone."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield False  # the directory is missing: storage.create makes it; it holds no temporary
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:
-            pass  # A leftover temporary is hidden (its name contains '.keepax-').
-        raise
+            os.close(fd)
+            fd = -1
+        yield fd >= 0
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the lock
+
+
+def _remove_stale_temps(storage: Storage, name: str) -> None:
+    """Deletes the temporaries (``<name>.keepax-tmp-<12 hex>`` files) of crashed saves of
+    ``name``. Called with the directory locked (see :func:`_directory_lock`)."""
+    parent, _, base = name.rpartition("/")
+    for entry in storage.list(parent):
+        if entry.startswith(base) and _TEMP_RE.fullmatch(entry[len(base):]):
+            path = f"{parent}/{entry}" if parent else entry
+            if not storage.is_dir(path):  # directory staging belongs to keepax.save
+                try:
+                    storage.delete(path)
+                except OSError:
+                    pass  # not ours to insist on: it stays hidden
 
 
 def _write_parts(writer: Writer, parts: list[memoryview]) -> None:
@@ -263,6 +297,7 @@ def load_file(
     select: str | Sequence[str | tuple[Any, ...]] | None = None,
     partial: bool = False,
     dtype: Any = None,
+    with_metadata: bool = False,
 ) -> Any:
     """Loads a file written by :func:`save_file`.
 
@@ -278,9 +313,11 @@ def load_file(
       select: Load only these subtrees (``"params/dense"`` or tuples of keys).
       partial: With ``like``, allow the file to hold leaves ``like`` lacks.
       dtype: ``None``, ``"like"``, or a floating-point dtype to cast to.
+      with_metadata: Return ``(tree, metadata)``: also the ``metadata`` given to
+        :func:`save_file` (``{}`` if none was).
 
     Returns:
-      The loaded tree.
+      The loaded tree, or ``(tree, metadata)`` with ``with_metadata``.
 
     Raises:
       CheckpointNotFoundError: no file at ``path`` (or a directory).
@@ -290,6 +327,46 @@ def load_file(
       TreeMismatchError: ``like`` does not match; the message lists every offending leaf.
     """
     storage, name, where = _locate(path)
+    reader = _open_file(storage, name, where)
+    try:
+        manifest = _read_manifest(reader, name, where)
+        tree_ = snapshot.restore_manifest(
+            _ThisFile(reader, storage.url, name),
+            name,
+            where,
+            manifest,
+            like,
+            select=select,
+            partial=partial,
+            dtype=dtype,
+        )
+    finally:
+        reader.close()
+    return (tree_, manifest.metadata) if with_metadata else tree_
+
+
+def inspect_file(path: str | os.PathLike[str]) -> snapshot.CheckpointInfo:
+    """Describes a single-file checkpoint as :func:`keepax.inspect` describes a directory:
+    structure, shapes, dtypes, sizes and the metadata given to :func:`save_file`, without
+    reading array data.
+
+    Raises:
+      CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError: as
+        :func:`load_file`.
+    """
+    storage, name, where = _locate(path)
+    reader = _open_file(storage, name, where)
+    try:
+        manifest = _read_manifest(reader, name, where)
+    finally:
+        reader.close()
+    opened = snapshot._Opened(storage, name, where, manifest,
+                              snapshot._check_tree(manifest, where))
+    return snapshot.info_of(opened)
+
+
+def _open_file(storage: Storage, name: str, where: str) -> Reader:
+    """Opens a single-file checkpoint, refusing temporaries and directories."""
     if is_hidden_name(name):
         raise CheckpointNotFoundError(
             "this is the temporary file of a save_file that has not finished, never a "
@@ -303,23 +380,9 @@ def load_file(
             path=where,
         )
     try:
-        reader = storage.open(name)
+        return storage.open(name)
     except FileNotFoundError:
         raise CheckpointNotFoundError("the file does not exist", path=where) from None
-    try:
-        manifest = _read_manifest(reader, name, where)
-        return snapshot.restore_manifest(
-            _ThisFile(reader, storage.url, name),
-            name,
-            where,
-            manifest,
-            like,
-            select=select,
-            partial=partial,
-            dtype=dtype,
-        )
-    finally:
-        reader.close()
 
 
 def _corrupt(message: str, where: str) -> CorruptCheckpointError:
@@ -328,31 +391,13 @@ def _corrupt(message: str, where: str) -> CorruptCheckpointError:
     )
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _read_manifest(reader: Reader, name: str, where: str) -> Manifest:
     """Reads and checks the header; returns the manifest with the file itself as file 0."""
     size = reader.size()
-    prefix = bytearray(8)
-    if size < 8 or reader.read_into(0, memoryview(prefix)) != 8:
-        raise _corrupt(f"the file has {size} bytes, too few for a safetensors header", where)
-    (length,) = struct.unpack("<Q", prefix)
-    if length > size - 8:
-        raise _corrupt(
-            f"the header is {length} bytes long but the file has {size - 8} after its length "
-            "(truncated?)",
-            where,
-        )
-    if length > _MAX_HEADER_BYTES:
-        raise _corrupt(f"the header is {length} bytes long, above {_MAX_HEADER_BYTES}", where)
-    raw = bytearray(length)
-    reader.read_into(8, memoryview(raw))
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise _corrupt(f"the safetensors header is not valid JSON ({e})", where) from e
+        length, doc = format.read_header(reader, size)
+    except ValueError as e:
+        raise _corrupt(str(e), where) from e
     meta = doc.get("__metadata__") if isinstance(doc, dict) else None
     if not isinstance(meta, dict):
         raise _corrupt("the safetensors header has no __metadata__", where)
@@ -394,17 +439,16 @@ def _read_manifest(reader: Reader, name: str, where: str) -> Manifest:
 
 
 def _check_version(text: Any, where: str) -> None:
-    m = _VERSION_RE.fullmatch(text) if isinstance(text, str) else None
-    if m is None:
+    version = spec.parse_version(text)
+    if version is None:
         raise _corrupt(f"format_version must be 'MAJOR.MINOR', got {text!r:.40}", where)
-    major = int(m.group(1))
-    if major > FILE_FORMAT_VERSION[0]:
+    if version[0] > FILE_FORMAT_VERSION[0]:
         raise FormatVersionError(
             f"written in keepax single-file format {text}, but this keepax reads format "
             f"{FILE_FORMAT_VERSION[0]}.x only; upgrade keepax to read it",
             path=where,
         )
-    if major < 1:
+    if version[0] < 1:
         raise FormatVersionError(f"unknown keepax single-file format version {text}", path=where)
 
 
@@ -438,4 +482,4 @@ class _ThisFile(Storage):
     def _read_only(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("a single-file checkpoint is read-only here")
 
-    create = exists = is_dir = list = delete = rename_dir = _read_only  # type: ignore[assignment]
+    create = exists = is_dir = list = delete = rename_dir = _read_only

@@ -7,7 +7,8 @@ both boxes of the global array, so reading a target shard is intersecting boxes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import random
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ __all__ = [
     "Box",
     "box_from_index",
     "intersect",
+    "covers_exactly",
     "split_rows",
     "local_slices",
     "owned_shards",
@@ -51,6 +53,51 @@ def intersect(a: Box, b: Box) -> Box | None:
         start.append(lo)
         shape.append(hi - lo)
     return tuple(start), tuple(shape)
+
+
+_PRIME = (1 << 61) - 1  # a Mersenne prime: the field the cover test computes in
+_RANDOM = random.Random()  # seeded from os.urandom: a hostile input cannot predict it
+
+
+def covers_exactly(boxes: Iterable[Box], regions: Iterable[Box]) -> bool:
+    """Whether ``boxes`` cover exactly what ``regions`` cover, every point as many times.
+
+    With disjoint ``regions`` (one: the whole array), this says the boxes are pairwise
+    disjoint and cover the regions exactly. Cost O(n * rank) for n boxes, whatever their
+    arrangement (a sweep is quadratic for covers crafted to keep many boxes active).
+
+    How: the indicator of a half-open box ``[a, b)`` is a signed sum of its corners' orthants,
+    and two sums of boxes are equal as functions exactly when their signed corner counts are.
+    Those counts are the coefficients of the polynomial ``sum over boxes of prod_d
+    (X[d, b_d] - X[d, a_d])``, one variable per axis and coordinate, so the two covers are
+    equal iff their polynomials are; the polynomials are compared at a secret random point
+    modulo a 61-bit prime (Schwartz-Zippel: a wrong "equal" has probability at most
+    rank / 2**61 < 2**-54 per call).
+    """
+    boxes, regions = list(boxes), list(regions)
+    if len(boxes) == 1 and boxes == regions:
+        return True  # the common case: one chunk holding the whole array
+    values: dict[tuple[int, int], int] = {}
+
+    def value(axis: int, coordinate: int) -> int:
+        key = (axis, coordinate)
+        x = values.get(key)
+        if x is None:
+            x = values[key] = _RANDOM.getrandbits(61) % _PRIME
+        return x
+
+    def total(group: list[Box]) -> int:
+        out = 0
+        for start, shape in group:
+            if 0 in shape:
+                continue  # an empty box covers nothing
+            term = 1
+            for axis, (s, n) in enumerate(zip(start, shape)):
+                term = term * (value(axis, s + n) - value(axis, s)) % _PRIME
+            out = (out + term) % _PRIME
+        return out
+
+    return total(boxes) == total(regions)
 
 
 def local_slices(inner: Box, outer: Box) -> tuple[slice, ...]:
@@ -90,7 +137,7 @@ def target_boxes(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> dic
     """The unique boxes this process must hold for ``sharding``, with the devices of each."""
     boxes: dict[Box, list[Any]] = {}
     for device, index in sharding.addressable_devices_indices_map(shape).items():
-        boxes.setdefault(box_from_index(index, shape), []).append(device)
+        boxes.setdefault(box_from_index(index or (), shape), []).append(device)
     return boxes
 
 
@@ -127,7 +174,7 @@ class HostArena:
         if nbytes >= self._min_own or nbytes == 0:
             return aligned_empty(shape, dtype, self._alignment)
         if self._buffer is None or self._used + nbytes > len(self._buffer):
-            self._buffer = aligned_empty((self._block,), np.uint8, self._alignment)
+            self._buffer = aligned_empty((self._block,), np.dtype(np.uint8), self._alignment)
             self._used = 0
         out = self._buffer[self._used : self._used + nbytes]
         self._used += -(-nbytes // self._alignment) * self._alignment

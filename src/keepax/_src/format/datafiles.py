@@ -25,9 +25,9 @@ from typing import Any
 import crc32c as _crc32c
 import numpy as np
 
-from keepax._src.format import dtypes
+from keepax._src.format import dtypes, spec
 from keepax._src.format.boxes import Box, intersect, local_slices
-from keepax._src.format.manifest import FORMAT_NAME, FORMAT_VERSION, Chunk, DataFile
+from keepax._src.format.manifest import ArrayLeaf, Chunk, DataFile, Manifest
 from keepax._src.io.base import Reader, Storage, Writer
 from keepax.errors import CorruptCheckpointError
 
@@ -39,12 +39,20 @@ __all__ = [
     "write_data_files",
     "read_requests",
     "safetensors_header",
+    "header_json",
+    "pad_header",
+    "tensor_name",
+    "check_header",
+    "check_headers",
+    "MAX_HEADER_BYTES",
 ]
 
 CHUNK_BYTES = 64 << 20
 """Arrays larger than this are split into several chunks (along their first axis)."""
 
 _ALIGN = 64
+MAX_HEADER_BYTES = 100_000_000
+"""The longest safetensors header readers accept (the limit safetensors itself applies)."""
 _SMALL = 256 << 10  # chunks below this are gathered (writes) or coalesced (reads)
 _BATCH_BYTES = 16 << 20  # at most this much gathered into one writev / coalesced read
 _COPY_BLOCK = 8 << 20  # non-contiguous sources are copied out in blocks of about this size
@@ -58,7 +66,7 @@ def checksum(data: memoryview | bytes, value: int = 0) -> int:
 
 def _bytes_view(array: np.ndarray) -> memoryview:
     """A flat byte view of a C-contiguous array (any dtype, including ml_dtypes)."""
-    return memoryview(array.reshape(-1).view(np.uint8))
+    return memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass
@@ -87,28 +95,57 @@ class ChunkSource:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def safetensors_header(sources: Sequence[ChunkSource], file_tag: str) -> bytes:
-    """Builds the length-prefixed, 64-byte-aligned safetensors header for these chunks."""
-    header: dict[str, Any] = {
-        "__metadata__": {
-            "format": FORMAT_NAME,
-            "format_version": f"{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}",
-            "file": file_tag,
-        }
-    }
+def tensor_name(path: str, start: Sequence[int], shape: Sequence[int],
+                array_shape: Sequence[int]) -> str:
+    """A chunk's tensor name in a data file's header (docs/FORMAT.md §7): the leaf's key path
+    (``<root>`` for a root leaf), plus ``@`` and its start indices unless it is the whole
+    array."""
+    name = path or "<root>"
+    if tuple(shape) == tuple(array_shape):
+        return name
+    return f"{name}@{','.join(map(str, start))}"
+
+
+def _entries(tensors: Sequence[tuple[str, np.dtype, Sequence[int], int]]) -> dict[str, Any]:
+    """Safetensors tensor entries for (name, dtype, shape, nbytes), back to back from 0: a dtype
+    without a safetensors code is declared as a flat ``U8`` byte string."""
+    entries: dict[str, Any] = {}
     offset = 0
-    for source in sources:
-        code = dtypes.safetensors_code(source.dtype)
-        shape = list(source.shape) if code is not None else [source.nbytes]
-        header[source.name] = {
+    for name, dtype, shape, nbytes in tensors:
+        code = dtypes.safetensors_code(dtype)
+        entries[name] = {
             "dtype": code or "U8",
-            "shape": shape,
-            "data_offsets": [offset, offset + source.nbytes],
+            "shape": list(shape) if code is not None else [nbytes],
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += source.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * ((-(8 + len(text))) % _ALIGN)
-    return struct.pack("<Q", len(text)) + text
+        offset += nbytes
+    return entries
+
+
+def header_json(metadata: dict[str, str], sources: Sequence[ChunkSource]) -> bytes:
+    """The safetensors header JSON (unpadded): ``__metadata__`` first, then one tensor per
+    chunk, in file order. The one writer of safetensors headers (data files, single files)."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    header.update(_entries([(s.name, s.dtype, s.shape, s.nbytes) for s in sources]))
+    return json.dumps(header, separators=(",", ":")).encode("ascii")
+
+
+def pad_header(text: bytes, length: int | None = None) -> bytes:
+    """Length prefix + header padded with spaces to ``length`` bytes (by default the least
+    length with data starting on a 64-byte boundary)."""
+    if length is None:
+        length = len(text) + (-(8 + len(text))) % _ALIGN
+    return struct.pack("<Q", length) + text + b" " * (length - len(text))
+
+
+def safetensors_header(sources: Sequence[ChunkSource], file_tag: str) -> bytes:
+    """Builds the length-prefixed, 64-byte-aligned safetensors header of a data file."""
+    metadata = {
+        "format": spec.FORMAT_NAME,
+        "format_version": spec.version_text(spec.FORMAT_VERSION),
+        "file": file_tag,
+    }
+    return pad_header(header_json(metadata, sources))
 
 
 def _plan_files(sources: Sequence[ChunkSource], max_files: int) -> list[list[ChunkSource]]:
@@ -366,7 +403,7 @@ def _sequential_streams(steps: list[Any], workers: int) -> list[list[Any]]:
     for step in sorted(steps, key=lambda s: (s[0], s[1])):
         by_file.setdefault(step[0], []).append(step)
     per_file = max(1, min(2, workers // max(1, len(by_file))))
-    streams = []
+    streams: list[list[Any]] = []
     for run in by_file.values():
         size = -(-len(run) // per_file)
         streams.extend(run[i : i + size] for i in range(0, len(run), size))
@@ -398,12 +435,38 @@ def read_requests(
             )
             piece.targets.append((request, _direct_view(request, chunk)))
     pieces = list(by_chunk.values())
-    opened = _Files(storage, directory, files, where)
+    reading = _Reading(_Files(storage, directory, files, where), files, where, stats)
+    streams = _sequential_streams(_read_steps(pieces, reading), workers)
 
-    def read_run(run: list[_Piece]) -> int:
+    def run_stream(stream: list[tuple[int, int, Callable[[Any], int], Any]]) -> int:
+        return sum(fn(arg) for _, _, fn, arg in stream)
+
+    try:
+        if len(streams) <= 1:
+            total = sum(run_stream(stream) for stream in streams)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(min(workers, len(streams))) as pool:
+                total = sum(pool.map(run_stream, streams))
+    finally:
+        reading.opened.close()
+    stats.bytes_read = total
+    stats.chunks_read = len(pieces)
+    return stats
+
+
+@dataclasses.dataclass
+class _Reading:
+    """What the read steps of one :func:`read_requests` share."""
+
+    opened: _Files
+    files: Sequence[DataFile]
+    where: str
+    stats: RestoreStats
+
+    def run(self, run: list[_Piece]) -> int:
         """Reads consecutive big chunks of one file with one vectored request, straight into
         their outputs where possible, then verifies and delivers each."""
-        reader = opened.get(run[0].chunk.file, stats)
+        reader = self.opened.get(run[0].chunk.file, self.stats)
         landed = [piece.landing() for piece in run]
         landings = [
             view if view is not None else memoryview(bytearray(piece.chunk.nbytes))
@@ -412,33 +475,38 @@ def read_requests(
         expected = sum(piece.chunk.nbytes for piece in run)
         if reader.readv_into(run[0].chunk.offset, landings) != expected:
             raise CorruptCheckpointError(
-                f"data file {files[run[0].chunk.file].name} ends inside a chunk",
-                path=where,
+                f"data file {self.files[run[0].chunk.file].name} ends inside a chunk",
+                path=self.where,
                 leaf=run[0].leaf,
             )
         for piece, landing, view in zip(run, landings, landed):
-            _verify(landing, piece, files, where)
+            _verify(landing, piece, self.files, self.where)
             piece.deliver(landing, view)
         return expected
 
-    def read_group(group: list[_Piece]) -> int:
+    def group(self, group: list[_Piece]) -> int:
         """Reads adjacent small chunks of one file with one request."""
         first, last = group[0].chunk, group[-1].chunk
         span = last.offset + last.nbytes - first.offset
         buffer = memoryview(bytearray(span))
-        reader = opened.get(first.file, stats)
+        reader = self.opened.get(first.file, self.stats)
         if reader.read_into(first.offset, buffer) != span:
             raise CorruptCheckpointError(
-                f"data file {files[first.file].name} ends inside a chunk", path=where
+                f"data file {self.files[first.file].name} ends inside a chunk", path=self.where
             )
         for piece in group:
             begin = piece.chunk.offset - first.offset
             view = buffer[begin : begin + piece.chunk.nbytes]
-            _verify(view, piece, files, where)
+            _verify(view, piece, self.files, self.where)
             piece.deliver(view)
         return span
 
-    # Each step reads one big chunk or a run of adjacent small ones.
+
+def _read_steps(
+    pieces: Sequence[_Piece], reading: _Reading
+) -> list[tuple[int, int, Callable[[Any], int], Any]]:
+    """Cuts the pieces into read steps: runs of adjacent small chunks, and runs of
+    consecutive big ones (each as (file, offset, function, argument))."""
     steps: list[tuple[int, int, Callable[[Any], int], Any]] = []
     small = sorted(
         (p for p in pieces if p.chunk.nbytes < _SMALL), key=lambda p: (p.chunk.file, p.chunk.offset)
@@ -450,11 +518,11 @@ def read_requests(
             gap = piece.chunk.offset - (prev.offset + prev.nbytes)
             span = piece.chunk.offset + piece.chunk.nbytes - group[0].chunk.offset
             if piece.chunk.file != prev.file or not 0 <= gap <= _SMALL or span > _BATCH_BYTES:
-                steps.append((group[0].chunk.file, group[0].chunk.offset, read_group, group))
+                steps.append((group[0].chunk.file, group[0].chunk.offset, reading.group, group))
                 group = []
         group.append(piece)
     if group:
-        steps.append((group[0].chunk.file, group[0].chunk.offset, read_group, group))
+        steps.append((group[0].chunk.file, group[0].chunk.offset, reading.group, group))
     run: list[_Piece] = []
     big = sorted(
         (p for p in pieces if p.chunk.nbytes >= _SMALL),
@@ -473,27 +541,12 @@ def read_requests(
                 or piece.landing() is None
                 or run[-1].landing() is None
             ):
-                steps.append((run[0].chunk.file, run[0].chunk.offset, read_run, run))
+                steps.append((run[0].chunk.file, run[0].chunk.offset, reading.run, run))
                 run = []
         run.append(piece)
     if run:
-        steps.append((run[0].chunk.file, run[0].chunk.offset, read_run, run))
-    streams = _sequential_streams(steps, workers)
-
-    def run(stream: list[tuple[int, int, Callable[[Any], int], Any]]) -> int:
-        return sum(fn(arg) for _, _, fn, arg in stream)
-
-    try:
-        if len(streams) <= 1:
-            total = sum(run(stream) for stream in streams)
-        else:
-            with concurrent.futures.ThreadPoolExecutor(min(workers, len(streams))) as pool:
-                total = sum(pool.map(run, streams))
-    finally:
-        opened.close()
-    stats.bytes_read = total
-    stats.chunks_read = len(pieces)
-    return stats
+        steps.append((run[0].chunk.file, run[0].chunk.offset, reading.run, run))
+    return steps
 
 
 def check_sizes(
@@ -566,4 +619,126 @@ def verify_chunks(
                 progress(done, total)
     finally:
         opened.close()
+    return problems
+
+
+def read_header(reader: Reader, size: int) -> tuple[int, Any]:
+    """Reads a safetensors header: (its length H, the parsed JSON).
+
+    Raises:
+      ValueError: the file is too short, ``H`` exceeds the file or ``MAX_HEADER_BYTES``, or
+        the header is not JSON (a message saying which).
+    """
+    prefix = bytearray(8)
+    if size < 8 or reader.read_into(0, memoryview(prefix)) != 8:
+        raise ValueError(f"the file has {size} bytes, too few for a safetensors header")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > size - 8:
+        raise ValueError(f"the header is {length} bytes long but the file has {size - 8} after "
+                         "its length (truncated?)")
+    if length > MAX_HEADER_BYTES:
+        raise ValueError(f"the header is {length} bytes long, above {MAX_HEADER_BYTES}")
+    raw = bytearray(length)
+    if reader.read_into(8, memoryview(raw)) != length:
+        raise ValueError("the file ends inside its header")
+    try:
+        return length, spec.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"the safetensors header is not valid JSON ({e})") from e
+
+
+def check_header(
+    reader: Reader,
+    file: DataFile,
+    chunks: Sequence[tuple[ArrayLeaf, Chunk]],
+    *,
+    expected_format: str = spec.FORMAT_NAME,
+) -> list[str]:
+    """Checks that a data file's safetensors header matches the manifest: one tensor per chunk
+    (names, dtype codes, shapes and offsets as docs/FORMAT.md §7 defines them), nothing else,
+    and a data area a safetensors reader accepts. Keepax itself never reads these headers;
+    other tools do (``safetensors.safe_open``).
+
+    Args:
+      reader: The data file, open.
+      file: Its manifest entry (the size is assumed checked).
+      chunks: Every chunk the manifest places in this file, with its leaf.
+      expected_format: ``__metadata__.format``: ``keepax`` (data files) or ``keepax-file``.
+
+    Returns:
+      One message per problem, each naming the file (empty when the header matches).
+    """
+    where = f"{file.name}: safetensors header"
+    try:
+        length, header = read_header(reader, file.nbytes)
+    except ValueError as e:
+        return [f"{where}: {e}"]
+    if not isinstance(header, dict):
+        return [f"{where}: not a JSON object"]
+    problems: list[str] = []
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        problems.append(f"{where}: __metadata__ is not an object of strings")
+    elif meta.get("format") != expected_format:
+        problems.append(f"{where}: __metadata__.format is {meta.get('format')!r:.40}, expected "
+                        f"{expected_format!r}")
+    base = 8 + length
+    ordered = sorted(chunks, key=lambda pair: pair[1].offset)
+    expected: dict[str, Any] = {}
+    end = 0
+    for leaf, c in ordered:
+        dtype = dtypes.dtype_from_name(leaf.dtype)
+        name = tensor_name(leaf.path, c.start, c.shape, leaf.shape)
+        begin = c.offset - base
+        if begin != end:
+            problems.append(f"{where}: {name} starts at data offset {begin}, expected {end} "
+                            "(safetensors needs the tensors back to back)")
+        entry = _entries([(name, dtype, c.shape, c.stored)])[name]
+        entry["data_offsets"] = [begin, begin + c.stored]
+        if name in expected:
+            problems.append(f"{where}: two chunks are named {name}")
+        expected[name] = entry
+        end = begin + c.stored
+    if end != file.nbytes - base:
+        problems.append(f"{where}: the tensors end at data offset {end}, the file's data area "
+                        f"has {file.nbytes - base} bytes")
+    for name, want in expected.items():
+        got = header.get(name)
+        if got != want:
+            problems.append(f"{where}: tensor {name} is {json.dumps(got)[:200]}, the manifest "
+                            f"says {json.dumps(want)}")
+    extra = sorted(k for k in header if k != "__metadata__" and k not in expected)
+    if extra:
+        problems.append(f"{where}: {len(extra)} tensor(s) not in the manifest, e.g. "
+                        f"{extra[0][:100]!r}")
+    return problems
+
+
+def check_headers(
+    storage: Storage, directory: str, manifest: Manifest, *, where: str
+) -> list[str]:
+    """:func:`check_header` for every data file of a manifest whose chunks are listed (for
+    chunk tables: resolved). Files that are missing or of the wrong size are skipped: checking
+    chunks reports them.
+
+    Returns:
+      One message per problem, prefixed with the checkpoint ``where``.
+    """
+    per_file: dict[int, list[tuple[ArrayLeaf, Chunk]]] = {i: [] for i in range(len(manifest.files))}
+    for leaf in manifest.leaves:
+        if isinstance(leaf, ArrayLeaf):
+            for c in leaf.chunks:
+                per_file[c.file].append((leaf, c))
+    problems: list[str] = []
+    for index, chunks in per_file.items():
+        file = manifest.files[index]
+        try:
+            reader = storage.open(f"{directory}/{file.name}")
+        except FileNotFoundError:
+            continue
+        try:
+            if reader.size() == file.nbytes:
+                problems.extend(f"{where}: {p}" for p in check_header(reader, file, chunks))
+        finally:
+            reader.close()
     return problems

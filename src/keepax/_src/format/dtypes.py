@@ -7,8 +7,6 @@ is stored under that code, any other dtype as raw bytes (``U8``) typed by our ma
 
 from __future__ import annotations
 
-import functools
-
 import ml_dtypes
 import numpy as np
 
@@ -33,6 +31,32 @@ _SAFETENSORS_CODES: dict[str, str] = {
 }
 
 
+# Every dtype name the format defines (docs/FORMAT.md §6), the only names keepax writes or
+# reads. Names are looked up in this table, never parsed: ``np.dtype(text)`` on manifest text
+# would accept NumPy's own syntax (``"f4,f4"``, ``"<U5"``) and raises SyntaxError on some
+# strings (``",3"``, ``"04"``).
+_NUMPY_NAMES = (
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64", "complex64", "complex128",
+)
+_ML_DTYPES_NAMES = (
+    "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e3m4", "float8_e4m3",
+    "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+    "float6_e2m3fn", "float6_e3m2fn", "float4_e2m1fn", "int1", "uint1", "int2", "uint2", "int4",
+    "uint4",
+)
+
+
+def _table() -> dict[str, np.dtype]:
+    table = {name: np.dtype(name) for name in _NUMPY_NAMES}
+    for name in _ML_DTYPES_NAMES:
+        scalar = getattr(ml_dtypes, name, None)  # older ml_dtypes lack the newest types
+        if isinstance(scalar, type):
+            table[name] = np.dtype(scalar)
+    return table
+
+
+_BY_NAME: dict[str, np.dtype] = _table()
 _NAMES: dict[np.dtype, str] = {}
 
 
@@ -44,39 +68,23 @@ def dtype_name(dtype: np.dtype) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=256)
-def _lookup(name: str) -> np.dtype:
-    extra = getattr(ml_dtypes, name, None) if name.isidentifier() else None
-    try:
-        dtype = np.dtype(extra if isinstance(extra, type) else name)
-    except TypeError as e:
-        raise ValueError(f"unknown dtype {name!r}") from e
-    if dtype.name != name or not is_storable(dtype):
-        raise ValueError(f"unsupported dtype {name!r}")
-    return dtype
-
-
 def dtype_from_name(name: str) -> np.dtype:
     """Returns the dtype a manifest name denotes.
 
     Raises:
-      ValueError: if the name is not a dtype this installation knows.
+      ValueError: if the name is not one of the format's dtype names (or this installation's
+        ml_dtypes lacks it).
     """
-    if not isinstance(name, str) or not name or len(name) > 64:
-        raise ValueError(f"invalid dtype name {name!r:.70}")
-    return _lookup(name)
+    dtype = _BY_NAME.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise ValueError(f"unknown or unsupported dtype {name!r:.70}")
+    return dtype
 
 
 def is_storable(dtype: np.dtype) -> bool:
-    """Whether arrays of this dtype can be stored (numeric, bool, and ml_dtypes types)."""
-    dtype = np.dtype(dtype)
-    if dtype.kind in "biu":
-        return True
-    if dtype.kind in "fc":
-        # float128/complex256 are platform-dependent (x87 extended precision): not portable.
-        return dtype.itemsize <= (8 if dtype.kind == "f" else 16)
-    # ml_dtypes types (bfloat16, float8_*, int4, ...) are kind 'V' with a registered name.
-    return dtype.kind == "V" and getattr(ml_dtypes, dtype.name, None) is not None
+    """Whether arrays of this dtype can be stored: it is one of the format's dtypes (numeric,
+    bool, and the ml_dtypes types; not float128/complex256, which are platform-dependent)."""
+    return dtype_name(np.dtype(dtype)) in _BY_NAME
 
 
 def safetensors_code(dtype: np.dtype) -> str | None:

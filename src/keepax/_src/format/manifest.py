@@ -11,10 +11,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
+from collections.abc import Callable
 from typing import Any
 
-from keepax._src.format import dtypes
+from keepax._src.format import dtypes, spec
+from keepax._src.format.boxes import covers_exactly
+from keepax._src.format.spec import (
+    CODECS_VERSION,
+    COMMIT_FILE,
+    DATA_DIR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    TABLES_VERSION,
+)
 from keepax.errors import CorruptCheckpointError, FormatVersionError
 
 __all__ = [
@@ -33,29 +43,15 @@ __all__ = [
     "Layout",
     "TableRef",
     "TABLES_VERSION",
-    "boxes_disjoint",
+    "CODECS_VERSION",
+    "parse_chunk_extras",
 ]
 
-FORMAT_NAME = "keepax"
-FORMAT_VERSION = (1, 0)
-"""(major, minor) written when chunk tables are inline. Readers reject a newer major version and
-accept any minor version."""
-
-TABLES_VERSION = (1, 1)
-"""The version of checkpoints with per-process chunk tables (``docs/FORMAT.md`` §14)."""
-
 _MAX_CELLS = 1 << 24  # a layout with more cells than this is rejected before allocating
-
-MANIFEST_FILE = "manifest.json"
-COMMIT_FILE = "keepax.commit"
-DATA_DIR = "data"
 
 ARRAY_TYPES = ("jax", "numpy", "npscalar", "bytes", "prngkey")
 VALUE_TYPES = ("int", "float", "bool", "complex", "str")
 
-_DATA_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.safetensors")
-_TABLE_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.json")
-_VERSION_RE = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
 _MAX_DIM = 1 << 48  # larger dimensions are rejected before any arithmetic or allocation
 
 
@@ -69,7 +65,12 @@ class Chunk:
       nbytes: Size in bytes (``prod(shape) * itemsize``).
       start: Index of the box's first element in the global array.
       shape: Shape of the box.
-      crc32c: CRC-32C (Castagnoli) of the chunk's bytes.
+      crc32c: CRC-32C (Castagnoli) of the chunk's stored bytes.
+      codec: How the stored bytes encode the chunk: ``raw`` (they are its C-order bytes).
+      stored_nbytes: Bytes the chunk occupies in the file, when they differ from ``nbytes``
+        (None: ``nbytes``; a raw chunk's are always ``nbytes``).
+      digest: A content digest of the chunk's (logical) bytes, ``<algorithm>:<hex>``, e.g.
+        ``xxh3-128:`` and 32 hex digits (format 1.2; informational to readers).
     """
 
     file: int
@@ -78,6 +79,29 @@ class Chunk:
     start: tuple[int, ...]
     shape: tuple[int, ...]
     crc32c: int
+    codec: str = "raw"
+    stored_nbytes: int | None = None
+    digest: str | None = None
+
+    @property
+    def stored(self) -> int:
+        """Bytes the chunk occupies in its data file."""
+        return self.nbytes if self.stored_nbytes is None else self.stored_nbytes
+
+    @property
+    def uses_codecs(self) -> bool:
+        """Whether the chunk needs format 1.2 (a codec member, a stored size or a digest)."""
+        return self.codec != "raw" or self.stored_nbytes is not None or self.digest is not None
+
+    def extras(self) -> dict[str, Any]:
+        """The chunk's 1.2 members, as written (none for a plain raw chunk)."""
+        out: dict[str, Any] = {}
+        if self.codec != "raw" or self.stored_nbytes is not None:
+            out["codec"] = self.codec
+            out["stored_nbytes"] = self.stored
+        if self.digest is not None:
+            out["digest"] = self.digest
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,9 +245,15 @@ class Manifest:
                             "start": list(c.start),
                             "shape": list(c.shape),
                             "crc32c": c.crc32c,
-                        }
+                        } | (c.extras() if c.uses_codecs else {})
                         for c in leaf.chunks
                     ]
+                    if self.version < CODECS_VERSION and any(c.uses_codecs for c in leaf.chunks):
+                        raise ValueError(
+                            f"{leaf.path}: chunk codecs and digests need format version "
+                            f"{spec.version_text(CODECS_VERSION)}, not "
+                            f"{spec.version_text(self.version)}"
+                        )
                 if leaf.impl is not None:
                     entry["impl"] = leaf.impl
                 if leaf.sharding is not None:
@@ -233,7 +263,7 @@ class Manifest:
             leaves.append(entry)
         doc = {
             "format": FORMAT_NAME,
-            "version": f"{self.version[0]}.{self.version[1]}",
+            "version": spec.version_text(self.version),
             "created": self.created,
             "writer": self.writer,
             "metadata": self.metadata,
@@ -266,7 +296,7 @@ class Manifest:
           FormatVersionError: if it was written by a newer major format version.
         """
         try:
-            doc = json.loads(data, parse_constant=_reject_constant)
+            doc = spec.loads(data)
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CorruptCheckpointError(
                 f"{MANIFEST_FILE} is not valid JSON ({e}); the checkpoint is damaged: restore "
@@ -289,7 +319,7 @@ class CommitMarker:
         return json.dumps(
             {
                 "format": FORMAT_NAME,
-                "version": f"{self.version[0]}.{self.version[1]}",
+                "version": spec.version_text(self.version),
                 "manifest_nbytes": self.manifest_nbytes,
                 "manifest_crc32c": self.manifest_crc32c,
                 "committed": self.committed,
@@ -300,7 +330,7 @@ class CommitMarker:
     @classmethod
     def from_json(cls, data: bytes, *, where: str) -> CommitMarker:
         try:
-            doc = json.loads(data, parse_constant=_reject_constant)
+            doc = spec.loads(data)
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CorruptCheckpointError(
                 f"{COMMIT_FILE} is not valid JSON ({e})", path=where
@@ -312,12 +342,8 @@ class CommitMarker:
             version=version,
             manifest_nbytes=v.nat(doc.get("manifest_nbytes"), "manifest_nbytes"),
             manifest_crc32c=v.nat(doc.get("manifest_crc32c"), "manifest_crc32c"),
-            committed=v.number(doc.get("committed"), "committed"),
+            committed=v.time(doc.get("committed"), "committed"),
         )
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _nat(x: Any) -> bool:
@@ -328,25 +354,54 @@ def _nats(x: Any, n: int) -> bool:
     return type(x) is list and len(x) == n and all(type(i) is int and 0 <= i <= _MAX_DIM for i in x)
 
 
-def boxes_disjoint(chunks: list[Chunk]) -> bool:
-    """Whether no two chunks of one array overlap (a sweep along the most-split axis)."""
-    boxes = [c for c in chunks if c.nbytes]
-    if len(boxes) < 2 or not boxes[0].shape:
-        return True
-    rank = len(boxes[0].shape)
-    axis = max(range(rank), key=lambda a: len({c.start[a] for c in boxes}))
-    boxes.sort(key=lambda c: c.start[axis])
-    active: list[Chunk] = []
-    for c in boxes:
-        active = [a for a in active if a.start[axis] + a.shape[axis] > c.start[axis]]
-        for a in active:
-            if all(
-                max(a.start[d], c.start[d]) < min(a.start[d] + a.shape[d], c.start[d] + c.shape[d])
-                for d in range(rank)
-            ):
-                return False
-        active.append(c)
-    return True
+def parse_chunk_extras(
+    entry: dict[str, Any],
+    nbytes: int,
+    version: tuple[int, int],
+    *,
+    where: str,
+    leaf: str | None,
+    fail: Callable[[str], CorruptCheckpointError],
+) -> tuple[str, int | None, str | None]:
+    """Parses a chunk's optional format 1.2 members: ``codec``, ``stored_nbytes``, ``digest``.
+
+    Args:
+      entry: The chunk's JSON object (a manifest chunk, or a chunk table row's extras).
+      nbytes: The chunk's logical size, already checked.
+      version: The format version of the document holding it.
+      where: The checkpoint, for errors.
+      leaf: The leaf's path, for errors.
+      fail: Builds the error for a malformed member.
+
+    Returns:
+      (codec, stored size or None, digest or None).
+
+    Raises:
+      FormatVersionError: an unknown codec in a document newer than this keepax knows.
+      CorruptCheckpointError: from ``fail``: an unknown codec, a stored size that does not fit
+        the codec, or a malformed digest.
+    """
+    codec = entry.get("codec", "raw")
+    if codec not in spec.CODECS:
+        if isinstance(codec, str) and version > spec.NEWEST_VERSION:
+            raise FormatVersionError(
+                f"a chunk uses codec {codec!r:.40}, unknown to this keepax (it reads format "
+                f"{spec.version_text(spec.NEWEST_VERSION)} and codecs "
+                f"{', '.join(spec.CODECS)}), in a checkpoint of format "
+                f"{spec.version_text(version)}; upgrade keepax to read it",
+                path=where, leaf=leaf,
+            )
+        raise fail(f"unknown codec {codec!r:.40} (format {spec.version_text(version)} knows "
+                   f"{', '.join(spec.CODECS)})")
+    stored = entry.get("stored_nbytes")
+    if stored is not None and (not _nat(stored) or stored != nbytes):
+        raise fail(f"stored_nbytes {stored!r:.40} must equal nbytes {nbytes} for a raw chunk")
+    digest = entry.get("digest")
+    if digest is not None and not (
+        isinstance(digest, str) and len(digest) <= 161 and spec.DIGEST_RE.fullmatch(digest)
+    ):
+        raise fail(f"digest {digest!r:.60} is not '<algorithm>:<lowercase hex>'")
+    return codec, stored, digest
 
 
 class _Validator:
@@ -358,6 +413,7 @@ class _Validator:
         self._claimed: list[int] = []
         self._layouts: tuple[Layout, ...] = ()
         self._with_tables = False
+        self._version = FORMAT_VERSION
 
     def fail(self, message: str, leaf: str | None = None) -> CorruptCheckpointError:
         return CorruptCheckpointError(
@@ -377,10 +433,11 @@ class _Validator:
             raise self.fail(f"{what} must be a non-negative integer, got {x!r:.40}", leaf)
         return x
 
-    def number(self, x: Any, what: str) -> float:
-        if not isinstance(x, int | float) or isinstance(x, bool):
-            raise self.fail(f"{what} must be a number")
-        return float(x)
+    def time(self, x: Any, what: str) -> float:
+        value = spec.finite_time(x)
+        if value is None:
+            raise self.fail(f"{what} must be a Unix time in seconds, got {x!r:.40}")
+        return value
 
     def ints(self, x: Any, what: str, leaf: str | None = None) -> tuple[int, ...]:
         if not isinstance(x, list) or len(x) > 64:
@@ -394,10 +451,10 @@ class _Validator:
         if doc.get("format") != FORMAT_NAME:
             raise self.fail(f"format is {doc.get('format')!r:.40}, expected {FORMAT_NAME!r}")
         text = doc.get("version")
-        m = _VERSION_RE.fullmatch(text) if isinstance(text, str) else None
-        if m is None:
+        parsed = spec.parse_version(text)
+        if parsed is None:
             raise self.fail(f"version must be 'MAJOR.MINOR', got {text!r:.40}")
-        major, minor = int(m.group(1)), int(m.group(2))
+        major, minor = parsed
         if major > FORMAT_VERSION[0]:
             raise FormatVersionError(
                 f"written in keepax format {major}.{minor}, but this keepax reads format "
@@ -410,13 +467,13 @@ class _Validator:
 
     def manifest(self, doc: Any) -> Manifest:
         doc = self.obj(doc, "the manifest")
-        version = self.version(doc)
+        version = self._version = self.version(doc)
         files = []
         names: set[str] = set()
         for i, f in enumerate(self._list(doc.get("files"), "files")):
             f = self.obj(f, f"files[{i}]")
             name = f.get("name")
-            if not isinstance(name, str) or not _DATA_FILE_RE.fullmatch(name) or ".." in name:
+            if not isinstance(name, str) or not spec.DATA_FILE_RE.fullmatch(name) or ".." in name:
                 raise self.fail(f"files[{i}].name {name!r:.80} is not a data file name")
             if name in names:
                 raise self.fail(f"files[{i}].name {name!r:.80} is listed twice")
@@ -445,7 +502,7 @@ class _Validator:
             leaves=leaves,
             files=tuple(files),
             metadata=self.obj(metadata, "metadata"),
-            created=self.number(doc.get("created", 0), "created"),
+            created=self.time(doc.get("created", 0), "created"),
             writer=self.obj(writer, "writer"),
             tables=tables,
             layouts=layouts,
@@ -463,7 +520,7 @@ class _Validator:
         for i, t in enumerate(self._list(doc.get("tables"), "tables")):
             t = self.obj(t, f"tables[{i}]")
             name = t.get("name")
-            if not isinstance(name, str) or not _TABLE_FILE_RE.fullmatch(name) or ".." in name:
+            if not isinstance(name, str) or not spec.TABLE_FILE_RE.fullmatch(name) or ".." in name:
                 raise self.fail(f"tables[{i}].name {name!r:.80} is not a chunk table name")
             shared = t.get("shared", False)
             if not isinstance(shared, bool):
@@ -499,11 +556,11 @@ class _Validator:
     def _check_byte_ranges(self, leaves: tuple[Leaf, ...]) -> None:
         """No two chunks may share bytes of a data file."""
         ranges = sorted(
-            (c.file, c.offset, c.offset + c.nbytes, leaf.path)
+            (c.file, c.offset, c.offset + c.stored, leaf.path)
             for leaf in leaves
             if isinstance(leaf, ArrayLeaf)
             for c in leaf.chunks
-            if c.nbytes
+            if c.stored
         )
         for (f0, _, end0, _), (f1, begin1, _, path) in zip(ranges, ranges[1:]):
             if f0 == f1 and begin1 < end0:
@@ -531,17 +588,22 @@ class _Validator:
                             "integers", path)
         if file >= len(self._files):
             raise self.fail(f"chunk {j} names file {file} of {len(self._files)}", path)
+        codec, stored, digest = parse_chunk_extras(
+            c, nbytes, self._version, where=self.where, leaf=path,
+            fail=lambda message: self.fail(f"chunk {j}: {message}", path),
+        )
+        size = nbytes if stored is None else stored
         entry = self._files[file]
-        if offset + nbytes > entry.nbytes:
+        if offset + size > entry.nbytes:
             raise self.fail(f"chunk {j} lies beyond the end of {entry.name}", path)
-        self._claimed[file] += nbytes
+        self._claimed[file] += size
         if self._claimed[file] > entry.nbytes:
             raise self.fail(f"chunks claim more bytes than {entry.name} has", path)
         if any(s + n > d for s, n, d in zip(start, box, shape)):
             raise self.fail(f"chunk {j} lies outside the array", path)
         if nbytes != math.prod(box) * itemsize:
             raise self.fail(f"chunk {j} size {nbytes} does not match its shape", path)
-        return Chunk(file, offset, nbytes, tuple(start), tuple(box), crc)
+        return Chunk(file, offset, nbytes, tuple(start), tuple(box), crc, codec, stored, digest)
 
     def _leaf(self, x: Any, index: int, nfiles: int) -> Leaf:
         x = self.obj(x, f"leaves[{index}]")
@@ -576,7 +638,9 @@ class _Validator:
                 raise self.fail(
                     f"chunks cover {volume} elements of an array of {math.prod(shape)}", path
                 )
-            if not boxes_disjoint(chunks):
+            if not covers_exactly(
+                [(c.start, c.shape) for c in chunks], [((0,) * len(shape), shape)]
+            ):
                 raise self.fail("chunks of the array overlap", path)
         impl = x.get("impl")
         if kind == "prngkey" and (not isinstance(impl, str) or name != "uint32" or not shape):

@@ -23,13 +23,12 @@ import dataclasses
 import itertools
 import json
 import math
-import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
-from keepax._src.format import dtypes
-from keepax._src.format.boxes import Box
+from keepax._src.format import dtypes, spec
+from keepax._src.format.boxes import Box, covers_exactly
 from keepax._src.format.manifest import (
-    FORMAT_NAME,
     ArrayLeaf,
     CellRef,
     Chunk,
@@ -37,8 +36,9 @@ from keepax._src.format.manifest import (
     Layout,
     Manifest,
     TableRef,
-    boxes_disjoint,
+    parse_chunk_extras,
 )
+from keepax._src.format.spec import FORMAT_NAME
 from keepax._src.io.base import Storage
 from keepax.errors import CorruptCheckpointError, KeepaxError
 
@@ -54,9 +54,9 @@ __all__ = [
     "grid_of",
 ]
 
-TABLE_VERSION = (1, 1)
+TABLE_VERSION = spec.TABLES_VERSION
+"""Written by tables without 1.2 members; a table with codecs or digests is written as 1.2."""
 _TABLE_KIND = "chunk-table"
-_DATA_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.safetensors")
 _MAX_ROTATION_TRIES = 4
 
 
@@ -76,7 +76,8 @@ def split_shared(
     chunks: Iterable[tuple[int, Chunk]],
 ) -> tuple[list[tuple[int, Chunk]], list[tuple[int, Chunk]]]:
     """Splits (leaf, chunk) pairs into those of cells with one holder and the shared ones."""
-    private, shared = [], []
+    private: list[tuple[int, Chunk]] = []
+    shared: list[tuple[int, Chunk]] = []
     for leaf, chunk in chunks:
         ref = manifest_cells[leaf]
         layout = layouts[ref.layout]
@@ -109,9 +110,9 @@ def grid_of(shape: Sequence[int], boxes: Iterable[Box]) -> tuple[int, ...] | Non
     grid = grid_shape(shape, block_t)
     if len(boxes) != math.prod(grid):
         return None
-    for start, size in boxes:
-        want = tuple(min(b, n - s) for s, b, n in zip(start, block_t, shape))
-        if size != want or any(s % b for s, b in zip(start, block_t)):
+    for box_start, box_size in boxes:
+        want = tuple(min(b, n - s) for s, b, n in zip(box_start, block_t, shape))
+        if box_size != want or any(s % b for s, b in zip(box_start, block_t)):
             return None
     return block_t
 
@@ -257,9 +258,9 @@ class Assigner:
         for box, procs in holders.items():
             if math.prod(box[1]) == 0:
                 continue
-            index = linear(tuple(s // b for s, b in zip(box[0], block)), grid)
-            writers[index] = tuple(sorted(set(writers[index]) | set(procs)))
-            boxes[index] = box
+            cell = linear(tuple(s // b for s, b in zip(box[0], block)), grid)
+            writers[cell] = tuple(sorted(set(writers[cell]) | set(procs)))
+            boxes[cell] = box
         if self.host_local:
             writers = [(self.process,) if self.process in w else () for w in writers]
         layout = Layout(tuple(grid), tuple(writers))
@@ -309,21 +310,30 @@ def encode_table(
 ) -> bytes:
     """Serialises one process's chunk table.
 
+    A row is ``[leaf, file, offset, nbytes, crc32c, start, shape]``, followed, for a chunk
+    with a codec, stored size or digest (format 1.2), by an object holding those members.
+
     Args:
       process: The writing process.
       files: Its data files (chunks refer to them by index).
       chunks: (leaf index, chunk) pairs.
     """
+    rows: list[list[Any]] = []
+    newer = False
+    for leaf, c in chunks:
+        row: list[Any] = [leaf, c.file, c.offset, c.nbytes, c.crc32c, list(c.start),
+                          list(c.shape)]
+        if c.uses_codecs:
+            row.append(c.extras())
+            newer = True
+        rows.append(row)
     doc = {
         "format": FORMAT_NAME,
-        "version": f"{TABLE_VERSION[0]}.{TABLE_VERSION[1]}",
+        "version": spec.version_text(spec.CODECS_VERSION if newer else TABLE_VERSION),
         "kind": _TABLE_KIND,
         "process": process,
         "files": [{"name": f.name, "nbytes": f.nbytes} for f in files],
-        "chunks": [
-            [leaf, c.file, c.offset, c.nbytes, c.crc32c, list(c.start), list(c.shape)]
-            for leaf, c in chunks
-        ],
+        "chunks": rows,
     }
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
@@ -345,77 +355,101 @@ def _parse_table(data: bytes, ref: TableRef, manifest: Manifest, where: str) -> 
     """Parses and validates one untrusted table against the manifest."""
     name = ref.name
     try:
-        doc = json.loads(data)
+        doc = spec.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise _fail(where, name, f"not valid JSON ({e})") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME or doc.get(
         "kind"
     ) != _TABLE_KIND:
         raise _fail(where, name, "not a keepax chunk table")
+    version = spec.parse_version(doc.get("version"))
+    if version is None or version[0] != spec.FORMAT_VERSION[0]:
+        raise _fail(where, name, f"its version {doc.get('version')!r:.20} is not "
+                                 f"{spec.FORMAT_VERSION[0]}.x")
     if type(doc.get("process")) is not int or doc.get("process") != ref.process:
         raise _fail(where, name, f"written by process {doc.get('process')!r:.20}, the manifest "
                                  f"says {ref.process}")
     raw_files, raw_chunks = doc.get("files"), doc.get("chunks")
     if not isinstance(raw_files, list) or not isinstance(raw_chunks, list):
         raise _fail(where, name, "files and chunks must be lists")
+    files = _parse_files(raw_files, where, name)
+    chunks: dict[int, list[Chunk]] = {}
+    ranges: list[tuple[int, int, int]] = []
+    for j, entry in enumerate(raw_chunks):
+        leaf_index, chunk = _parse_row(entry, j, ref, manifest, files, version, where)
+        chunks.setdefault(leaf_index, []).append(chunk)
+        if chunk.stored:
+            ranges.append((chunk.file, chunk.offset, chunk.offset + chunk.stored))
+    ranges.sort()
+    for (f0, _, end0), (f1, begin1, _) in zip(ranges, ranges[1:]):
+        if f0 == f1 and begin1 < end0:
+            raise _fail(where, name, f"chunks overlap in {files[f1].name}")
+    return _Table(tuple(files), chunks)
+
+
+def _parse_files(raw_files: list[Any], where: str, name: str) -> list[DataFile]:
     files = []
     for i, f in enumerate(raw_files):
         fname = f.get("name") if isinstance(f, dict) else None
         size = f.get("nbytes") if isinstance(f, dict) else None
-        if not isinstance(fname, str) or not _DATA_FILE_RE.fullmatch(fname) or ".." in fname:
+        if not isinstance(fname, str) or not spec.DATA_FILE_RE.fullmatch(fname) or ".." in fname:
             raise _fail(where, name, f"files[{i}] has no valid data file name")
         if type(size) is not int or size < 0:
             raise _fail(where, name, f"files[{i}].nbytes must be a non-negative integer")
         files.append(DataFile(fname, size))
     if len({f.name for f in files}) != len(files):
         raise _fail(where, name, "a data file is listed twice")
-    chunks: dict[int, list[Chunk]] = {}
-    ranges: list[tuple[int, int, int]] = []
-    for j, entry in enumerate(raw_chunks):
-        if not (isinstance(entry, list) and len(entry) == 7
-                and all(type(x) is int and x >= 0 for x in entry[:5])):
-            raise _fail(where, name, f"chunk {j} must be [leaf, file, offset, nbytes, crc32c, "
-                                     "start, shape]")
-        leaf_index, file, offset, nbytes, crc, start, box = entry
-        if leaf_index >= len(manifest.leaves):
-            raise _fail(where, name, f"chunk {j} names leaf {leaf_index}")
-        leaf = manifest.leaves[leaf_index]
-        if not isinstance(leaf, ArrayLeaf) or leaf.cells is None:
-            raise _fail(where, name, f"chunk {j} names a leaf without cells")
-        rank = len(leaf.shape)
-        if not (isinstance(start, list) and isinstance(box, list) and len(start) == rank
-                and len(box) == rank
-                and all(type(x) is int and x >= 0 for x in start + box)):
-            raise _fail(where, name, f"chunk {j}: start and shape must be {rank} integers",
-                        leaf.path)
-        if file >= len(files) or offset + nbytes > files[file].nbytes:
-            raise _fail(where, name, f"chunk {j} lies outside its data file", leaf.path)
-        if nbytes != math.prod(box) * dtypes.dtype_from_name(leaf.dtype).itemsize:
-            raise _fail(where, name, f"chunk {j} size does not match its shape", leaf.path)
-        layout = manifest.layouts[leaf.cells.layout]
-        block = leaf.cells.block
-        cell = tuple(s // b for s, b in zip(start, block))
-        cbox = cell_box(leaf.shape, block, cell)
-        if any(k >= g for k, g in zip(cell, layout.grid)) or any(
-            s + n > c0 + cn for s, n, c0, cn in zip(start, box, *cbox)
-        ):
-            raise _fail(where, name, f"chunk {j} lies outside the cell it starts in", leaf.path)
-        k = linear(cell, layout.grid)
-        if writer_of(layout, leaf.cells.rotation, k) != ref.process or is_shared(
-            layout, k
-        ) != ref.shared:
-            raise _fail(where, name, f"chunk {j} belongs to a cell this table does not hold",
-                        leaf.path)
-        chunks.setdefault(leaf_index, []).append(
-            Chunk(file, offset, nbytes, tuple(start), tuple(box), crc)
-        )
-        if nbytes:
-            ranges.append((file, offset, offset + nbytes))
-    ranges.sort()
-    for (f0, _, end0), (f1, begin1, _) in zip(ranges, ranges[1:]):
-        if f0 == f1 and begin1 < end0:
-            raise _fail(where, name, f"chunks overlap in {files[f1].name}")
-    return _Table(tuple(files), chunks)
+    return files
+
+
+def _parse_row(
+    entry: Any, j: int, ref: TableRef, manifest: Manifest, files: Sequence[DataFile],
+    version: tuple[int, int], where: str,
+) -> tuple[int, Chunk]:
+    """One untrusted table row -> (leaf index, chunk), checked against the manifest's cells."""
+    name = ref.name
+    if not (isinstance(entry, list) and len(entry) in (7, 8)
+            and all(type(x) is int and x >= 0 for x in entry[:5])
+            and (len(entry) == 7 or isinstance(entry[7], dict))):
+        raise _fail(where, name, f"chunk {j} must be [leaf, file, offset, nbytes, crc32c, "
+                                 "start, shape] (and, in format 1.2, an object of extras)")
+    leaf_index, file, offset, nbytes, crc, start, box = entry[:7]
+    if leaf_index >= len(manifest.leaves):
+        raise _fail(where, name, f"chunk {j} names leaf {leaf_index}")
+    leaf = manifest.leaves[leaf_index]
+    if not isinstance(leaf, ArrayLeaf) or leaf.cells is None:
+        raise _fail(where, name, f"chunk {j} names a leaf without cells")
+    rank = len(leaf.shape)
+    if not (isinstance(start, list) and isinstance(box, list) and len(start) == rank
+            and len(box) == rank
+            and all(type(x) is int and x >= 0 for x in start + box)):
+        raise _fail(where, name, f"chunk {j}: start and shape must be {rank} integers",
+                    leaf.path)
+    codec, stored, digest = parse_chunk_extras(
+        entry[7] if len(entry) == 8 else {}, nbytes, version, where=where, leaf=leaf.path,
+        fail=lambda message: _fail(where, name, f"chunk {j}: {message}", leaf.path),
+    )
+    size = nbytes if stored is None else stored
+    if file >= len(files) or offset + size > files[file].nbytes:
+        raise _fail(where, name, f"chunk {j} lies outside its data file", leaf.path)
+    if nbytes != math.prod(box) * dtypes.dtype_from_name(leaf.dtype).itemsize:
+        raise _fail(where, name, f"chunk {j} size does not match its shape", leaf.path)
+    layout = manifest.layouts[leaf.cells.layout]
+    block = leaf.cells.block
+    cell = tuple(s // b for s, b in zip(start, block))
+    cbox = cell_box(leaf.shape, block, cell)
+    if any(k >= g for k, g in zip(cell, layout.grid)) or any(
+        s + n > c0 + cn for s, n, c0, cn in zip(start, box, *cbox)
+    ):
+        raise _fail(where, name, f"chunk {j} lies outside the cell it starts in", leaf.path)
+    k = linear(cell, layout.grid)
+    if writer_of(layout, leaf.cells.rotation, k) != ref.process or is_shared(
+        layout, k
+    ) != ref.shared:
+        raise _fail(where, name, f"chunk {j} belongs to a cell this table does not hold",
+                    leaf.path)
+    chunk = Chunk(file, offset, nbytes, tuple(start), tuple(box), crc, codec, stored, digest)
+    return leaf_index, chunk
 
 
 def _read_table(storage: Storage, directory: str, ref: TableRef, where: str) -> bytes:
@@ -518,13 +552,30 @@ def resolve(
         with concurrent.futures.ThreadPoolExecutor(min(workers, len(refs))) as pool:
             loaded = list(pool.map(load, refs))
 
+    files, per_leaf = _merge(refs, loaded, cells, where)
+    leaves = list(manifest.leaves)
+    for index, indices in cells.items():
+        leaf = leaves[index]
+        assert isinstance(leaf, ArrayLeaf) and leaf.cells is not None
+        kept = _cover_cells(leaf, manifest.layouts[leaf.cells.layout].grid, indices,
+                            per_leaf.get(index, []), where)
+        leaves[index] = dataclasses.replace(leaf, chunks=tuple(kept))
+    nbytes = sum(r.nbytes for r in refs)
+    return dataclasses.replace(manifest, files=tuple(files), leaves=tuple(leaves)), nbytes
+
+
+def _merge(
+    refs: Sequence[TableRef], loaded: Sequence[_Table], cells: Mapping[int, set[int]], where: str
+) -> tuple[list[DataFile], dict[int, list[Chunk]]]:
+    """One list of data files for the tables read (chunks renumbered into it), and the
+    chunks of the needed leaves."""
     files: list[DataFile] = []
     per_leaf: dict[int, list[Chunk]] = {}
     seen: dict[str, tuple[int, int]] = {}  # name -> (index in files, process)
-    for ref, table in zip(refs, loaded):
+    for ref, parsed in zip(refs, loaded):
         # A process's two tables share its data files; no two processes share one.
         mapping = []
-        for f in table.files:
+        for f in parsed.files:
             known = seen.get(f.name)
             if known is None:
                 seen[f.name] = (len(files), ref.process)
@@ -537,38 +588,41 @@ def resolve(
                 )
             else:
                 mapping.append(known[0])
-        for index, chunks in table.chunks.items():
+        for index, chunks in parsed.chunks.items():
             if index in cells:
                 per_leaf.setdefault(index, []).extend(
                     dataclasses.replace(c, file=mapping[c.file]) for c in chunks
                 )
-    leaves = list(manifest.leaves)
-    for index, indices in cells.items():
-        leaf = leaves[index]
-        assert isinstance(leaf, ArrayLeaf) and leaf.cells is not None
-        grid = manifest.layouts[leaf.cells.layout].grid
-        volume: dict[int, int] = {}
-        kept = []
-        for c in per_leaf.get(index, []):
-            k = linear(tuple(s // b for s, b in zip(c.start, leaf.cells.block)), grid)
-            if k in indices:
-                volume[k] = volume.get(k, 0) + math.prod(c.shape)
-                kept.append(c)
-        for k in indices:
-            cell = _unravel(k, grid)
-            want = math.prod(cell_box(leaf.shape, leaf.cells.block, cell)[1])
-            if volume.get(k, 0) != want:
-                raise CorruptCheckpointError(
-                    f"the chunk tables cover {volume.get(k, 0)} of the {want} elements of shard "
-                    f"{list(cell)}; the checkpoint is damaged",
-                    path=where, leaf=leaf.path,
-                )
-        if not boxes_disjoint(kept):
-            raise CorruptCheckpointError("chunks of the array overlap", path=where,
-                                         leaf=leaf.path)
-        leaves[index] = dataclasses.replace(leaf, chunks=tuple(kept))
-    nbytes = sum(r.nbytes for r in refs)
-    return dataclasses.replace(manifest, files=tuple(files), leaves=tuple(leaves)), nbytes
+    return files, per_leaf
+
+
+def _cover_cells(
+    leaf: ArrayLeaf, grid: Sequence[int], indices: set[int], chunks: Sequence[Chunk], where: str
+) -> list[Chunk]:
+    """The chunks of the needed cells, checked to cover each exactly (sizes first)."""
+    assert leaf.cells is not None
+    volume: dict[int, int] = {}
+    kept = []
+    for c in chunks:
+        k = linear(tuple(s // b for s, b in zip(c.start, leaf.cells.block)), grid)
+        if k in indices:
+            volume[k] = volume.get(k, 0) + math.prod(c.shape)
+            kept.append(c)
+    regions = []
+    for k in indices:
+        cell = _unravel(k, grid)
+        region = cell_box(leaf.shape, leaf.cells.block, cell)
+        want = math.prod(region[1])
+        if volume.get(k, 0) != want:
+            raise CorruptCheckpointError(
+                f"the chunk tables cover {volume.get(k, 0)} of the {want} elements of shard "
+                f"{list(cell)}; the checkpoint is damaged",
+                path=where, leaf=leaf.path,
+            )
+        regions.append(region)
+    if not covers_exactly([(c.start, c.shape) for c in kept], regions):
+        raise CorruptCheckpointError("chunks of the array overlap", path=where, leaf=leaf.path)
+    return kept
 
 
 def _unravel(index: int, grid: Sequence[int]) -> tuple[int, ...]:

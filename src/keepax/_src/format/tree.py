@@ -196,8 +196,8 @@ def describe(tree: Any) -> Structure:
         children, treedef = jax.tree_util.tree_flatten_with_path(
             node, is_leaf=lambda x: x is not node
         )
-        if jax.tree_util.treedef_is_leaf(treedef) and treedef.num_nodes == 1 and (
-            treedef.num_leaves == 1
+        if jax.tree_util.treedef_is_leaf(treedef) and treedef.num_nodes == 1 and (  # type: ignore[attr-defined]
+            treedef.num_leaves == 1  # type: ignore[attr-defined]
         ):
             # A leaf: JAX did not descend into it.
             paths.append(path)
