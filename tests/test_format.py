@@ -112,12 +112,12 @@ def test_plan_spreads_bytes_evenly(max_files: int) -> None:
 
 
 def _header_problems(path) -> list[str]:
-    from keepax._src.checkpoint import snapshot  # noqa: PLC0415 - the layer above, for a test
+    from keepax._src.checkpoint import inspection, opening  # noqa: PLC0415 - the layer above
     from keepax._src.io import split_checkpoint_path  # noqa: PLC0415
 
     storage, name = split_checkpoint_path(str(path))
-    opened = snapshot._open(str(path))
-    return fmt.check_headers(storage, name, snapshot.resolved_manifest(opened), where=str(path))
+    opened = opening.open_path(str(path))
+    return fmt.check_headers(storage, name, inspection.resolved_manifest(opened), where=str(path))
 
 
 def _edit_header(file: str, edit) -> None:

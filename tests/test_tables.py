@@ -799,9 +799,9 @@ def test_v12_bad_rows_rejected(store: Any, edit: Any, error: Any, match: str) ->
 def test_hand_built_data_file_headers_match(store: Any) -> None:
     storage, name = store
     _build(storage, "ckpt")
-    from keepax._src.checkpoint import snapshot  # noqa: PLC0415
+    from keepax._src.checkpoint import inspection, opening  # noqa: PLC0415
 
-    opened = snapshot._open(f"memory://{name}/ckpt")
-    resolved = snapshot.resolved_manifest(opened)
+    opened = opening.open_path(f"memory://{name}/ckpt")
+    resolved = inspection.resolved_manifest(opened)
     assert len(resolved.files) == 2
     assert fmt.check_headers(storage, "ckpt", resolved, where="ckpt") == []

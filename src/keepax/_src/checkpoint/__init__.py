@@ -13,7 +13,6 @@ from keepax._src.checkpoint.handle import ChunkInfo as ChunkInfo
 from keepax._src.checkpoint.handle import open_checkpoint as open_checkpoint
 from keepax._src.checkpoint.inspection import CheckpointInfo as CheckpointInfo
 from keepax._src.checkpoint.inspection import LeafInfo as LeafInfo
-from keepax._src.checkpoint.inspection import inspect as inspect
 from keepax._src.checkpoint.inspection import verify as verify
 from keepax._src.checkpoint.plan import LeafPlan as LeafPlan
 from keepax._src.checkpoint.plan import SourceBuffer as SourceBuffer
@@ -28,6 +27,7 @@ from keepax._src.checkpoint.saving import check_metadata as check_metadata
 from keepax._src.checkpoint.saving import prepare_save as prepare_save
 from keepax._src.checkpoint.saving import save as save
 from keepax._src.checkpoint.saving import write_prepared as write_prepared
+from keepax._src.checkpoint.single_file import inspect as inspect
 from keepax._src.checkpoint.single_file import load_file as load_file
 from keepax._src.checkpoint.single_file import save_file as save_file
 

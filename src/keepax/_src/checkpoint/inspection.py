@@ -192,6 +192,8 @@ def verify_opened(
         problems = format.verify_chunks(
             opened.storage, opened.name, m.files, pieces, where=opened.where, progress=progress
         )
+        # Each data file must stay a valid safetensors file naming what the manifest says.
+        problems += format.check_headers(opened.storage, opened.name, m, where=opened.where)
     if problems and is_gone(opened):
         raise CheckpointNotFoundError(
             "the checkpoint was deleted while being verified (e.g. by a manager's retention)",

@@ -245,7 +245,7 @@ def _buffers(
         for sub in sharding.split_rows(box, dtype.itemsize, format.CHUNK_BYTES):
             if math.prod(sub[1]) == 0:
                 continue
-            chunk_name = name if sub[1] == shape else f"{name}@{','.join(map(str, sub[0]))}"
+            chunk_name = format.tensor_name(name, sub[0], sub[1], shape)
             slices = sharding.local_slices(sub, box)
             chunks.append((
                 ChunkSource(

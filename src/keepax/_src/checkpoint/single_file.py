@@ -7,8 +7,8 @@ whose ``__metadata__`` carries the container's format name and version, the keep
 file is the file itself, with absolute chunk offsets. The normative description is
 docs/FORMAT.md §13.
 
-Saving reuses :func:`snapshot.plan_leaves` (how leaves are stored); loading presents the file
-to :func:`snapshot.restore_manifest` as a checkpoint whose only data file is the file itself,
+Saving reuses :func:`plan_leaves` (how leaves are stored); loading presents the file
+to :func:`restoring.restore_manifest` as a checkpoint whose only data file is the file itself,
 so ``like``, ``select``, ``partial`` and ``dtype`` behave exactly as in ``keepax.restore``.
 """
 
@@ -27,7 +27,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from keepax._src import checkpoint as snapshot  # the layer's API
+from keepax._src.checkpoint import inspection, opening, restoring, saving
+from keepax._src.checkpoint.plan import LeafPlan, plan_leaves
+from keepax._src.commit.protocol import SaveResult
 from keepax._src.format import datafiles as format
 from keepax._src.format import spec
 from keepax._src.format.datafiles import ChunkSource
@@ -77,7 +79,7 @@ def save_file(
     *,
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
-) -> snapshot.SaveResult:
+) -> SaveResult:
     """Saves a pytree as one file, durably and atomically.
 
     Meant for small states (the file is assembled in host memory): an optimizer's state,
@@ -129,15 +131,15 @@ def save_file(
         raise CheckpointExistsError(
             "a file already exists here; pass overwrite=True to replace it", path=where
         )
-    metadata = snapshot.check_metadata(metadata, where)
-    plan = snapshot.plan_leaves(tree_)
+    metadata = saving.check_metadata(metadata, where)
+    plan = plan_leaves(tree_)
     # CRCs go into the header, which precedes the data: take every chunk to host memory first.
     views = [_chunk_bytes(source) for source in plan.sources]
     crcs = [format.checksum(view) for view in views]
     header = _header(plan, crcs, metadata, time.time())
     size = len(header) + sum(len(v) for v in views)
     _write(storage, name, where, [memoryview(header), *views], overwrite=overwrite)
-    return snapshot.SaveResult(where, size, 1, time.perf_counter() - began)
+    return SaveResult(where, size, 1, time.perf_counter() - began)
 
 
 def _locate(path: str | os.PathLike[str]) -> tuple[Storage, str, str]:
@@ -170,7 +172,7 @@ def _chunk_bytes(source: ChunkSource) -> memoryview:
 
 
 def _header(
-    plan: snapshot.LeafPlan, crcs: Sequence[int], metadata: dict[str, Any], created: float
+    plan: LeafPlan, crcs: Sequence[int], metadata: dict[str, Any], created: float
 ) -> bytes:
     """The length-prefixed safetensors header embedding the manifest.
 
@@ -330,7 +332,7 @@ def load_file(
     reader = _open_file(storage, name, where)
     try:
         manifest = _read_manifest(reader, name, where)
-        tree_ = snapshot.restore_manifest(
+        tree_ = restoring.restore_manifest(
             _ThisFile(reader, storage.url, name),
             name,
             where,
@@ -345,7 +347,7 @@ def load_file(
     return (tree_, manifest.metadata) if with_metadata else tree_
 
 
-def inspect_file(path: str | os.PathLike[str]) -> snapshot.CheckpointInfo:
+def inspect_file(path: str | os.PathLike[str]) -> inspection.CheckpointInfo:
     """Describes a single-file checkpoint as :func:`keepax.inspect` describes a directory:
     structure, shapes, dtypes, sizes and the metadata given to :func:`save_file`, without
     reading array data.
@@ -360,9 +362,7 @@ def inspect_file(path: str | os.PathLike[str]) -> snapshot.CheckpointInfo:
         manifest = _read_manifest(reader, name, where)
     finally:
         reader.close()
-    opened = snapshot._Opened(storage, name, where, manifest,
-                              snapshot._check_tree(manifest, where))
-    return snapshot.info_of(opened)
+    return inspection.info_of(opening.opened_manifest(storage, name, where, manifest))
 
 
 def _open_file(storage: Storage, name: str, where: str) -> Reader:
@@ -483,3 +483,17 @@ class _ThisFile(Storage):
         raise NotImplementedError("a single-file checkpoint is read-only here")
 
     create = exists = is_dir = list = delete = rename_dir = _read_only
+
+
+def inspect(
+    path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+) -> inspection.CheckpointInfo:
+    """Describes a checkpoint without reading array data: a checkpoint directory (or URL), or
+    a single file written by :func:`save_file`.
+
+    Raises:
+      CheckpointNotFoundError, NotCommittedError, CorruptCheckpointError, FormatVersionError.
+    """
+    if os.path.isfile(os.fspath(path)):
+        return inspect_file(path)
+    return inspection.inspect(os.fspath(path), storage_options=storage_options)
