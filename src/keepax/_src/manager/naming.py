@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from keepax._src.io import is_hidden_name
+from keepax._src.manager.run_metadata import RUN_METADATA_NAME
 from keepax.errors import PolicyError
 
 __all__ = ["DEFAULT_TEMPLATE", "RESERVED_NAMES", "NameTemplate", "check_name"]
@@ -21,7 +22,8 @@ __all__ = ["DEFAULT_TEMPLATE", "RESERVED_NAMES", "NameTemplate", "check_name"]
 DEFAULT_TEMPLATE = "{step:08d}"
 """Zero-padded steps: ``00001000``. Sorts in step order in a plain directory listing."""
 
-RESERVED_NAMES = frozenset({"state", "metrics", "metadata", "force", "overwrite"})
+RESERVED_NAMES = frozenset({"state", "metrics", "metadata", "force", "overwrite", "dtype",
+                            "on_commit"})
 """Keyword arguments of ``save``/``event`` that cannot be placeholders."""
 
 
@@ -34,6 +36,8 @@ def check_name(name: str, template: str) -> str:
         problem = "contains '/', '\\' or NUL"
     elif is_hidden_name(name):
         problem = "contains '.keepax-' (reserved for keepax's staging directories)"
+    elif name == RUN_METADATA_NAME:
+        problem = "is the run metadata file's name"
     if problem is not None:
         raise PolicyError(
             f"step directory name {name!r} (from template {template!r}) {problem}; change the "
