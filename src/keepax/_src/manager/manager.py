@@ -14,13 +14,30 @@ manager's directory, named from a template; the manager's facts about it live in
 - :mod:`.run_metadata`: the run-level metadata file;
 - :mod:`.preemption`: the SIGTERM/SIGINT flag.
 
-Saves are asynchronous by default: ``save`` captures the state in the caller's thread
-(iterator states, Python values; arrays staged by :mod:`keepax._src.async_engine.engine`) and
-the engine's writer thread writes and commits it, then the :class:`.saving.Saver` records the
-step and applies retention. Decisions made
-while saves are in flight see those steps as held; queries about steps (``all_steps``,
-``restore``, ...) first wait for them. Errors of background writes and deletions are raised by
-the next ``save``/``wait_until_finished``/``check_for_errors``/``close``.
+**Saving.** ``save(step, state)`` writes the step when the save policy says so, with
+``force=True``, or at the first call after a preemption signal, and returns whether it wrote.
+By default it returns once the state is staged (the caller may then donate or mutate its
+arrays): ``save`` captures the state in the caller's thread (iterator states, Python values;
+arrays staged by :mod:`keepax._src.async_engine.engine`), the engine's writer thread writes and
+commits it, then the :class:`.saving.Saver` records the step and applies retention. A failure
+is raised, naming the step, by the next ``save``, ``wait_until_finished``,
+``check_for_errors`` or ``close`` (that step is never committed). Decisions made while saves
+are in flight see those steps as held; methods that report steps (``all_steps``,
+``restore``, ...) first wait for them; ``save``, ``should_save`` and ``reached_preemption``
+do not.
+
+**Older steps.** Steps must increase (:class:`~keepax.errors.StepOrderError`). To go on from an
+older step k, ``restore(step=k, discard_newer=True)`` deletes the steps after k (as CLU does
+after preemption); without it, older steps are restored read-only.
+
+**Keeping.** After each commit the keep policies (``policies.plan``) pick the steps to delete;
+the newest step is never deleted, temporaries go once superseded, and steps the manager cannot
+read (foreign files, corrupt steps) are never touched. Errors of background deletions are
+raised like those of saves.
+
+**Many processes.** In a ``jax.distributed`` run every process builds the manager and makes
+the same calls; process 0 holds the lock, deletes steps and takes the save decisions, which
+every process follows (README, *Many processes*).
 """
 
 from __future__ import annotations
@@ -64,27 +81,8 @@ class CheckpointManager:
       ...         break
       >>> mngr.close()                                               # doctest: +SKIP
 
-    **Saving.** ``save(step, state)`` writes the step when the save policy says so, with
-    ``force=True``, or at the first call after a preemption signal, and returns whether it
-    wrote. By default it returns once the state is staged (the caller may then donate or
-    mutate its arrays); the step is written and committed in the background, and a failure
-    is raised, naming the step, by the next ``save``, :meth:`wait_until_finished`,
-    :meth:`check_for_errors` or :meth:`close` (that step is never committed). Methods that
-    report steps first wait for saves in flight; :meth:`save`, :meth:`should_save` and
-    :meth:`reached_preemption` do not.
-
-    **Older steps.** Steps must increase (:class:`~keepax.errors.StepOrderError`). To go on
-    from an older step k, ``restore(step=k, discard_newer=True)`` deletes the steps after k
-    (as CLU does after preemption); without it, older steps are restored read-only.
-
-    **Keeping.** After each commit the keep policies (``policies.plan``) pick the steps to
-    delete; the newest step is never deleted, temporaries go once superseded, and steps the
-    manager cannot read (foreign files, corrupt steps) are never touched. README, *Managing
-    the steps of a run*, tells more.
-
-    **Many processes.** In a ``jax.distributed`` run every process builds the manager and
-    makes the same calls; process 0 holds the lock, deletes steps and takes the save
-    decisions, which every process follows (README, *Many processes*).
+    The module docs tell how saving, older steps, keeping and many processes work; README,
+    *Managing the steps of a run*, tells more.
 
     Args:
       directory: Local directory (created if missing), ``memory://name``, or an object
@@ -346,15 +344,11 @@ class CheckpointManager:
           metadata: JSON-able user metadata.
           force: Save whatever the policy says.
           overwrite: Replace the step if it is already held (atomically).
-          dtype: Store every floating-point array (JAX or NumPy) as this floating-point dtype,
-            e.g. ``jnp.bfloat16``, cast before staging; other leaves and the state of
-            ``get_state()`` objects are stored as they are.
-          on_commit: ``on_commit(step, error)``, called exactly once if the step is written:
-            with ``error=None`` once it is committed (durable), else with the error of its
-            save (also when ``save`` raises it). Async saves call it on the writer thread
-            (it must not wait for the manager: no ``wait_until_finished``, ``all_steps``,
-            ...), synchronous ones before ``save`` returns; each process of a multi-process
-            run calls its own. What it raises is raised by the manager's next call.
+          dtype: Store each floating-point JAX/NumPy array as this dtype (``jnp.bfloat16``);
+            other leaves and ``get_state()`` states are stored as they are.
+          on_commit: ``on_commit(step, error)``, called once if the step is written: with
+            None once it is committed, else with the error of its save (README, *Commit
+            notifications*: threads, processes, what it may call).
           **placeholders: Values of the name template's placeholders (e.g. ``epoch=3``).
 
         Returns:

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from keepax._src.io import is_hidden_name
-from keepax._src.manager.run_metadata import RUN_METADATA_NAME
 from keepax.errors import PolicyError
 
 __all__ = ["DEFAULT_TEMPLATE", "RESERVED_NAMES", "NameTemplate", "check_name"]
@@ -36,8 +35,6 @@ def check_name(name: str, template: str) -> str:
         problem = "contains '/', '\\' or NUL"
     elif is_hidden_name(name):
         problem = "contains '.keepax-' (reserved for keepax's staging directories)"
-    elif name == RUN_METADATA_NAME:
-        problem = "is the run metadata file's name"
     if problem is not None:
         raise PolicyError(
             f"step directory name {name!r} (from template {template!r}) {problem}; change the "
