@@ -58,7 +58,7 @@ import operator
 import re
 import types
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 from keepax.errors import PolicyError
 
@@ -816,8 +816,8 @@ class KeepTimeInterval:
     Going through the permanent steps in step order, it keeps the first, then each step saved
     at least ``seconds`` after the last one it kept (by :attr:`StepRecord.time`, the manager's
     clock when the step was saved). Which steps it keeps never changes as newer steps come or
-    as steps it does not keep are deleted, so the steps it keeps stay kept. Combine it with the other keep
-    policies (the union is kept), e.g. ``[KeepLast(3), KeepTimeInterval(3600)]``.
+    as steps it does not keep are deleted, so the steps it keeps stay kept. Combine it with
+    the other keep policies (the union is kept), e.g. ``[KeepLast(3), KeepTimeInterval(3600)]``.
 
     Attributes:
       seconds: The interval, a finite number greater than 0.
@@ -1076,7 +1076,8 @@ def policy_from_config(cfg: Mapping[str, Any]) -> SavePolicy | KeepPolicy:
       cfg: A mapping with a ``"type"`` field (one of ``every_n_steps``, ``stages``,
         ``at_steps``, ``every_interval``, ``on_events``, ``any_of``, ``keep_last``,
         ``keep_every``, ``keep_time_interval``, ``keep_best``, ``keep_all``) and that
-        policy's fields. ``any_of`` nests the configs of its parts; ``stages`` may also be given as text, e.g.
+        policy's fields. ``any_of`` nests the configs of its parts; ``stages`` may also be
+        given as text, e.g.
         ``{"type": "stages", "stages": "every 100 until 1000, then every 1000"}``.
 
     Returns:
@@ -1119,7 +1120,8 @@ def policy_from_config(cfg: Mapping[str, Any]) -> SavePolicy | KeepPolicy:
         parts = args["policies"]
         if isinstance(parts, (str, bytes, Mapping)) or not isinstance(parts, Iterable):
             raise PolicyError(f"any_of config needs a list of policy configs, got {parts!r}.")
-        return AnyOf(*(policy_from_config(part) for part in parts))
+        # A part that is not a save policy is refused by AnyOf itself.
+        return AnyOf(*(cast(SavePolicy, policy_from_config(part)) for part in parts))
     if cls is Stages and isinstance(args["stages"], str):
         return Stages.parse(args["stages"])
     return cls(**args)

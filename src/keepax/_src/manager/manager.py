@@ -60,7 +60,7 @@ from keepax._src.manager.options import DEFAULT_GRACE, Options, args_from_config
 from keepax._src.manager.preemption import Preemption
 from keepax._src.manager.processes import Processes
 from keepax._src.manager.retention import Background, Retention
-from keepax._src.manager.saving import CommitCallback, SaveRequest, Saver
+from keepax._src.manager.saving import CommitCallback, Saver, SaveRequest
 from keepax.errors import CheckpointNotFoundError, KeepaxError, ManagerClosedError, PolicyError
 
 __all__ = ["CheckpointManager", "StepInfo", "MANAGER_KEY"]
@@ -200,16 +200,9 @@ class CheckpointManager:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> CheckpointManager:
-        """Builds a manager from :meth:`to_config`'s dict (after a JSON round trip too).
-
-        Args:
-          config: The configuration.
-          **overrides: Constructor arguments replacing the configuration's (e.g.
-            ``directory=...``, ``read_only=True``, ``clock=...``, ``storage_options=...``).
-
-        Raises:
-          PolicyError: An unknown or invalid field.
-        """
+        """Builds a manager from :meth:`to_config`'s dict (after a JSON round trip too), with
+        ``overrides`` of constructor arguments (e.g. ``read_only=True``, ``clock=...``,
+        ``storage_options=...``, ``metadata=...``). PolicyError: an unknown or invalid field."""
         args = args_from_config(config, overrides)
         return cls(args.pop("directory"), **args)
 
