@@ -28,6 +28,7 @@ from keepax.policies import (
     KeepBest,
     KeepEvery,
     KeepLast,
+    KeepTimeInterval,
     OnEvents,
     RetentionPlan,
     SaveContext,
@@ -331,6 +332,27 @@ def test_every_interval_validation(seconds) -> None:
         EveryInterval(seconds)
 
 
+def test_every_interval_since_the_manager_start() -> None:
+    default, eformer = EveryInterval(60), EveryInterval(60, since="start")
+    # A restart after downtime: the newest step on disk is old, the manager just started.
+    ctx = SaveContext(now=1000.0, last_save_time=100.0, start_time=990.0)
+    assert decide(default, 5, ctx) == Decision.TEMPORARY
+    assert decide(eformer, 5, ctx) == Decision.SKIP
+    assert decide(eformer, 5, dataclasses.replace(ctx, now=1050.0)) == Decision.TEMPORARY
+    # Once this manager saved, both count from that save.
+    later = SaveContext(now=1100.0, last_save_time=1060.0, start_time=990.0)
+    assert decide(default, 6, later) == decide(eformer, 6, later) == Decision.SKIP
+    # Nothing saved and no start time: both save at once.
+    assert decide(eformer, 0, SaveContext(now=5.0)) == Decision.TEMPORARY
+    assert decide(eformer, 0, SaveContext(now=5.0, start_time=0.0)) == Decision.SKIP
+    assert EveryInterval(60).to_config() == {"type": "every_interval", "seconds": 60.0}
+    assert eformer.to_config() == {"type": "every_interval", "seconds": 60.0, "since": "start"}
+    with pytest.raises(PolicyError, match="EveryInterval\\(since\\) must be 'newest' or"):
+        EveryInterval(60, since="boot")
+    with pytest.raises(PolicyError, match="start_time must be a number"):
+        SaveContext(now=0.0, start_time="now")
+
+
 def test_on_events_every_n_counts_occurrences() -> None:
     policy = OnEvents(["epoch_end"], every_n=2)
     saved = [n for n in range(1, 8)
@@ -520,6 +542,44 @@ def test_keep_every() -> None:
     assert p.delete == (500, 1500, 2500)
     assert p.reasons[3100] == "newest"
     assert KeepEvery(1000).keep([rec(2000, temporary=True)]) == {}
+
+
+def test_keep_time_interval_one_per_hour() -> None:
+    hourly = KeepTimeInterval(3600)
+    every_20_min = [StepRecord(s, time=1200.0 * s) for s in range(10)]
+    assert hourly.keep(every_20_min) == {0: "one per 3600s", 3: "one per 3600s",
+                                         6: "one per 3600s", 9: "one per 3600s"}
+    # Irregular saves: each kept step is at least an hour after the previous kept one.
+    times = {0: 0.0, 10: 3000.0, 20: 3700.0, 30: 4000.0, 40: 7200.0, 50: 7400.0}
+    records = [StepRecord(s, time=t) for s, t in times.items()]
+    assert sorted(hourly.keep(records)) == [0, 20, 50]
+    # Temporaries are not its business.
+    records.append(StepRecord(60, time=20000.0, temporary=True))
+    assert sorted(hourly.keep(records)) == [0, 20, 50]
+    assert KeepTimeInterval(90).seconds == 90.0
+
+
+def test_keep_time_interval_composes_and_never_changes_its_mind() -> None:
+    clock_records = [StepRecord(s, time=600.0 * s) for s in range(0, 40)]
+    keep = [KeepLast(2), KeepTimeInterval(3600), KeepBest(1, "loss")]
+    kept: set[int] = set()
+    held: list[StepRecord] = []
+    for record in clock_records:  # one commit after another, as the manager plans
+        held.append(record)
+        p = plan(held, keep)
+        assert kept - {r.step for r in held} == set()
+        hourly = {s for s, why in p.reasons.items() if "one per" in why}
+        assert kept <= hourly  # once kept by time, kept forever
+        kept = hourly
+        held = [r for r in held if r.step in p.keep]
+    assert sorted(kept) == list(range(0, 40, 6))
+    assert [r.step for r in held] == [*range(0, 37, 6), 38, 39]
+
+
+@pytest.mark.parametrize("seconds", [0, -5, float("inf"), float("nan"), "3600", None, True])
+def test_keep_time_interval_validation(seconds) -> None:
+    with pytest.raises(PolicyError, match="KeepTimeInterval\\(seconds\\) must be a finite"):
+        KeepTimeInterval(seconds)
 
 
 def test_keep_best_min_and_max() -> None:
@@ -716,6 +776,7 @@ keep_policies = st.one_of(
     st.builds(KeepBest, st.integers(1, 4), st.sampled_from(["loss", "acc", "absent"]),
               st.sampled_from(["min", "max"]), st.sampled_from(["drop", "keep"])),
     st.just(KeepAll()),
+    st.builds(KeepTimeInterval, st.integers(1, 10**5)),
 )
 
 
@@ -766,6 +827,8 @@ ALL_POLICIES = [
     KeepBest(2, "loss"),
     KeepBest(1, "accuracy", mode="max", missing="keep"),
     KeepAll(),
+    KeepTimeInterval(3600),
+    EveryInterval(600, since="start"),
 ]
 
 

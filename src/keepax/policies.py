@@ -58,7 +58,7 @@ import operator
 import re
 import types
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 from keepax.errors import PolicyError
 
@@ -80,6 +80,7 @@ __all__ = [
     "KeepPolicy",
     "KeepLast",
     "KeepEvery",
+    "KeepTimeInterval",
     "KeepBest",
     "KeepAll",
     "RetentionPlan",
@@ -181,11 +182,13 @@ class SaveContext:
         least 1 when ``event`` is set). Ignored when ``event`` is ``None``.
       preempted: Whether a preemption signal arrived; :func:`decide` then saves whatever the
         policy says.
+      start_time: When the manager started (same clock), or ``None``: what
+        ``EveryInterval(since="start")`` counts from before this manager's first save.
 
     Raises:
       PolicyError: ``event`` is not a string, or ``event_count`` is not an int that is at
         least 1 for an event-driven call (at least 0 otherwise), or ``now``,
-        ``last_save_time`` or ``last_step`` have the wrong type.
+        ``last_save_time``, ``start_time`` or ``last_step`` have the wrong type.
     """
 
     now: float
@@ -194,15 +197,17 @@ class SaveContext:
     event: str | None = None
     event_count: int = 0
     preempted: bool = False
+    start_time: float | None = None
 
     def __post_init__(self) -> None:
         if not _is_real(self.now):
             raise PolicyError(f"SaveContext.now must be a number of seconds, got {self.now!r}.")
-        if self.last_save_time is not None and not _is_real(self.last_save_time):
-            raise PolicyError(
-                "SaveContext.last_save_time must be a number of seconds or None, "
-                f"got {self.last_save_time!r}."
-            )
+        for name in ("last_save_time", "start_time"):
+            value = getattr(self, name)
+            if value is not None and not _is_real(value):
+                raise PolicyError(
+                    f"SaveContext.{name} must be a number of seconds or None, got {value!r}."
+                )
         if self.last_step is not None:
             object.__setattr__(self, "last_step", _as_step(self.last_step, "SaveContext.last_step"))
         count = _as_int(self.event_count, "SaveContext.event_count", "1")
@@ -485,23 +490,36 @@ class AtSteps:
 class EveryInterval:
     """Saves a *temporary* checkpoint when ``seconds`` have passed since the last save.
 
-    The time comes from the context (the manager's injected clock): the policy saves when
-    ``ctx.last_save_time is None or ctx.now - ctx.last_save_time >= seconds``. A temporary
-    checkpoint is deleted by :func:`plan` once any newer checkpoint exists, so this bounds
-    the work lost to a crash without filling the disk.
+    The time comes from the context (the manager's injected clock). A temporary checkpoint is
+    deleted by :func:`plan` once any newer checkpoint exists, so this bounds the work lost to
+    a crash without filling the disk.
+
+    What the interval counts from, before this manager's first save, is ``since``:
+
+    - ``"newest"`` (the default): the newest step held, whoever saved it
+      (``ctx.last_save_time``). After a restart the first temporary comes one interval after
+      the newest step on disk was saved: at once if the run was down longer than that.
+    - ``"start"``: the start of this manager (``ctx.start_time``), as eformer does: a restart
+      after downtime does not write a temporary at once. Steps saved since the start (their
+      time is later) count as before.
 
     Attributes:
       seconds: The interval, a finite number greater than 0.
+      since: ``"newest"`` or ``"start"``.
 
     Raises:
-      PolicyError: ``seconds`` is not a finite number greater than 0.
+      PolicyError: ``seconds`` is not a finite number greater than 0, or a bad ``since``.
 
     Example:
       >>> EveryInterval(600).decide(7, SaveContext(now=1000.0, last_save_time=300.0))
       <Decision.TEMPORARY: 1>
+      >>> ctx = SaveContext(now=1000.0, last_save_time=300.0, start_time=900.0)
+      >>> EveryInterval(600, since="start").decide(7, ctx)
+      <Decision.SKIP: 0>
     """
 
     seconds: float
+    since: Literal["newest", "start"] = "newest"
 
     def __post_init__(self) -> None:
         seconds = self.seconds
@@ -511,18 +529,26 @@ class EveryInterval:
                 f"{seconds!r}; pass e.g. EveryInterval(600) for every ten minutes."
             )
         object.__setattr__(self, "seconds", float(seconds))
+        _choice(self.since, "EveryInterval(since)", ("newest", "start"))
 
     def decide(self, step: int, ctx: SaveContext) -> Decision:
-        """TEMPORARY when no save happened yet or ``seconds`` have passed, else SKIP."""
+        """TEMPORARY when nothing to count from is known or ``seconds`` have passed since it,
+        else SKIP."""
         _as_step(step)
         last = ctx.last_save_time
+        if self.since == "start" and ctx.start_time is not None:
+            last = ctx.start_time if last is None else max(last, ctx.start_time)
         if last is None or ctx.now - last >= self.seconds:
             return Decision.TEMPORARY
         return Decision.SKIP
 
     def to_config(self) -> dict[str, Any]:
-        """Returns ``{"type": "every_interval", "seconds": seconds}``."""
-        return {"type": "every_interval", "seconds": self.seconds}
+        """Returns ``{"type": "every_interval", "seconds": seconds}`` (and ``"since"`` unless
+        it is the default)."""
+        config: dict[str, Any] = {"type": "every_interval", "seconds": self.seconds}
+        if self.since != "newest":
+            config["since"] = self.since
+        return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -782,6 +808,57 @@ class KeepEvery:
         return {"type": "keep_every", "k": self.k}
 
 
+@dataclasses.dataclass(frozen=True)
+class KeepTimeInterval:
+    """Keeps, forever, one permanent checkpoint per ``seconds`` of time (Orbax's
+    ``keep_time_interval``): e.g. ``KeepTimeInterval(3600)`` keeps one step per hour.
+
+    Going through the permanent steps in step order, it keeps the first, then each step saved
+    at least ``seconds`` after the last one it kept (by :attr:`StepRecord.time`, the manager's
+    clock when the step was saved). Which steps it keeps never changes as newer steps come or
+    as steps it does not keep are deleted, so the steps it keeps stay kept. Combine it with
+    the other keep policies (the union is kept), e.g. ``[KeepLast(3), KeepTimeInterval(3600)]``.
+
+    Attributes:
+      seconds: The interval, a finite number greater than 0.
+
+    Raises:
+      PolicyError: ``seconds`` is not a finite number greater than 0.
+
+    Example:
+      >>> records = [StepRecord(s, time=600.0 * s) for s in range(8)]  # every 10 minutes
+      >>> sorted(KeepTimeInterval(1800).keep(records))
+      [0, 3, 6]
+    """
+
+    seconds: float
+
+    def __post_init__(self) -> None:
+        seconds = self.seconds
+        if not _is_real(seconds) or not math.isfinite(seconds) or seconds <= 0:
+            raise PolicyError(
+                f"KeepTimeInterval(seconds) must be a finite number of seconds greater than 0, "
+                f"got {seconds!r}; pass e.g. KeepTimeInterval(3600) to keep one step per hour."
+            )
+        object.__setattr__(self, "seconds", float(seconds))
+
+    def keep(self, records: Sequence[StepRecord]) -> dict[int, str]:
+        """The first permanent step, then each one ``seconds`` after the last kept, with
+        reason ``"one per {seconds}s"``."""
+        reason = f"one per {self.seconds:g}s"
+        out: dict[int, str] = {}
+        last: float | None = None
+        for record in sorted(_permanent(records), key=lambda r: r.step):
+            if last is None or record.time - last >= self.seconds:
+                out[record.step] = reason
+                last = record.time
+        return out
+
+    def to_config(self) -> dict[str, Any]:
+        """Returns ``{"type": "keep_time_interval", "seconds": seconds}``."""
+        return {"type": "keep_time_interval", "seconds": self.seconds}
+
+
 def _metric_value(value: Any) -> float | None:
     """``value`` as a float, or None if it is missing, not a real number, or NaN."""
     if value is None or isinstance(value, (str, bytes, bool)):
@@ -986,6 +1063,7 @@ _CONFIG_TYPES: dict[str, type] = {
     "any_of": AnyOf,
     "keep_last": KeepLast,
     "keep_every": KeepEvery,
+    "keep_time_interval": KeepTimeInterval,
     "keep_best": KeepBest,
     "keep_all": KeepAll,
 }
@@ -997,8 +1075,9 @@ def policy_from_config(cfg: Mapping[str, Any]) -> SavePolicy | KeepPolicy:
     Args:
       cfg: A mapping with a ``"type"`` field (one of ``every_n_steps``, ``stages``,
         ``at_steps``, ``every_interval``, ``on_events``, ``any_of``, ``keep_last``,
-        ``keep_every``, ``keep_best``, ``keep_all``) and that policy's fields. ``any_of``
-        nests the configs of its parts; ``stages`` may also be given as text, e.g.
+        ``keep_every``, ``keep_time_interval``, ``keep_best``, ``keep_all``) and that
+        policy's fields. ``any_of`` nests the configs of its parts; ``stages`` may also be
+        given as text, e.g.
         ``{"type": "stages", "stages": "every 100 until 1000, then every 1000"}``.
 
     Returns:
@@ -1041,7 +1120,8 @@ def policy_from_config(cfg: Mapping[str, Any]) -> SavePolicy | KeepPolicy:
         parts = args["policies"]
         if isinstance(parts, (str, bytes, Mapping)) or not isinstance(parts, Iterable):
             raise PolicyError(f"any_of config needs a list of policy configs, got {parts!r}.")
-        return AnyOf(*(policy_from_config(part) for part in parts))
+        # A part that is not a save policy is refused by AnyOf itself.
+        return AnyOf(*(cast(SavePolicy, policy_from_config(part)) for part in parts))
     if cls is Stages and isinstance(args["stages"], str):
         return Stages.parse(args["stages"])
     return cls(**args)

@@ -43,18 +43,28 @@ class SaveDecider:
         """Counts one occurrence of a lifecycle event."""
         self._event_counts[name] += 1
 
-    def decide(self, step: int, event: str | None = None, *,
-               preempted: bool | None = None) -> policies.Decision:
-        """This process's decision for ``step`` (without a save policy: always permanent)."""
+    def decide(self, step: int, event: str | None = None, *, preempted: bool | None = None,
+               upcoming: bool = False) -> policies.Decision:
+        """This process's decision for ``step`` (without a save policy: always permanent).
+
+        Args:
+          step: The step.
+          event: The lifecycle event, if any.
+          preempted: Whether to decide as if preempted (default: whether a signal is pending).
+          upcoming: ``event`` has not been counted yet (``should_save``): decide as for its
+            next occurrence.
+        """
         view = self._index.view()
         times = [r.time for r in view.values()]
+        count = self._event_counts[event] + int(upcoming) if event else 0
         ctx = policies.SaveContext(
             now=self._options.now(),
             last_step=max(view, default=None),
             last_save_time=max(times, default=self._start_time),
             event=event,
-            event_count=self._event_counts[event] if event else 0,
+            event_count=count,
             preempted=self._preemption.pending if preempted is None else preempted,
+            start_time=self._start_time,
         )
         if self._options.save_policy is None:
             return policies.Decision.PERMANENT
@@ -71,6 +81,18 @@ class SaveDecider:
         if force:
             decision = policies.Decision.PERMANENT
         return decision, preempted
+
+    def would_write(self, step: int, event: str | None) -> bool:
+        """Whether ``save(step)`` (or ``event(event, step)``, its occurrence not counted yet)
+        would write now, by this process's decision: never for a step below the latest or
+        already saved (unless a temporary becomes permanent)."""
+        decision = self.decide(step, event, upcoming=True)
+        try:
+            action = plan_action(step, decision, self._index.view(), force=False,
+                                 overwrite=False, where="")
+        except StepOrderError:
+            return False
+        return action is not None
 
 
 def plan_action(

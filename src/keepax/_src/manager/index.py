@@ -26,6 +26,7 @@ from keepax._src import checkpoint
 from keepax._src.commit import protocol
 from keepax._src.io import Storage, is_hidden_name
 from keepax._src.manager.options import check_step, is_real
+from keepax._src.manager.run_metadata import RUN_METADATA_NAME
 from keepax.errors import CheckpointNotFoundError, KeepaxError, KeepaxWarning, PolicyError
 
 __all__ = ["MANAGER_KEY", "USER_KEY", "SCHEMA", "StepInfo", "StepIndex", "no_best_error",
@@ -281,7 +282,7 @@ class StepIndex:
         known = {r.name: r for r in self.held().values()}
         found: dict[int, StepInfo] = {}
         for name in self._storage.list(""):
-            if is_hidden_name(name):
+            if is_hidden_name(name) or name == RUN_METADATA_NAME:
                 continue
             record = known.get(name) or self.open(name)
             if record is None:

@@ -11,15 +11,33 @@ manager's directory, named from a template; the manager's facts about it live in
 - :mod:`.stateful`: objects with ``get_state``/``set_state``, and restoring a step's tree;
 - :mod:`.retention`: deletion (keep policies, hiding, background removal, leftovers);
 - :mod:`.processes`: what the processes of a multi-process run agree on;
+- :mod:`.run_metadata`: the run-level metadata file;
 - :mod:`.preemption`: the SIGTERM/SIGINT flag.
 
-Saves are asynchronous by default: ``save`` captures the state in the caller's thread
-(iterator states, Python values; arrays staged by :mod:`keepax._src.async_engine.engine`) and
-the engine's writer thread writes and commits it, then the :class:`.saving.Saver` records the
-step and applies retention. Decisions made
-while saves are in flight see those steps as held; queries about steps (``all_steps``,
-``restore``, ...) first wait for them. Errors of background writes and deletions are raised by
-the next ``save``/``wait_until_finished``/``check_for_errors``/``close``.
+**Saving.** ``save(step, state)`` writes the step when the save policy says so, with
+``force=True``, or at the first call after a preemption signal, and returns whether it wrote.
+By default it returns once the state is staged (the caller may then donate or mutate its
+arrays): ``save`` captures the state in the caller's thread (iterator states, Python values;
+arrays staged by :mod:`keepax._src.async_engine.engine`), the engine's writer thread writes and
+commits it, then the :class:`.saving.Saver` records the step and applies retention. A failure
+is raised, naming the step, by the next ``save``, ``wait_until_finished``,
+``check_for_errors`` or ``close`` (that step is never committed). Decisions made while saves
+are in flight see those steps as held; methods that report steps (``all_steps``,
+``restore``, ...) first wait for them; ``save``, ``should_save`` and ``reached_preemption``
+do not.
+
+**Older steps.** Steps must increase (:class:`~keepax.errors.StepOrderError`). To go on from an
+older step k, ``restore(step=k, discard_newer=True)`` deletes the steps after k (as CLU does
+after preemption); without it, older steps are restored read-only.
+
+**Keeping.** After each commit the keep policies (``policies.plan``) pick the steps to delete;
+the newest step is never deleted, temporaries go once superseded, and steps the manager cannot
+read (foreign files, corrupt steps) are never touched. Errors of background deletions are
+raised like those of saves.
+
+**Many processes.** In a ``jax.distributed`` run every process builds the manager and makes
+the same calls; process 0 holds the lock, deletes steps and takes the save decisions, which
+every process follows (README, *Many processes*).
 """
 
 from __future__ import annotations
@@ -34,7 +52,7 @@ from keepax._src import checkpoint
 from keepax._src.async_engine import engine as async_engine
 from keepax._src.io import LocalStorage, Storage, open_root
 from keepax._src.io.lock import DirectoryLock
-from keepax._src.manager import stateful
+from keepax._src.manager import run_metadata, stateful
 from keepax._src.manager.decision import SaveDecider
 from keepax._src.manager.index import MANAGER_KEY, StepIndex, StepInfo, no_best_error
 from keepax._src.manager.naming import DEFAULT_TEMPLATE
@@ -42,7 +60,7 @@ from keepax._src.manager.options import DEFAULT_GRACE, Options, args_from_config
 from keepax._src.manager.preemption import Preemption
 from keepax._src.manager.processes import Processes
 from keepax._src.manager.retention import Background, Retention
-from keepax._src.manager.saving import Saver
+from keepax._src.manager.saving import CommitCallback, Saver, SaveRequest
 from keepax.errors import CheckpointNotFoundError, KeepaxError, ManagerClosedError, PolicyError
 
 __all__ = ["CheckpointManager", "StepInfo", "MANAGER_KEY"]
@@ -63,61 +81,32 @@ class CheckpointManager:
       ...         break
       >>> mngr.close()                                               # doctest: +SKIP
 
-    **Saving.** ``save(step, state)`` writes the step when the save policy says so, with
-    ``force=True``, or at the first call after a preemption signal, and returns whether it
-    wrote. By default it returns once the state is staged (the caller may then donate or
-    mutate its arrays); the step is written and committed in the background, and a failure
-    is raised, naming the step, by the next ``save``, :meth:`wait_until_finished`,
-    :meth:`check_for_errors` or :meth:`close` (that step is never committed). Methods that
-    report steps first wait for saves in flight; :meth:`save`, :meth:`should_save` and
-    :meth:`reached_preemption` do not.
-
-    **Older steps.** Steps must increase (:class:`~keepax.errors.StepOrderError`). To go on
-    from an older step k, ``restore(step=k, discard_newer=True)`` deletes the steps after k
-    (as CLU does after preemption); without it, older steps are restored read-only.
-
-    **Keeping.** After each commit the keep policies (``policies.plan``) pick the steps to
-    delete; the newest step is never deleted, temporaries go once superseded, and steps the
-    manager cannot read (foreign files, corrupt steps) are never touched. README, *Managing
-    the steps of a run*, tells more.
+    The module docs tell how saving, older steps, keeping and many processes work; README,
+    *Managing the steps of a run*, tells more.
 
     Args:
       directory: Local directory (created if missing), ``memory://name``, or an object
         store URL such as ``s3://bucket/run`` (README, *Object storage*).
-      save_policy: When to save (a :mod:`keepax.policies` save policy); None saves on every
-        call.
-      keep: Keep policies, e.g. ``[KeepLast(3), KeepEvery(10_000), KeepBest(2, "loss")]``;
-        empty keeps every permanent step.
-      best: ``(metric, mode)`` defining :meth:`best_step`, e.g. ``("loss", "min")``; by
-        default the first :class:`~keepax.policies.KeepBest`'s.
-      template: Step directory names, e.g. ``"{step:08d}"`` (default) or
-        ``"step_{step}_epoch_{epoch}"``; placeholders other than ``step`` are passed to
-        ``save``/``event`` as keyword arguments.
-      preemption: Install SIGTERM/SIGINT handlers (main thread only; restored by
-        :meth:`close`): after a signal the next ``save`` writes whatever the policy says and
-        :meth:`reached_preemption` becomes true.
+      save_policy: When to save (a :mod:`keepax.policies` save policy); None: every call.
+      keep: Keep policies, e.g. ``[KeepLast(3), KeepBest(2, "loss")]``; empty keeps all.
+      best: ``(metric, mode)`` defining :meth:`best_step`; default: the first KeepBest's.
+      template: Step directory names, e.g. ``"{step:08d}"`` or ``"step_{step}_e{epoch}"``.
+      preemption: Install SIGTERM/SIGINT handlers: the next ``save`` after a signal writes.
       discard_newer: Default of :meth:`restore`'s ``discard_newer``.
       read_only: Open without the directory lock, to list and restore only.
-      staging_grace: Seconds after which leftovers of interrupted saves (``*.keepax-*``) are
-        removed when the manager starts; younger ones may belong to a save in progress.
-      clock: Returns the time in seconds (default ``time.time``); policies see this clock.
-      async_save: Save in the background (default); False makes ``save`` write and commit
-        before returning, raising any failure itself.
+      staging_grace: Seconds before leftovers of interrupted saves are removed at start.
+      clock: Returns the time in seconds (default ``time.time``), as policies see it.
+      async_save: Save in the background (default); False: ``save`` commits, then returns.
       max_in_flight: At most this many saves staged or being written at once.
-      staging_budget_bytes: At most this many bytes of staged state not yet written (None:
-        no limit beyond ``max_in_flight`` copies of the state). A smaller budget bounds host
-        memory at the price of blocking ``save`` while the excess is written.
-      storage_options: For a directory URL such as ``s3://bucket/run``: fsspec/s3fs options
-        and keepax's ``keepax_*`` transfer options (README, *Object storage*).
-      host_local: In a multi-process run, every process saves into its own ``directory``
-        (a local disk per host, no shared file system): each writes the shards it holds and
-        commits its own copy. Steps count as held only once every process committed them;
-        with ``discard_newer`` a process deletes its newer steps that others lack.
+      staging_budget_bytes: At most this many staged bytes not yet written (None: no limit).
+      storage_options: fsspec/s3fs and ``keepax_*`` options for a directory URL.
+      host_local: Each process of a multi-process run saves into its own directory.
       sync_timeout: Seconds a process waits for the others (multi-process runs).
+      metadata: Run-level metadata (JSON-able dict) kept with the directory
+        (:meth:`run_metadata`); None keeps what is stored, a different one replaces it.
+      keep_previous_temporary: Keep the temporaries a previous run left, as permanent steps.
 
-    **Many processes.** In a ``jax.distributed`` run every process builds the manager and
-    makes the same calls; process 0 holds the lock, deletes steps and takes the save
-    decisions, which every process follows (README, *Many processes*).
+      Each option in full: :class:`keepax._src.manager.options.Options`.
 
     Raises:
       PolicyError: An invalid policy, template or option.
@@ -145,6 +134,8 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         host_local: bool = False,
         sync_timeout: float = 600.0,
+        metadata: dict[str, Any] | None = None,
+        keep_previous_temporary: bool = False,
     ) -> None:
         self._directory = os.fspath(directory)
         self._opts = Options.build(
@@ -153,6 +144,7 @@ class CheckpointManager:
             staging_grace=staging_grace, clock=clock, async_save=async_save,
             max_in_flight=max_in_flight, staging_budget_bytes=staging_budget_bytes,
             storage_options=storage_options, host_local=host_local, sync_timeout=sync_timeout,
+            metadata=metadata, keep_previous_temporary=keep_previous_temporary,
         )
         self._storage = _open_storage(self._directory, self._opts)
         self._where = self._storage.display("")
@@ -179,8 +171,12 @@ class CheckpointManager:
             async_engine.wait_for(self._key)
             if writer:
                 self._retention.remove_leftovers(self._opts.staging_grace)
+                if self._opts.metadata is not None:
+                    run_metadata.store(self._storage, self._opts.metadata)
             self._processes.barrier("manager.open")
             self._scan()
+            if self._opts.keep_previous_temporary:
+                self._retention.keep_temporaries(self._index.held().values())
             self._decider = SaveDecider(self._opts, self._index, self._preemption,
                                         self._processes)
             self._saver = Saver(self._opts, self._storage, self._index, self._decider,
@@ -204,16 +200,9 @@ class CheckpointManager:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> CheckpointManager:
-        """Builds a manager from :meth:`to_config`'s dict (after a JSON round trip too).
-
-        Args:
-          config: The configuration.
-          **overrides: Constructor arguments replacing the configuration's (e.g.
-            ``directory=...``, ``read_only=True``, ``clock=...``, ``storage_options=...``).
-
-        Raises:
-          PolicyError: An unknown or invalid field.
-        """
+        """Builds a manager from :meth:`to_config`'s dict (after a JSON round trip too), with
+        ``overrides`` of constructor arguments (e.g. ``read_only=True``, ``clock=...``,
+        ``storage_options=...``, ``metadata=...``). PolicyError: an unknown or invalid field."""
         args = args_from_config(config, overrides)
         return cls(args.pop("directory"), **args)
 
@@ -273,14 +262,31 @@ class CheckpointManager:
         record = self._index.resolve(step, self._opts.best)
         return self._open(record).info.tree
 
-    def should_save(self, step: int) -> bool:
-        """Whether ``save(step, ...)`` would write (by policy or a pending preemption)."""
+    def should_save(self, step: int, *, event: str | None = None) -> bool:
+        """Whether ``save(step, ...)`` would write now (by policy or a pending preemption), so
+        that an expensive state is built only then; with ``event``, whether
+        ``event(event, step, ...)`` would (counting that occurrence, as it will). False for
+        a step below the latest (``save`` would raise) or already saved, unless a temporary
+        there would become permanent. In a multi-process run, this process's own answer.
+
+        Raises:
+          PolicyError: ``step`` is not a non-negative int, or an unknown event name.
+        """
         step = check_step(step)
-        decision = self._decider.decide(step)
-        held = self._index.view().get(step)
-        if decision == policies.Decision.SKIP or held is None:
-            return decision != policies.Decision.SKIP
-        return held.temporary and decision == policies.Decision.PERMANENT
+        if event is not None:
+            _check_event(event)
+        return self._decider.would_write(step, event)
+
+    def run_metadata(self) -> dict[str, Any]:
+        """The run-level metadata kept with the directory (``metadata=`` when a manager was
+        built on it), independent of any step; ``{}`` if there is none.
+
+        Raises:
+          CorruptCheckpointError: The stored file is not a run metadata file.
+        """
+        self._check_open()
+        stored = run_metadata.read(self._storage)
+        return {} if stored is None else stored
 
     def plan_deletions(self) -> policies.RetentionPlan:
         """What the keep policies would delete now (a dry run): ``plan.delete``, ``plan.keep``,
@@ -315,6 +321,8 @@ class CheckpointManager:
         metadata: dict[str, Any] | None = None,
         force: bool = False,
         overwrite: bool = False,
+        dtype: Any = None,
+        on_commit: CommitCallback | None = None,
         **placeholders: Any,
     ) -> bool:
         """Saves ``state`` as ``step`` if the save policy (or ``force``, or a pending
@@ -329,6 +337,11 @@ class CheckpointManager:
           metadata: JSON-able user metadata.
           force: Save whatever the policy says.
           overwrite: Replace the step if it is already held (atomically).
+          dtype: Store each floating-point JAX/NumPy array as this dtype (``jnp.bfloat16``);
+            other leaves and ``get_state()`` states are stored as they are.
+          on_commit: ``on_commit(step, error)``, called once if the step is written: with
+            None once it is committed, else with the error of its save (README, *Commit
+            notifications*: threads, processes, what it may call).
           **placeholders: Values of the name template's placeholders (e.g. ``epoch=3``).
 
         Returns:
@@ -341,14 +354,14 @@ class CheckpointManager:
             ``ValueError``.
           CheckpointExistsError: ``force=True`` for a step already held, without ``overwrite``.
           ManagerClosedError: The manager is closed.
-          KeepaxError: The metrics are not finite numbers, an earlier background save or
-            deletion failed (the error names its step; this save is not made), or the manager
-            is read-only.
+          KeepaxError: The metrics are not finite numbers, ``dtype`` is not a floating-point
+            dtype, an earlier background save or deletion failed (the error names its step;
+            this save is not made), or the manager is read-only.
           PolicyError: Missing or unknown placeholders.
         """
         self._check_writable("save")
-        return self._saver.save(step, state, None, metrics, metadata, force, overwrite,
-                                placeholders)
+        return self._saver.save(SaveRequest(step, state, None, metrics, metadata, force,
+                                            overwrite, placeholders, dtype, on_commit))
 
     def event(
         self,
@@ -361,6 +374,8 @@ class CheckpointManager:
         metadata: dict[str, Any] | None = None,
         force: bool = False,
         overwrite: bool = False,
+        dtype: Any = None,
+        on_commit: CommitCallback | None = None,
         **placeholders: Any,
     ) -> bool:
         """Reports a lifecycle event (``"epoch_end"``, ``"phase_start"``, ...; see
@@ -371,15 +386,11 @@ class CheckpointManager:
         Raises:
           PolicyError: An unknown event name.
         """
-        if name not in policies.LIFECYCLE_EVENTS:
-            raise PolicyError(
-                f"unknown event {name!r}; the lifecycle events are: "
-                f"{', '.join(sorted(policies.LIFECYCLE_EVENTS))}."
-            )
+        _check_event(name)
         self._check_writable("event")
         self._decider.count_event(name)
-        return self._saver.save(step, state, name, metrics, metadata, force, overwrite,
-                                placeholders)
+        return self._saver.save(SaveRequest(step, state, name, metrics, metadata, force,
+                                            overwrite, placeholders, dtype, on_commit))
 
     def _settle(self) -> None:
         """Waits for saves in flight (their errors are raised by the calls that raise)."""
@@ -535,6 +546,14 @@ class CheckpointManager:
         self._retention.discard_newer(newer, delete=self._opts.discard_newer
                                       and not self._opts.read_only)
         self._index.reset(found)
+
+
+def _check_event(name: str) -> None:
+    if name not in policies.LIFECYCLE_EVENTS:
+        raise PolicyError(
+            f"unknown event {name!r}; the lifecycle events are: "
+            f"{', '.join(sorted(policies.LIFECYCLE_EVENTS))}."
+        )
 
 
 def _open_storage(directory: str, options: Options) -> Storage:

@@ -21,7 +21,8 @@ __all__ = ["DEFAULT_TEMPLATE", "RESERVED_NAMES", "NameTemplate", "check_name"]
 DEFAULT_TEMPLATE = "{step:08d}"
 """Zero-padded steps: ``00001000``. Sorts in step order in a plain directory listing."""
 
-RESERVED_NAMES = frozenset({"state", "metrics", "metadata", "force", "overwrite"})
+RESERVED_NAMES = frozenset({"state", "metrics", "metadata", "force", "overwrite", "dtype",
+                            "on_commit"})
 """Keyword arguments of ``save``/``event`` that cannot be placeholders."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from keepax import policies
 from keepax._src.async_engine import engine as async_engine
+from keepax._src.checkpoint import check_metadata
 from keepax._src.manager.naming import DEFAULT_TEMPLATE, NameTemplate
 from keepax.errors import KeepaxError, PolicyError
 
@@ -32,8 +33,11 @@ DEFAULT_GRACE = 600.0
 
 OPTION_NAMES = ("save_policy", "keep", "best", "template", "preemption", "discard_newer",
                 "staging_grace", "read_only", "clock", "async_save", "max_in_flight",
-                "staging_budget_bytes")
+                "staging_budget_bytes", "keep_previous_temporary")
 """The constructor options a configuration may hold (besides ``directory``)."""
+
+OVERRIDE_ONLY = ("storage_options", "metadata", "host_local", "sync_timeout")
+"""Constructor options never part of a configuration, which ``from_config`` still takes."""
 
 
 def is_real(x: Any) -> TypeGuard[numbers.Real]:
@@ -143,7 +147,7 @@ def _check_async(async_save: Any, max_in_flight: Any, staging_budget_bytes: Any)
     if not isinstance(async_save, bool):
         raise PolicyError(f"async_save must be True or False, got {async_save!r}.")
     try:
-        async_engine._check_limits(max_in_flight, staging_budget_bytes)  # noqa: SLF001
+        async_engine.check_limits(max_in_flight, staging_budget_bytes)
     except ValueError as e:
         raise PolicyError(f"{e}.") from None
 
@@ -173,12 +177,46 @@ def _check_best(best: Any, keep: Sequence[Any]) -> tuple[str, str] | None:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """A manager's validated options (see :class:`~keepax.CheckpointManager` for each).
+    """A manager's validated options: the arguments of :class:`~keepax.CheckpointManager`.
 
     Attributes:
-      best: The ``(metric, mode)`` defining the best step, given or from the first KeepBest.
+      save_policy: When to save (a :mod:`keepax.policies` save policy); None saves on every
+        call.
+      keep: Keep policies, e.g. ``[KeepLast(3), KeepEvery(10_000), KeepBest(2, "loss")]``;
+        empty keeps every permanent step.
+      best: ``(metric, mode)`` defining ``best_step()``, e.g. ``("loss", "min")``; by
+        default the first :class:`~keepax.policies.KeepBest`'s.
       best_given: Whether ``best`` was given (only then is it part of the configuration).
-      names: The step name template.
+      names: Step directory names, from the ``template`` argument: e.g. ``"{step:08d}"``
+        (default) or ``"step_{step}_epoch_{epoch}"``; placeholders other than ``step`` are
+        passed to ``save``/``event`` as keyword arguments.
+      preemption: Install SIGTERM/SIGINT handlers (main thread only; restored by ``close``):
+        after a signal the next ``save`` writes whatever the policy says and
+        ``reached_preemption`` becomes true.
+      discard_newer: Default of ``restore``'s ``discard_newer``.
+      read_only: Open without the directory lock, to list and restore only.
+      staging_grace: Seconds after which leftovers of interrupted saves (``*.keepax-*``) are
+        removed when the manager starts; younger ones may belong to a save in progress.
+      clock: Returns the time in seconds (default ``time.time``); policies see this clock.
+      async_save: Save in the background (default); False makes ``save`` write and commit
+        before returning, raising any failure itself.
+      max_in_flight: At most this many saves staged or being written at once.
+      staging_budget_bytes: At most this many bytes of staged state not yet written (None:
+        no limit beyond ``max_in_flight`` copies of the state). A smaller budget bounds host
+        memory at the price of blocking ``save`` while the excess is written.
+      storage_options: For a directory URL such as ``s3://bucket/run``: fsspec/s3fs options
+        and keepax's ``keepax_*`` transfer options (README, *Object storage*).
+      host_local: In a multi-process run, every process saves into its own ``directory``
+        (a local disk per host, no shared file system): each writes the shards it holds and
+        commits its own copy. Steps count as held only once every process committed them;
+        with ``discard_newer`` a process deletes its newer steps that others lack.
+      sync_timeout: Seconds a process waits for the others (multi-process runs).
+      metadata: Run-level metadata (a JSON-able dict) stored in the directory
+        (``keepax-run.json``) and returned by ``run_metadata()``; None keeps what is stored.
+        Different metadata replaces the stored one, with a warning.
+      keep_previous_temporary: Keep the temporary checkpoints a previous run left (they are
+        then kept like permanent steps, as the keep policies say) instead of deleting them
+        once this run saves a newer step.
     """
 
     save_policy: policies.SavePolicy | None
@@ -197,6 +235,8 @@ class Options:
     storage_options: dict[str, Any] | None
     host_local: bool
     sync_timeout: float
+    metadata: dict[str, Any] | None
+    keep_previous_temporary: bool
 
     @classmethod
     def build(
@@ -217,6 +257,8 @@ class Options:
         storage_options: dict[str, Any] | None = None,
         host_local: bool = False,
         sync_timeout: Any = 600.0,
+        metadata: Any = None,
+        keep_previous_temporary: bool = False,
     ) -> Options:
         """Checks every option (nothing is created on storage).
 
@@ -232,6 +274,11 @@ class Options:
         grace = _check_grace(staging_grace)
         if read_only and preemption:
             raise PolicyError("preemption=True needs a manager that saves; drop read_only=True.")
+        if read_only and metadata is not None:
+            raise PolicyError("metadata= needs a manager that writes it; drop read_only=True "
+                              "(run_metadata() reads what is stored).")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise PolicyError(f"metadata must be a JSON-able dict, got {metadata!r}.")
         return cls(
             save_policy=policy, keep=keep_policies, best=best_pair, best_given=best is not None,
             names=names, preemption=bool(preemption), discard_newer=bool(discard_newer),
@@ -240,6 +287,8 @@ class Options:
             max_in_flight=max_in_flight, staging_budget_bytes=staging_budget_bytes,
             storage_options=dict(storage_options) if storage_options else None,
             host_local=bool(host_local), sync_timeout=timeout,
+            metadata=None if metadata is None else check_metadata(metadata, "run metadata"),
+            keep_previous_temporary=bool(keep_previous_temporary),
         )
 
     def now(self) -> float:
@@ -274,6 +323,7 @@ class Options:
             "async_save": self.async_save,
             "max_in_flight": self.max_in_flight,
             "staging_budget_bytes": self.staging_budget_bytes,
+            "keep_previous_temporary": self.keep_previous_temporary,
         }
 
 
@@ -286,8 +336,9 @@ def args_from_config(config: Any, overrides: Mapping[str, Any]) -> dict[str, Any
     if not isinstance(config, Mapping):
         raise PolicyError(f"a manager config must be a dict, got {config!r}.")
     known = {"directory", *OPTION_NAMES}
-    # storage_options (credentials, endpoints) are never in a config: pass them as overrides.
-    unknown = sorted(set(config) - known) + sorted(set(overrides) - known - {"storage_options"})
+    # storage_options (credentials, endpoints), run metadata (kept in the directory) and the
+    # process options are never in a config: pass them as overrides.
+    unknown = sorted(set(config) - known) + sorted(set(overrides) - known - set(OVERRIDE_ONLY))
     if unknown:
         raise PolicyError(f"unknown manager config field(s) {', '.join(unknown)}; known: "
                           f"{', '.join(sorted(known))}.")

@@ -10,6 +10,7 @@ them at its next call. When a manager starts, the leftovers of interrupted saves
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import threading
 import time
@@ -23,6 +24,7 @@ from keepax._src.format.manifest import COMMIT_FILE
 from keepax._src.io import Storage, is_hidden_name
 from keepax._src.io.lock import LOCK_NAME
 from keepax._src.manager.index import StepIndex, StepInfo
+from keepax._src.manager.run_metadata import RUN_METADATA_NAME
 from keepax.errors import KeepaxError, KeepaxWarning
 
 __all__ = ["Background", "Retention"]
@@ -109,10 +111,22 @@ class Retention:
         self._background = background
         self._keep = list(keep)
         self._leader = leader
+        self._as_permanent: frozenset[str] = frozenset()
+
+    def keep_temporaries(self, records: Iterable[StepInfo]) -> None:
+        """Treats these temporary steps (a previous run's) as permanent from now on: the
+        keep policies decide about them, instead of their going once superseded."""
+        self._as_permanent = frozenset(r.name for r in records if r.temporary)
 
     def plan(self) -> policies.RetentionPlan:
         """What the keep policies would delete now."""
-        return policies.plan([r.record() for r in self._index.held().values()], self._keep)
+        records = []
+        for info in self._index.held().values():
+            record = info.record()
+            if record.temporary and info.name in self._as_permanent:
+                record = dataclasses.replace(record, temporary=False)
+            records.append(record)
+        return policies.plan(records, self._keep)
 
     def after_commit(self, name: str, replaced: StepInfo | None) -> None:
         """Once a step called ``name`` is committed: deletes the step it replaced (under
@@ -186,7 +200,7 @@ class Retention:
         now = time.time()
         marker = not self._storage.atomic_rename
         for name in self._storage.list(""):
-            if name.startswith(LOCK_NAME):
+            if name.startswith(LOCK_NAME) or name == RUN_METADATA_NAME:
                 continue
             try:
                 unfinished = marker and protocol.is_unfinished(self._storage, name)

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 import types
 import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from keepax import policies
 from keepax._src import checkpoint
 from keepax._src.async_engine import engine as async_engine
+from keepax._src.checkpoint import casting
 from keepax._src.io import Storage
 from keepax._src.manager import stateful
 from keepax._src.manager.decision import SaveDecider, plan_action
@@ -29,7 +32,77 @@ from keepax._src.manager.preemption import Preemption
 from keepax._src.manager.retention import Background, Retention
 from keepax.errors import CheckpointExistsError, KeepaxError
 
-__all__ = ["Saver", "StepSave"]
+__all__ = ["CommitCallback", "Notify", "SaveRequest", "Saver", "StepSave"]
+
+CommitCallback = Callable[[int, "Exception | None"], object]
+"""``on_commit(step, error)``: ``error`` is None once the step is committed, else why its save
+failed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveRequest:
+    """What a ``save`` or ``event`` call was given (see :meth:`CheckpointManager.save`)."""
+
+    step: Any
+    state: Any
+    event: str | None = None
+    metrics: Mapping[str, float] | None = None
+    metadata: dict[str, Any] | None = None
+    force: bool = False
+    overwrite: bool = False
+    placeholders: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    dtype: Any = None
+    on_commit: CommitCallback | None = None
+
+    def check(self) -> None:
+        """Checks ``dtype`` and ``on_commit`` (before any decision: a skipped save checks
+        them too).
+
+        Raises:
+          KeepaxError: ``dtype`` is not a floating-point dtype, or ``on_commit`` is not
+            callable.
+        """
+        if self.dtype is not None:
+            casting.floating_dtype(self.dtype)
+        if self.on_commit is not None and not callable(self.on_commit):
+            raise KeepaxError(f"on_commit must be a callable (step, error) -> None, got "
+                              f"{self.on_commit!r}")
+
+
+class Notify:
+    """Calls a save's ``on_commit(step, error)`` exactly once: with None once the step is
+    committed, or with the error of a failed save. An exception raised by the callback is
+    kept, naming the step, and raised by the manager's next call.
+
+    Args:
+      step: The step being saved.
+      path: Its path, for errors.
+      callback: The user's callback (None: nothing to call).
+      background: Where the callback's own failures are kept.
+    """
+
+    def __init__(self, step: int, path: str, callback: CommitCallback | None,
+                 background: Background) -> None:
+        self._step, self._path = step, path
+        self._callback = callback
+        self._background = background
+        self._lock = threading.Lock()
+        self._called = False
+
+    def __call__(self, error: Exception | None) -> None:
+        with self._lock:
+            if self._called or self._callback is None:
+                return
+            self._called = True
+        try:
+            self._callback(self._step, error)
+        except Exception as e:  # noqa: BLE001 - kept and raised by the manager's next call
+            outcome = "committed" if error is None else "failed"
+            kept = KeepaxError(f"the on_commit callback raised {type(e).__name__}: {e} (the "
+                               f"step's save {outcome} all the same)",
+                               path=self._path, step=self._step)
+            kept.__cause__ = e
+            self._background.report(kept)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,19 +229,19 @@ class Saver:
         self._background = background
         self._retention = retention
 
-    def save(self, step: Any, state: Any, event: str | None, metrics: Any, metadata: Any,
-             force: bool, overwrite: bool, placeholders: dict[str, Any]) -> bool:
-        """Decides, then writes ``state`` as ``step``; returns whether it is written.
+    def save(self, request: SaveRequest) -> bool:
+        """Decides, then writes ``request.state`` as its step; returns whether it is written.
 
         Raises:
           As :meth:`CheckpointManager.save`.
         """
         self._background.raise_errors()
-        step = check_step(step)
-        name = self._options.names.format(step, placeholders)
-        decision, preempted = self._decider.decide_save(step, event, force)
-        act = functools.partial(plan_action, step, decision, force=force, overwrite=overwrite,
-                                where=self._storage.display(""))
+        request.check()
+        step = check_step(request.step)
+        name = self._options.names.format(step, dict(request.placeholders))
+        decision, preempted = self._decider.decide_save(step, request.event, request.force)
+        act = functools.partial(plan_action, step, decision, force=request.force,
+                                overwrite=request.overwrite, where=self._storage.display(""))
         replaced = act(self._index.view())
         if isinstance(replaced, StepInfo) and replaced is self._index.pending(step):
             # Replacing a step still being saved (overwrite, or a temporary made permanent):
@@ -181,19 +254,26 @@ class Saver:
         if replaced is None:
             return False
         where = self._storage.display(name)
+        notify = Notify(step, where, request.on_commit, self._background)
         previous = replaced if isinstance(replaced, StepInfo) else None
-        job = StepSave.capture(
-            state, step=step, name=name, path=where,
-            temporary=decision == policies.Decision.TEMPORARY, now=self._options.now(),
-            metrics=check_metrics(metrics, step, where),
-            metadata=checkpoint.check_metadata(metadata, where, step),
-            placeholders={k: json_value(v) for k, v in placeholders.items()},
-            replace=previous is not None and previous.name == name,
-        )
-        self._write(job, previous)
+        try:
+            state = casting.cast_floating(request.state, request.dtype,
+                                          is_leaf=stateful.is_stateful)
+            job = StepSave.capture(
+                state, step=step, name=name, path=where,
+                temporary=decision == policies.Decision.TEMPORARY, now=self._options.now(),
+                metrics=check_metrics(request.metrics, step, where),
+                metadata=checkpoint.check_metadata(request.metadata, where, step),
+                placeholders={k: json_value(v) for k, v in request.placeholders.items()},
+                replace=previous is not None and previous.name == name,
+            )
+            self._write(job, previous, notify)
+        except Exception as e:
+            notify(e)  # a failure raised here: the callback hears of it too
+            raise
         return True
 
-    def _write(self, job: StepSave, replaced: StepInfo | None) -> None:
+    def _write(self, job: StepSave, replaced: StepInfo | None, notify: Notify) -> None:
         """Stages ``job`` (before returning) and has it written and committed, then
         :meth:`_committed` called, on the engine's writer thread."""
         # The writer holds this object weakly: a manager dropped unclosed is still collected
@@ -207,12 +287,14 @@ class Saver:
             me = saver()
             if me is not None:
                 me._committed(step, name, path, replaced)
+            notify(None)
 
         def failed(error: KeepaxError) -> None:
             me = saver()
             if me is not None:
                 me._index.forget_pending(step)
                 me._background.report(error)
+            notify(error)
 
         options = self._options
         self._index.add_pending(job.in_flight())
