@@ -10,7 +10,8 @@ def test_public_names() -> None:
     assert sorted(keepax.__all__) == sorted([
         "errors", "policies", "save", "save_async", "restore", "inspect", "verify",
         "save_file", "load_file", "open", "Checkpoint", "ChunkInfo",
-        "CheckpointInfo", "LeafInfo", "RestoreStats", "SaveResult", "SaveHandle", "SaveRecord",
+        "CheckpointInfo", "LeafInfo", "PerProcess", "RestoreStats", "SaveResult", "SaveHandle",
+        "SaveRecord",
         "KeepaxError",
         "CheckpointManager", "StepInfo", "KeepaxWarning",
     ])

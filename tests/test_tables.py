@@ -464,7 +464,7 @@ def test_saved_checkpoint_is_sound(ckpt: Path) -> None:
 def test_table_size_or_crc_differs_from_manifest(ckpt: Path) -> None:
     data = (ckpt / P0).read_bytes()
     (ckpt / P0).write_bytes(data + b" ")
-    _expect_corrupt(ckpt, "has 254 bytes, the manifest says 253")
+    _expect_corrupt(ckpt, f"has {len(data) + 1} bytes, the manifest says {len(data)}")
     (ckpt / P0).write_bytes(data.replace(b'"process":0', b'"process":7'))
     _expect_corrupt(ckpt, "does not match its checksum")
 
@@ -715,3 +715,13 @@ def test_malformed_manifest_tables_layouts_cells(
     _expect_corrupt(ckpt, match)
     with pytest.raises(CorruptCheckpointError, match=match):
         keepax.inspect(str(ckpt))
+
+
+def test_tables_written_by_different_saves_are_a_corrupt_checkpoint(ckpt: Path) -> None:
+    names = [t["name"] for t in _doc(ckpt)["tables"]]
+    assert len(names) >= 2
+    ids = {_doc(ckpt, n).get("save_id") for n in names}
+    assert len(ids) == 1 and None not in ids  # one save wrote them all
+    # Another save's table in place of one process's (the manifest made to match it).
+    _write_table(ckpt, names[1], {**_doc(ckpt, names[1]), "save_id": "0" * 32})
+    _expect_corrupt(ckpt, "written by different saves")

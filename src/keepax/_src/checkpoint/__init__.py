@@ -15,6 +15,7 @@ from keepax._src.checkpoint.inspection import CheckpointInfo as CheckpointInfo
 from keepax._src.checkpoint.inspection import LeafInfo as LeafInfo
 from keepax._src.checkpoint.inspection import inspect as inspect
 from keepax._src.checkpoint.inspection import verify as verify
+from keepax._src.checkpoint.per_process import PerProcess as PerProcess
 from keepax._src.checkpoint.plan import LeafPlan as LeafPlan
 from keepax._src.checkpoint.plan import SourceBuffer as SourceBuffer
 from keepax._src.checkpoint.plan import chunk_view as chunk_view
@@ -33,7 +34,8 @@ from keepax._src.checkpoint.single_file import save_file as save_file
 
 __all__ = [
     "Checkpoint", "ChunkInfo", "open_checkpoint", "load_file", "save_file", "CheckpointInfo",
-    "LeafInfo", "LeafPlan", "PreparedSave", "RestoreStats", "SaveResult", "SourceBuffer",
+    "LeafInfo", "LeafPlan", "PerProcess", "PreparedSave", "RestoreStats", "SaveResult",
+    "SourceBuffer",
     "check_metadata", "chunk_view", "inspect", "plan_leaves", "prepare_save", "restore",
     "restore_manifest", "save", "verify", "write_prepared",
 ]

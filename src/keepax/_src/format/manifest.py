@@ -50,7 +50,7 @@ MANIFEST_FILE = "manifest.json"
 COMMIT_FILE = "keepax.commit"
 DATA_DIR = "data"
 
-ARRAY_TYPES = ("jax", "numpy", "npscalar", "bytes", "prngkey")
+ARRAY_TYPES = ("jax", "numpy", "npscalar", "bytes", "prngkey", "perprocess")
 VALUE_TYPES = ("int", "float", "bool", "complex", "str")
 
 _DATA_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.safetensors")
@@ -126,8 +126,9 @@ class ArrayLeaf:
     Attributes:
       path: The leaf's key path (``jax.tree_util.keystr``).
       type: What the leaf was: ``jax`` (a ``jax.Array``), ``numpy`` (an ``np.ndarray``),
-        ``npscalar`` (a NumPy scalar), ``bytes``, or ``prngkey`` (a typed PRNG key array,
-        stored as its key data).
+        ``npscalar`` (a NumPy scalar), ``bytes``, ``prngkey`` (a typed PRNG key array,
+        stored as its key data), or ``perprocess`` (``keepax.PerProcess``: row ``i`` of a
+        ``uint8`` array holds process ``i``'s copy, FORMAT.md §Per-process values).
       shape: Shape of the stored array (for ``prngkey``, of the key data).
       dtype: Manifest dtype name of the stored array.
       chunks: Where the bytes are.
