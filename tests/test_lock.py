@@ -12,7 +12,7 @@ import pytest
 
 from keepax._src.io import open_root
 from keepax._src.io.lock import LOCK_NAME, DirectoryLock
-from keepax.errors import KeepaxError, KeepaxWarning
+from keepax.errors import DirectoryLockedError, KeepaxError, KeepaxWarning
 
 
 def _lock(root: str) -> DirectoryLock:
@@ -38,8 +38,9 @@ def test_one_holder_at_a_time_and_the_refusal_names_it(root: str) -> None:
     first, second = _lock(root), _lock(root)
     first.acquire()
     assert first.held
-    with pytest.raises(KeepaxError) as info:
+    with pytest.raises(DirectoryLockedError) as info:
         second.acquire()
+    assert isinstance(info.value, KeepaxError) and info.value.path == root
     message = str(info.value)
     assert socket.gethostname() in message and f"PID {os.getpid()}" in message
     assert "read_only=True" in message and "this process" in message
@@ -78,7 +79,7 @@ def test_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path) -> No
 
 def test_lock_of_another_host_is_refused_naming_it(tmp_path) -> None:
     path = _write_lock(str(tmp_path), "node-17", 4242)
-    with pytest.raises(KeepaxError, match=r"host node-17, PID 4242") as info:
+    with pytest.raises(DirectoryLockedError, match=r"host node-17, PID 4242") as info:
         _lock(str(tmp_path)).acquire()
     assert path in str(info.value)  # says which file to delete if that process is gone
 
@@ -87,7 +88,7 @@ def test_lock_of_a_live_process_is_refused(tmp_path) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         _write_lock(str(tmp_path), socket.gethostname(), child.pid)
-        with pytest.raises(KeepaxError, match=f"PID {child.pid}"):
+        with pytest.raises(DirectoryLockedError, match=f"PID {child.pid}"):
             _lock(str(tmp_path)).acquire()
     finally:
         child.kill()
@@ -96,5 +97,5 @@ def test_lock_of_a_live_process_is_refused(tmp_path) -> None:
 
 def test_unreadable_lock_file_is_refused(tmp_path) -> None:
     (tmp_path / LOCK_NAME).write_text("{not json")
-    with pytest.raises(KeepaxError, match="unreadable"):
+    with pytest.raises(DirectoryLockedError, match="unreadable"):
         _lock(str(tmp_path)).acquire()

@@ -23,9 +23,12 @@ from keepax.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    DirectoryLockedError,
     KeepaxError,
     KeepaxWarning,
+    ManagerClosedError,
     PolicyError,
+    StepOrderError,
     TreeMismatchError,
     UnsupportedLeafError,
 )
@@ -245,9 +248,13 @@ def test_closed_manager_refuses_work_and_close_is_idempotent(directory: str) -> 
     mngr.save(1, make_state(1))
     mngr.close()
     mngr.close()
-    for call in (lambda: mngr.save(2, make_state(2)), mngr.restore, mngr.reload):
-        with pytest.raises(KeepaxError, match="closed"):
+    calls = (lambda: mngr.save(2, make_state(2)), mngr.restore, mngr.reload,
+             lambda: mngr.item_metadata(1), lambda: mngr.delete(1),
+             lambda: mngr.event("epoch_end", 2, make_state(2)))
+    for call in calls:
+        with pytest.raises(ManagerClosedError, match="closed; build a new one") as info:
             call()
+        assert info.value.path == directory
     assert mngr.all_steps() == [1]
 
 
@@ -363,6 +370,26 @@ def test_iterator_state_saved_and_restored_in_place(directory: str) -> None:
             "data_iter"].position == 5
 
 
+def test_a_restore_reads_the_manifest_once(directory: str, monkeypatch) -> None:
+    cls = storage_class(directory)
+    original, opened = cls.open, []
+
+    def counting_open(self: object, path: str) -> object:
+        opened.append(path)
+        return original(self, path)
+
+    with manager(directory) as mngr:
+        mngr.save(1, {**make_state(1), "data_iter": CountingIterator()})
+        mngr.wait_until_finished()
+        monkeypatch.setattr(cls, "open", counting_open)
+        for like, items in ((None, None), ({**make_state(0), "data_iter": CountingIterator()},
+                                           None), (make_state(0), ["params", "extra"])):
+            opened.clear()
+            mngr.restore(1, like, items=items)
+            assert [p for p in opened if p.endswith("/manifest.json")] == ["00000001/manifest.json"]
+            assert [p for p in opened if p.endswith("/keepax.commit")] == ["00000001/keepax.commit"]
+
+
 def test_iterator_restore_is_strict_unless_partial(directory: str) -> None:
     with manager(directory) as mngr:
         mngr.save(1, {"params": {"w": np.ones(2)}, "data_iter": CountingIterator()})
@@ -399,16 +426,17 @@ def test_iterator_array_state_is_never_cast(directory: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("state", "match"),
+    ("state", "match", "remedy", "leaf"),
     [
-        ({1, 2}, "returned a set"),
-        ({"f": lambda: 0}, "returned a function"),
-        ({3: "x"}, "str keys"),
-        (np.array([object()]), "dtype object"),
+        ({1, 2}, "returned a set", "keepax never pickles", "['loader']"),
+        ({"f": lambda: 0}, "returned a function", "keepax never pickles", "['loader']['f']"),
+        ({3: "x"}, "dict with key 3", r"need str keys \(as in JSON\)", "['loader']"),
+        (np.array([object()]), "dtype object", r"jax\.random\.key_data", "['loader']"),
     ],
+    ids=["set", "function", "int-key", "object-array"],
 )
-def test_iterator_state_must_be_json_like_or_arrays(directory: str, state: object,
-                                                    match: str) -> None:
+def test_iterator_state_must_be_json_like_or_arrays(directory: str, state: object, match: str,
+                                                    remedy: str, leaf: str) -> None:
     class Bad:
         def get_state(self) -> object:
             return state
@@ -417,10 +445,9 @@ def test_iterator_state_must_be_json_like_or_arrays(directory: str, state: objec
             pass
 
     with manager(directory) as mngr:
-        with pytest.raises(UnsupportedLeafError, match=match) as info:
+        with pytest.raises(UnsupportedLeafError, match=f"{match}.*{remedy}") as info:
             mngr.save(1, {"params": np.ones(2), "loader": Bad()})
-        assert "never pickles" in str(info.value) or match != "returned a set"
-        assert info.value.step == 1 and "['loader']" in str(info.value)
+        assert (info.value.step, info.value.leaf) == (1, leaf)
         assert mngr.all_steps() == []
 
 
@@ -712,8 +739,11 @@ def test_lower_step_is_refused_naming_discard_newer(directory: str) -> None:
         _save_steps(mngr, range(5))
         assert_tree_equal(mngr.restore(2), {"x": np.int32(2)})  # restoring alone is fine
         for step in (3, 2):  # held or not: going on below the latest is refused
-            with pytest.raises(KeepaxError, match=r"below the latest step 4.*discard_newer=True"):
+            with pytest.raises(StepOrderError,
+                               match=r"below the latest step 4.*discard_newer=True") as info:
                 mngr.save(step, {"x": np.int32(3)}, force=step == 2)
+            assert isinstance(info.value, ValueError)  # what callers caught before
+            assert (info.value.step, info.value.path) == (step, directory)
         assert mngr.save(1, {"x": np.int32(11)}, overwrite=True)  # replacing one is fine
         mngr.restore(2, discard_newer=True)
         assert mngr.all_steps() == [0, 1, 2]
@@ -862,8 +892,9 @@ def test_best_step_needs_a_metric(directory: str) -> None:
 def test_second_manager_on_the_same_directory_is_refused(directory: str) -> None:
     first = manager(directory)
     first.save(1, {"x": np.int32(1)})
-    with pytest.raises(KeepaxError) as info:
+    with pytest.raises(DirectoryLockedError) as info:
         manager(directory)
+    assert info.value.path == directory
     message = str(info.value)
     assert f"host {socket.gethostname()}" in message and f"PID {os.getpid()}" in message
     assert "read_only=True" in message

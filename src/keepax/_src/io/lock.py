@@ -8,6 +8,11 @@ and taken over with a warning; any other held lock is refused with an error nami
 
 Other storages (``memory://``, which lives in this process only) use an in-process registry.
 Object stores, which have no atomic create-if-absent, will need their own scheme.
+
+Reading and removing the lock file go through the :class:`~keepax._src.io.Storage`
+interface. Creating it does not: :class:`Storage` has no atomic create-if-absent, so the lock
+file is made with the operating system's ``link`` (or ``O_EXCL`` create) on the local
+directory, the one storage where a lock file is used.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import uuid
 import warnings
 
 from keepax._src.io import LocalStorage, Storage
-from keepax.errors import KeepaxError, KeepaxWarning
+from keepax.errors import DirectoryLockedError, KeepaxWarning
 
 __all__ = ["LOCK_NAME", "Holder", "DirectoryLock"]
 
@@ -90,7 +95,7 @@ class DirectoryLock:
         """Takes the lock.
 
         Raises:
-          KeepaxError: Another manager holds it; the message names its host and PID.
+          DirectoryLockedError: Another manager holds it; the message names its host and PID.
         """
         if self._mine is not None:
             return
@@ -113,19 +118,16 @@ class DirectoryLock:
         with _REGISTRY_LOCK:
             if _HELD.get(self._key) == mine:
                 del _HELD[self._key]
-            if self._file is not None and _read_holder(self._file) == mine:
-                try:
-                    os.unlink(self._file)
-                except FileNotFoundError:
-                    pass
+            if self._file is not None and _read_holder(self._storage) == mine:
+                self._storage.delete(LOCK_NAME)
 
     def _acquire_file(self, me: Holder) -> None:
         path = self._file or ""
         for _ in range(3):
             if _link_new(path, me):
                 return
-            holder = _read_holder(path)
-            if holder is None and not os.path.lexists(path):
+            holder = _read_holder(self._storage)
+            if holder is None and not self._storage.exists(LOCK_NAME):
                 continue  # released meanwhile
             if holder is None or not self._stale(holder):
                 raise self._refusal(holder)
@@ -135,12 +137,9 @@ class DirectoryLock:
                 KeepaxWarning,
                 stacklevel=4,
             )
-            if _read_holder(path) == holder:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        raise self._refusal(_read_holder(path))
+            if _read_holder(self._storage) == holder:
+                self._storage.delete(LOCK_NAME)
+        raise self._refusal(_read_holder(self._storage))
 
     def _stale(self, holder: Holder) -> bool:
         if holder.host != socket.gethostname():
@@ -150,7 +149,7 @@ class DirectoryLock:
             return _HELD.get(self._key) != holder
         return not _pid_alive(holder.pid)
 
-    def _refusal(self, holder: Holder | None) -> KeepaxError:
+    def _refusal(self, holder: Holder | None) -> DirectoryLockedError:
         if holder is None:
             who = f"an unknown holder (the lock file {self._file} is unreadable)"
         else:
@@ -162,7 +161,7 @@ class DirectoryLock:
             if self._file is not None
             else ""
         )
-        return KeepaxError(
+        return DirectoryLockedError(
             f"this directory is in use by a CheckpointManager on {who}: two managers writing "
             "into one directory would interleave their steps and retention. close() the other "
             f"manager, or pass read_only=True to only read{remedy}.",
@@ -171,7 +170,11 @@ class DirectoryLock:
 
 
 def _link_new(path: str, holder: Holder) -> bool:
-    """Creates the lock file with ``holder`` in it, atomically; False if it already exists."""
+    """Creates the lock file with ``holder`` in it, atomically; False if it already exists.
+
+    Written with ``os`` calls on the local directory: the storage interface has no atomic
+    create-if-absent (a hard link of a complete temporary file, or an ``O_EXCL`` create).
+    """
     data = json.dumps(dataclasses.asdict(holder)).encode()
     temp = f"{path}.{holder.token}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -207,11 +210,16 @@ def _create_new(path: str, data: bytes) -> bool:
     return True
 
 
-def _read_holder(path: str) -> Holder | None:
-    """The holder named by a lock file, or None if it is missing or unreadable."""
+def _read_holder(storage: Storage) -> Holder | None:
+    """The holder named by the lock file, or None if it is missing or unreadable."""
     try:
-        with open(path, "rb") as f:
-            doc = json.loads(f.read(4096))
+        reader = storage.open(LOCK_NAME)
+        try:
+            buffer = bytearray(4096)
+            n = reader.read_into(0, memoryview(buffer))
+        finally:
+            reader.close()
+        doc = json.loads(bytes(buffer[:n]))
         return Holder(str(doc["host"]), int(doc["pid"]), float(doc["time"]), str(doc["token"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -1,0 +1,240 @@
+"""The manager's one write path: decide, capture, stage, write, commit, record, prune.
+
+:class:`Saver` asks the :class:`~keepax._src.manager.decision.SaveDecider` (the one place
+where the decision is taken), then :meth:`StepSave.capture` takes the state in the caller's
+thread (stateful objects replaced by their state; the facts stored under
+:data:`~keepax._src.manager.index.MANAGER_KEY` fixed). The async engine stages the arrays and,
+on its writer thread, prepares (:meth:`StepSave.prepare`), writes and commits the checkpoint;
+then the step is recorded in the index and retention applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import types
+import weakref
+from typing import Any
+
+from keepax import policies
+from keepax._src import checkpoint
+from keepax._src.async_engine import engine as async_engine
+from keepax._src.io import Storage
+from keepax._src.manager import stateful
+from keepax._src.manager.decision import SaveDecider, plan_action
+from keepax._src.manager.index import MANAGER_KEY, SCHEMA, USER_KEY, StepIndex, StepInfo
+from keepax._src.manager.options import Options, check_metrics, check_step, json_value
+from keepax._src.manager.preemption import Preemption
+from keepax._src.manager.retention import Background, Retention
+from keepax.errors import CheckpointExistsError, KeepaxError
+
+__all__ = ["Saver", "StepSave"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSave:
+    """A step about to be written.
+
+    Attributes:
+      step: The step number.
+      name: Its directory name.
+      path: Its checkpoint path or URL.
+      tree: The tree to write (stateful objects replaced by their states).
+      temporary: Whether it is a temporary checkpoint.
+      time: When it is saved, on the manager's clock.
+      started: When the save started, as Unix time.
+      metrics: Checked metrics.
+      metadata: Checked user metadata.
+      placeholders: The name template's placeholder values, as stored.
+      iterators: Key paths of the stateful objects captured.
+      replace: Whether it replaces a held step of the same name.
+    """
+
+    step: int
+    name: str
+    path: str
+    tree: Any
+    temporary: bool
+    time: float
+    started: float
+    metrics: dict[str, float]
+    metadata: dict[str, Any]
+    placeholders: dict[str, Any]
+    iterators: list[str]
+    replace: bool
+
+    @classmethod
+    def capture(cls, state: Any, *, step: int, name: str, path: str, temporary: bool,
+                now: float, metrics: dict[str, float], metadata: dict[str, Any],
+                placeholders: dict[str, Any], replace: bool) -> StepSave:
+        """Captures ``state`` now: each stateful object's ``get_state()`` is called here.
+
+        Raises:
+          UnsupportedLeafError: A ``get_state()`` value keepax does not store.
+        """
+        tree, iterators = stateful.state_tree(state, step)
+        return cls(step=step, name=name, path=path, tree=tree, temporary=temporary, time=now,
+                   started=time.time(), metrics=metrics, metadata=metadata,
+                   placeholders=placeholders, iterators=iterators, replace=replace)
+
+    def manifest_metadata(self) -> dict[str, Any]:
+        """The checkpoint's metadata: the manager's facts and the user's metadata."""
+        facts = {
+            "version": SCHEMA,
+            "step": self.step,
+            "temporary": self.temporary,
+            "time": self.time,
+            "started": self.started,
+            "metrics": self.metrics,
+            "placeholders": self.placeholders,
+            "iterators": self.iterators,
+        }
+        return {MANAGER_KEY: facts, USER_KEY: self.metadata}
+
+    def in_flight(self) -> StepInfo:
+        """What the index knows of the step while it is being saved."""
+        return StepInfo(
+            step=self.step, name=self.name, path=self.path, temporary=self.temporary,
+            time=self.time, created=self.started, duration=None, nbytes=0,
+            metrics=types.MappingProxyType(self.metrics),
+            metadata=types.MappingProxyType(self.metadata),
+            placeholders=types.MappingProxyType(self.placeholders),
+        )
+
+    def prepare(self, *, storage_options: dict[str, Any] | None, host_local: bool,
+                timeout: float) -> checkpoint.PreparedSave:
+        """Prepares the checkpoint's write (in a multi-process run, agreed by all).
+
+        Raises:
+          CheckpointExistsError: The name is taken by an entry that is not one of the
+            manager's steps.
+          KeepaxError: Any other failure, naming the step.
+        """
+        try:
+            return checkpoint.prepare_save(
+                self.path, self.tree, metadata=self.manifest_metadata(),
+                storage_options=storage_options, overwrite=self.replace,
+                host_local=host_local, step=self.step, timeout=timeout,
+            )
+        except CheckpointExistsError as e:
+            raise CheckpointExistsError(
+                f"the name {self.name!r} is taken by an entry that is not one of this manager's "
+                "steps (skipped with a warning); move it away, change the name template, "
+                "or pass overwrite=True to replace it",
+                path=self.path, step=self.step,
+            ) from e
+        except KeepaxError as e:
+            if e.step is None:
+                e.step = self.step
+            raise
+
+
+class Saver:
+    """Saves steps: what :meth:`CheckpointManager.save` does once it is allowed to write.
+
+    Args:
+      options: The manager's options.
+      storage: The manager directory's storage.
+      index: The step index (steps in flight are noted there; committed ones recorded).
+      decider: The save decision.
+      preemption: Notes the step that answers a preemption signal.
+      engine: Stages and writes (in the background with ``async_save``).
+      background: Keeps background errors; raised before each save.
+      retention: Applied after each commit.
+    """
+
+    def __init__(self, options: Options, storage: Storage, index: StepIndex,
+                 decider: SaveDecider, preemption: Preemption, engine: async_engine.SaveEngine,
+                 background: Background, retention: Retention) -> None:
+        self._options = options
+        self._storage = storage
+        self._index = index
+        self._decider = decider
+        self._preemption = preemption
+        self._engine = engine
+        self._background = background
+        self._retention = retention
+
+    def save(self, step: Any, state: Any, event: str | None, metrics: Any, metadata: Any,
+             force: bool, overwrite: bool, placeholders: dict[str, Any]) -> bool:
+        """Decides, then writes ``state`` as ``step``; returns whether it is written.
+
+        Raises:
+          As :meth:`CheckpointManager.save`.
+        """
+        self._background.raise_errors()
+        step = check_step(step)
+        name = self._options.names.format(step, placeholders)
+        decision, preempted = self._decider.decide_save(step, event, force)
+        act = functools.partial(plan_action, step, decision, force=force, overwrite=overwrite,
+                                where=self._storage.display(""))
+        replaced = act(self._index.view())
+        if isinstance(replaced, StepInfo) and replaced is self._index.pending(step):
+            # Replacing a step still being saved (overwrite, or a temporary made permanent):
+            # once that save is committed (or failed).
+            self._engine.wait()
+            self._background.raise_errors()
+            replaced = act(self._index.view())
+        if preempted:
+            self._preemption.saved_at = step
+        if replaced is None:
+            return False
+        where = self._storage.display(name)
+        previous = replaced if isinstance(replaced, StepInfo) else None
+        job = StepSave.capture(
+            state, step=step, name=name, path=where,
+            temporary=decision == policies.Decision.TEMPORARY, now=self._options.now(),
+            metrics=check_metrics(metrics, step, where),
+            metadata=checkpoint.check_metadata(metadata, where, step),
+            placeholders={k: json_value(v) for k, v in placeholders.items()},
+            replace=previous is not None and previous.name == name,
+        )
+        self._write(job, previous)
+        return True
+
+    def _write(self, job: StepSave, replaced: StepInfo | None) -> None:
+        """Stages ``job`` (before returning) and has it written and committed, then
+        :meth:`_committed` called, on the engine's writer thread."""
+        # The writer holds this object weakly: a manager dropped unclosed is still collected
+        # (and its lock released); its saves in flight still commit (a new manager on the same
+        # directory waits for them), with no bookkeeping left to do. The callbacks hold no
+        # state tree, so the staged arrays are the only copy kept until the commit.
+        saver = weakref.ref(self)
+        step, name, path = job.step, job.name, job.path
+
+        def committed(_: checkpoint.SaveResult) -> None:
+            me = saver()
+            if me is not None:
+                me._committed(step, name, path, replaced)
+
+        def failed(error: KeepaxError) -> None:
+            me = saver()
+            if me is not None:
+                me._index.forget_pending(step)
+                me._background.report(error)
+
+        options = self._options
+        self._index.add_pending(job.in_flight())
+        try:
+            self._engine.save(
+                functools.partial(job.prepare, storage_options=options.storage_options,
+                                  host_local=options.host_local, timeout=options.sync_timeout),
+                step=step,
+                path=path,
+                max_in_flight=options.max_in_flight,
+                staging_budget_bytes=options.staging_budget_bytes,
+                background=options.async_save,
+                on_commit=committed,
+                on_error=failed,
+                check=self._background.raise_errors,
+            )
+        except BaseException:
+            self._index.forget_pending(step)
+            raise
+
+    def _committed(self, step: int, name: str, path: str, replaced: StepInfo | None) -> None:
+        """Once ``step`` is committed (on the writer thread): records it, then deletes what
+        retention says (hidden now, files removed in the background)."""
+        self._index.committed(step, name, path)
+        self._retention.after_commit(name, replaced)
