@@ -188,6 +188,8 @@ def test_a_background_failure_on_one_process_fails_the_step_everywhere(tmp_path:
         assert "step 3" in error and "process 1" in error and "No space left" in error
         assert r.result["steps"] == [2]  # step 3 never committed; step 2 kept
         assert r.result["after"] == [4]
+        # Each process's iterator state was saved per process and came back to it.
+        assert r.result["iterator"] == [1000 * r.index + 4, f"shard-{r.index}"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()
                   if not p.name.startswith(".")) == ["00000004"]
 
@@ -285,3 +287,16 @@ def test_per_process_values_are_kept_per_process_and_need_a_choice_on_another_co
         refused = r.result["refused"]
         assert refused["leaf"] == "['it']" and "saved per process by 4" in refused["message"]
         assert r.result["third"] == every[3] and r.result["all"] == every
+
+
+def test_host_local_step_committed_on_some_hosts_only_is_saved_again(tmp_path: Path) -> None:
+    results = run_processes(MANAGER, 2, tmp_path=tmp_path,
+                            args=["host_local_retry", str(tmp_path)], timeout=120)
+    (committed,) = results[0].result["errors"]
+    (failed,) = results[1].result["errors"]
+    assert "process 1" in committed and "Input/output error" in committed
+    assert "this process committed its own copy" in committed
+    assert "this process committed nothing" in failed and "processes [0]" in failed
+    for r in results:
+        assert r.result["steps_after_failure"] == [1]
+        assert r.result["steps"] == [1, 2]

@@ -112,8 +112,12 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _raise_reports(reports: Sequence[JSON], what: str, where: str, step: int | None) -> None:
-    """Raises on every process if any process reported an error."""
+def _raise_reports(
+    reports: Sequence[JSON], what: str, where: str, step: int | None, me: int | None = None
+) -> None:
+    """Raises on every process if any process reported an error (``me``: with
+    ``host_local``, after the commit, this process's index, whose own copy may be
+    committed)."""
     rows = [cast("dict[str, Any]", r) for r in reports]
     failed = [(i, r["error"]) for i, r in enumerate(rows) if r.get("error")]
     if not failed:
@@ -122,8 +126,18 @@ def _raise_reports(reports: Sequence[JSON], what: str, where: str, step: int | N
     more = f"; and {len(failed) - 8} more" if len(failed) > 8 else ""
     exists = all(rows[i].get("exists") for i, _ in failed)
     cls = CheckpointExistsError if exists else KeepaxError
+    outcome = "nothing was committed"
+    if me is not None and not rows[me].get("error"):
+        outcome = ("this process committed its own copy, but the others named did not, so it "
+                   "is no complete checkpoint (restores and managers ignore a step some hosts "
+                   "lack); saving it again on every process replaces the partial copies")
+    elif me is not None:
+        done = [i for i, r in enumerate(rows) if not r.get("error")]
+        outcome = "this process committed nothing" + (
+            f"; processes {done} committed their own copies, which are no complete checkpoint "
+            "and which saving again on every process replaces" if done else "")
     raise cls(f"the save failed while {what} on {len(failed)} of {len(reports)} processes "
-              f"({lines}{more}); nothing was committed: fix the cause on the named processes "
+              f"({lines}{more}); {outcome}: fix the cause on the named processes "
               "(their logs have the details) and save again", path=where, step=step)
 
 
@@ -169,7 +183,8 @@ def write_distributed(
         outcome, nbytes = _commit(job, staging, _table_refs(job, reports))
         written += nbytes
     if job.host_local:
-        _raise_reports(job.all_gather("committed", outcome), "committing", job.where, job.step)
+        _raise_reports(job.all_gather("committed", outcome), "committing", job.where, job.step,
+                       me=job.coordinator.process_index)
     else:
         shared = job.broadcast("committed", outcome if job.leader else None)
         _raise_reports([shared], "committing on process 0", job.where, job.step)
