@@ -300,3 +300,11 @@ def test_host_local_step_committed_on_some_hosts_only_is_saved_again(tmp_path: P
     for r in results:
         assert r.result["steps_after_failure"] == [1]
         assert r.result["steps"] == [1, 2]
+
+
+def test_a_straggler_fails_the_save_after_the_timeout_given(tmp_path: Path) -> None:
+    results = run_processes(AGREEMENT, 2, tmp_path=tmp_path, args=["straggler", str(tmp_path)],
+                            timeout=60)
+    assert "process 1 of 2 did not reach 'agree' within 2 s" in results[0].result["straggler"]
+    assert results[1].result["straggler"] is not None
+    assert not (tmp_path / "D").exists()

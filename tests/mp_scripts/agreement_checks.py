@@ -1,6 +1,6 @@
 """Child script: the agreement every multi-process save begins with (tests/test_multihost.py).
 
-Usage: ``agreement_checks.py mixed|differing DIR``.
+Usage: ``agreement_checks.py mixed|differing|straggler DIR``.
 
 ``mixed``: save A fails while preparing on process 1 only (a leaf it cannot store); every
 process must raise at once. Then process 1 goes on to save B while process 0 retries A: the
@@ -8,6 +8,9 @@ processes are out of step, and both must raise without writing. Finally all save
 
 ``differing``: a host NumPy array that differs between processes, not marked per process,
 fails the save on every process, naming the leaf.
+
+``straggler``: process 1 arrives after process 0's ``timeout=`` ran out: both raise, and
+process 0's error names process 1.
 """
 
 import mp_prelude  # noqa: I001 - must come first
@@ -69,6 +72,15 @@ elif command == "differing":
     host = np.full(3, index, dtype=np.int32)  # differs on every process
     result["differing"] = expect_peer_error(
         "differing", f"{directory}/C", {"x": sharded, "cursor": host, "same": np.ones(2)})
+elif command == "straggler":
+    # Process 1 comes to the save long after process 0's timeout=2 has run out.
+    if index == 1:
+        time.sleep(6)
+    try:
+        keepax.save(f"{directory}/D", {"x": sharded}, timeout=2)
+        result["straggler"] = None
+    except keepax.KeepaxError as e:
+        result["straggler"] = str(e)
 else:
     raise SystemExit(f"unknown command {command}")
 mp_prelude.report(result)

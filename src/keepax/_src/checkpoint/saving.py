@@ -27,9 +27,12 @@ from keepax._src.format.manifest import COMMIT_FILE, MANIFEST_FILE
 from keepax._src.io import Storage, is_hidden_name, split_checkpoint_path
 from keepax.errors import CheckpointExistsError, KeepaxError
 
+SYNC_TIMEOUT = distributed.SYNC_TIMEOUT
+"""Default seconds a process waits for the others at each stage of a multi-process save."""
+
 __all__ = [
-    "PreparedSave", "SAVE_NAMESPACE", "SaveResult", "check_metadata", "prepare_save", "save",
-    "write_prepared",
+    "PreparedSave", "SAVE_NAMESPACE", "SYNC_TIMEOUT", "SaveResult", "check_metadata",
+    "prepare_save", "save", "write_prepared",
 ]
 
 
