@@ -13,7 +13,7 @@ from multiproc import SCRIPTS_DIR, run_processes
 
 from keepax._src.commit import coordination
 from keepax._src.commit.coordination import JaxCoordinator, SingleProcess
-from keepax.errors import KeepaxError
+from keepax.errors import KeepaxError, PeerProcessError
 
 # --- one process ------------------------------------------------------------------------
 
@@ -171,3 +171,29 @@ def test_harness_shows_a_failed_child(tmp_path: Path) -> None:
     assert "process 0 (pid" in message and "TIMED OUT" in message
     results = run_processes(script, 2, tmp_path=tmp_path, timeout=0.5, check=False)
     assert results[0].timed_out and results[0].result == {"waiting": True}
+
+
+class _LookupFails(FakeClient):
+    """Process 0 (and the store it hosts) is gone: the lookup after a failed barrier fails."""
+
+    def key_value_dir_get(self, key: str) -> list[tuple[str, str]]:
+        raise RuntimeError("UNAVAILABLE: failed to connect to the coordination service")
+
+
+def test_a_failed_lookup_never_claims_that_every_process_arrived() -> None:
+    coord = JaxCoordinator(_LookupFails(barrier_error="DEADLINE_EXCEEDED: Barrier timed out"),
+                           1, 2)
+    with pytest.raises(KeepaxError) as info:
+        coord.barrier("commit", timeout=2, step=3)
+    text = str(info.value)
+    assert "could not be looked up (UNAVAILABLE" in text and "has arrived" not in text
+
+
+def test_a_barrier_error_tells_a_death_from_a_timeout() -> None:
+    coord = JaxCoordinator(FakeClient(barrier_error=(
+        "UNAVAILABLE: task 2 stopped sending heartbeats")), 0, 4)
+    with pytest.raises(PeerProcessError) as info:
+        coord.barrier("commit", timeout=600)
+    text = str(info.value)
+    assert "processes 1, 2, 3 of 4 did not reach 'commit': the runtime lost" in text
+    assert "within 600 s" not in text and info.value.processes == (1, 2, 3)

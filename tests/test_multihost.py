@@ -188,6 +188,8 @@ def test_a_background_failure_on_one_process_fails_the_step_everywhere(tmp_path:
         assert "step 3" in error and "process 1" in error and "No space left" in error
         assert r.result["steps"] == [2]  # step 3 never committed; step 2 kept
         assert r.result["after"] == [4]
+        # Each process's iterator state was saved per process and came back to it.
+        assert r.result["iterator"] == [1000 * r.index + 4, f"shard-{r.index}"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()
                   if not p.name.startswith(".")) == ["00000004"]
 
@@ -229,3 +231,80 @@ def test_sigkill_during_a_save_never_commits_and_the_restart_recovers(
         # The leftovers of the failed save (its staging directory) were removed.
         assert [e for e in r.result["entries"] if ".keepax-tmp" in e] == []
         assert r.result["after"] == [1, 2]
+
+
+AGREEMENT = SCRIPTS_DIR / "agreement_checks.py"
+
+
+def test_a_prepare_failure_on_one_process_fails_the_save_everywhere_and_never_mixes(
+    tmp_path: Path,
+) -> None:
+    results = run_processes(AGREEMENT, 2, tmp_path=tmp_path, args=["mixed", str(tmp_path)],
+                            timeout=90)
+    for r in results:
+        failure = r.result["prepare_failure"]
+        assert failure["processes"] == [1] and "UnsupportedLeafError" in failure["message"]
+        assert "['extra']" in failure["message"]
+        step = r.result["out_of_step"]
+        assert step["processes"] == [1] and "not making the same save" in step["message"]
+        assert "/A" in step["message"] and "/B" in step["message"]
+        assert r.result["a_exists"] is False and r.result["verify_b"] == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("A", ".A", "B.", ".B"))]
+
+
+def test_a_host_value_that_differs_between_processes_is_never_collapsed(tmp_path: Path) -> None:
+    results = run_processes(AGREEMENT, 2, tmp_path=tmp_path, args=["differing", str(tmp_path)],
+                            timeout=90)
+    for r in results:
+        differing = r.result["differing"]
+        assert differing["leaf"] == "['cursor']" and differing["processes"] == [1]
+        assert "keepax.PerProcess" in differing["message"]
+    assert not (tmp_path / "C").exists()
+
+
+PER_PROCESS = SCRIPTS_DIR / "per_process_checks.py"
+
+
+def _iterator_state(i: int) -> dict:
+    return {"position": 100 * i + 7, "files": list(range(i + 1)), "name": f"shard-{i}"}
+
+
+def test_per_process_values_are_kept_per_process_and_need_a_choice_on_another_count(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "save").mkdir()
+    (tmp_path / "restore").mkdir()
+    saved = run_processes(PER_PROCESS, 4, tmp_path=tmp_path / "save",
+                          args=["save", str(tmp_path)], timeout=120)
+    every = [_iterator_state(i) for i in range(4)]
+    for r in saved:
+        assert r.result["mine"] == _iterator_state(r.index)
+        assert r.result["all"] == every and r.result["verify"] == []
+    assert keepax.inspect(str(tmp_path / "ckpt")).leaves[0].type == "perprocess"
+    restored = run_processes(PER_PROCESS, 2, tmp_path=tmp_path / "restore",
+                             args=["restore", str(tmp_path)], timeout=90)
+    for r in restored:
+        refused = r.result["refused"]
+        assert refused["leaf"] == "['it']" and "saved per process by 4" in refused["message"]
+        assert r.result["third"] == every[3] and r.result["all"] == every
+
+
+def test_host_local_step_committed_on_some_hosts_only_is_saved_again(tmp_path: Path) -> None:
+    results = run_processes(MANAGER, 2, tmp_path=tmp_path,
+                            args=["host_local_retry", str(tmp_path)], timeout=120)
+    (committed,) = results[0].result["errors"]
+    (failed,) = results[1].result["errors"]
+    assert "process 1" in committed and "Input/output error" in committed
+    assert "this process committed its own copy" in committed
+    assert "this process committed nothing" in failed and "processes [0]" in failed
+    for r in results:
+        assert r.result["steps_after_failure"] == [1]
+        assert r.result["steps"] == [1, 2]
+
+
+def test_a_straggler_fails_the_save_after_the_timeout_given(tmp_path: Path) -> None:
+    results = run_processes(AGREEMENT, 2, tmp_path=tmp_path, args=["straggler", str(tmp_path)],
+                            timeout=60)
+    assert "process 1 of 2 did not reach 'agree' within 2 s" in results[0].result["straggler"]
+    assert results[1].result["straggler"] is not None
+    assert not (tmp_path / "D").exists()

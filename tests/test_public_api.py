@@ -11,7 +11,8 @@ def test_public_names() -> None:
         "errors", "policies", "save", "save_async", "restore", "inspect", "verify",
         "save_file", "load_file", "open", "Checkpoint", "ChunkInfo",
         "copy", "diff", "export", "gc", "import_orbax",
-        "CheckpointInfo", "LeafInfo", "RestoreStats", "SaveResult", "SaveHandle", "SaveRecord",
+        "CheckpointInfo", "LeafInfo", "PerProcess", "RestoreStats", "SaveResult", "SaveHandle",
+        "SaveRecord",
         "KeepaxError",
         "CheckpointManager", "StepInfo", "KeepaxWarning",
     ])

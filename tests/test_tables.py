@@ -468,7 +468,7 @@ def test_saved_checkpoint_is_sound(ckpt: Path) -> None:
 def test_table_size_or_crc_differs_from_manifest(ckpt: Path) -> None:
     data = (ckpt / P0).read_bytes()
     (ckpt / P0).write_bytes(data + b" ")
-    _expect_corrupt(ckpt, "has 254 bytes, the manifest says 253")
+    _expect_corrupt(ckpt, f"has {len(data) + 1} bytes, the manifest says {len(data)}")
     (ckpt / P0).write_bytes(data.replace(b'"process":0', b'"process":7'))
     _expect_corrupt(ckpt, "does not match its checksum")
 
@@ -805,3 +805,13 @@ def test_hand_built_data_file_headers_match(store: Any) -> None:
     resolved = inspection.resolved_manifest(opened)
     assert len(resolved.files) == 2
     assert fmt.check_headers(storage, "ckpt", resolved, where="ckpt") == []
+
+
+def test_tables_written_by_different_saves_are_a_corrupt_checkpoint(ckpt: Path) -> None:
+    names = [t["name"] for t in _doc(ckpt)["tables"]]
+    assert len(names) >= 2
+    ids = {_doc(ckpt, n).get("save_id") for n in names}
+    assert len(ids) == 1 and None not in ids  # one save wrote them all
+    # Another save's table in place of one process's (the manifest made to match it).
+    _write_table(ckpt, names[1], {**_doc(ckpt, names[1]), "save_id": "0" * 32})
+    _expect_corrupt(ckpt, "written by different saves")

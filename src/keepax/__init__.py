@@ -13,6 +13,7 @@ from keepax._src.checkpoint import Checkpoint as Checkpoint
 from keepax._src.checkpoint import CheckpointInfo as CheckpointInfo
 from keepax._src.checkpoint import ChunkInfo as ChunkInfo
 from keepax._src.checkpoint import LeafInfo as LeafInfo
+from keepax._src.checkpoint import PerProcess as PerProcess
 from keepax._src.checkpoint import RestoreStats as RestoreStats
 from keepax._src.checkpoint import SaveResult as SaveResult
 from keepax._src.checkpoint import inspect as inspect
@@ -57,6 +58,7 @@ __all__ = [
     "load_file",
     "CheckpointInfo",
     "LeafInfo",
+    "PerProcess",
     "RestoreStats",
     "SaveResult",
     "SaveHandle",

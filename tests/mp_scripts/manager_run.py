@@ -48,6 +48,20 @@ def check(restored: dict, step: int) -> None:
     assert restored["step"] == step
 
 
+class Iterator:
+    """A data iterator whose state is its own process's (a position in its own shard)."""
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+
+    def get_state(self) -> dict:
+        return {"position": self.position, "shard": f"shard-{index}"}
+
+    def set_state(self, state: dict) -> None:
+        self.position = state["position"]
+        self.shard = state["shard"]
+
+
 def fail_writes_on(victim: int, steps: set[int]) -> None:
     """Makes this process's data writes fail for the given steps (a full disk, say)."""
     real = keepax_format.write_data_files
@@ -96,18 +110,25 @@ elif scenario == "async_failure":
     fail_writes_on(count - 1, {3})
     manager = keepax.CheckpointManager(directory, keep=[policies.KeepLast(1)], async_save=True)
     errors = []
+    iterator = Iterator(0)
     for step in (1, 2, 3):
-        manager.save(step, state(step))
+        iterator.position = 1000 * index + step
+        manager.save(step, {**state(step), "it": iterator})
     try:
         manager.wait_until_finished()
     except keepax.KeepaxError as e:
         errors.append(str(e))
     result["errors"] = errors
     result["steps"] = manager.all_steps()
-    manager.save(4, state(4))
+    iterator.position = 1000 * index + 4
+    manager.save(4, {**state(4), "it": iterator})
     manager.wait_until_finished()
     result["after"] = manager.all_steps()
-    check(manager.restore(like=like()), 4)
+    fresh = Iterator(-1)
+    restored = manager.restore(like={**like(), "it": fresh})
+    check(restored, 4)
+    assert restored["it"] is fresh
+    result["iterator"] = [fresh.position, fresh.shard]
     manager.close()
 
 elif scenario == "host_local_save":
@@ -123,6 +144,32 @@ elif scenario == "host_local_save":
         import shutil
 
         shutil.rmtree(f"{mine}/00000003")
+
+elif scenario == "host_local_retry":
+    # Step 2's commit fails on process 1 only: process 0 committed its copy, process 1 did
+    # not. Step 2 is no step; saving it again on every process replaces the partial copy.
+    from keepax._src.commit import protocol
+
+    real_commit = protocol.commit
+
+    def failing_commit(staging, manifest, **kwargs):
+        if index == 1 and staging.name.endswith("00000002") and not result.get("errors"):
+            raise OSError(5, "Input/output error (injected)")
+        return real_commit(staging, manifest, **kwargs)
+
+    protocol.commit = failing_commit
+    manager = keepax.CheckpointManager(f"{directory}/host{index}", host_local=True,
+                                       async_save=False, sync_timeout=60)
+    manager.save(1, state(1))
+    try:
+        manager.save(2, state(2))
+    except keepax.KeepaxError as e:
+        result["errors"] = [str(e)]
+    result["steps_after_failure"] = manager.all_steps()
+    manager.save(2, state(2))
+    result["steps"] = manager.all_steps()
+    check(manager.restore(like=like()), 2)
+    manager.close()
 
 elif scenario == "host_local_restore":
     mine = f"{directory}/host{index}"

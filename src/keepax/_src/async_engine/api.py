@@ -39,6 +39,7 @@ def save_async(
     max_in_flight: int = 1,
     staging_budget_bytes: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    timeout: float = checkpoint.SYNC_TIMEOUT,
 ) -> SaveHandle:
     """Saves a pytree as :func:`keepax.save` does, returning once the state is staged.
 
@@ -57,6 +58,8 @@ def save_async(
         limit beyond ``max_in_flight`` copies of the state). Beyond it, staging streams: the
         call blocks until earlier bytes are written, trading blocking time for memory.
       storage_options: For URLs such as ``s3://bucket/ckpt``: as for :func:`keepax.save`.
+      timeout: In a multi-process run, seconds each process waits for the others at each
+        stage (the agreement made before this call returns, the data written, the commit).
 
     Returns:
       The save's :class:`SaveHandle`.
@@ -73,7 +76,7 @@ def save_async(
     engine.check_errors()
     return engine.save(
         lambda: checkpoint.prepare_save(path, tree, metadata=metadata, overwrite=overwrite,
-                                        storage_options=storage_options),
+                                        storage_options=storage_options, timeout=timeout),
         path=str(path),
         max_in_flight=max_in_flight,
         staging_budget_bytes=staging_budget_bytes,

@@ -14,6 +14,7 @@ from keepax._src.checkpoint.handle import open_checkpoint as open_checkpoint
 from keepax._src.checkpoint.inspection import CheckpointInfo as CheckpointInfo
 from keepax._src.checkpoint.inspection import LeafInfo as LeafInfo
 from keepax._src.checkpoint.inspection import verify as verify
+from keepax._src.checkpoint.per_process import PerProcess as PerProcess
 from keepax._src.checkpoint.plan import LeafPlan as LeafPlan
 from keepax._src.checkpoint.plan import SourceBuffer as SourceBuffer
 from keepax._src.checkpoint.plan import chunk_view as chunk_view
@@ -21,6 +22,7 @@ from keepax._src.checkpoint.plan import plan_leaves as plan_leaves
 from keepax._src.checkpoint.restoring import RestoreStats as RestoreStats
 from keepax._src.checkpoint.restoring import restore as restore
 from keepax._src.checkpoint.restoring import restore_manifest as restore_manifest
+from keepax._src.checkpoint.saving import SYNC_TIMEOUT as SYNC_TIMEOUT
 from keepax._src.checkpoint.saving import PreparedSave as PreparedSave
 from keepax._src.checkpoint.saving import SaveResult as SaveResult
 from keepax._src.checkpoint.saving import check_metadata as check_metadata
@@ -33,7 +35,8 @@ from keepax._src.checkpoint.single_file import save_file as save_file
 
 __all__ = [
     "Checkpoint", "ChunkInfo", "open_checkpoint", "load_file", "save_file", "CheckpointInfo",
-    "LeafInfo", "LeafPlan", "PreparedSave", "RestoreStats", "SaveResult", "SourceBuffer",
+    "LeafInfo", "LeafPlan", "PerProcess", "PreparedSave", "RestoreStats", "SaveResult",
+    "SourceBuffer", "SYNC_TIMEOUT",
     "check_metadata", "chunk_view", "inspect", "plan_leaves", "prepare_save", "restore",
     "restore_manifest", "save", "verify", "write_prepared",
 ]

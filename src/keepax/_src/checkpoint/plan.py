@@ -34,7 +34,8 @@ from keepax._src.format.manifest import (
 )
 from keepax.errors import UnsupportedLeafError
 
-__all__ = ["LeafPlan", "SourceBuffer", "chunk_view", "is_key_array", "plan_leaves"]
+__all__ = ["LeafPlan", "ProcessRows", "SourceBuffer", "chunk_view", "is_key_array",
+           "plan_leaves"]
 
 _VERSION = "0.1.0"
 
@@ -88,6 +89,34 @@ def _describe_sharding(array: jax.Array) -> dict[str, Any] | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class ProcessRows:
+    """This process's row of a ``(count, width)`` ``uint8`` array in which each process
+    writes its own row: how a :class:`keepax.PerProcess` value is stored (type
+    ``perprocess``; see ``per_process.py``).
+
+    Attributes:
+      row: This process's bytes (``width`` of them, zero-padded).
+      process: This process's index.
+      count: How many processes save.
+      width: The row width every process agreed on.
+    """
+
+    row: np.ndarray
+    process: int
+    count: int
+    width: int
+
+    @property
+    def box(self) -> Any:
+        """This process's row, as a box of the whole array."""
+        return ((self.process, 0), (1, self.width))
+
+    def holders(self) -> dict[Any, set[int]]:
+        """Every row with the one process holding it."""
+        return {((i, 0), (1, self.width)): {i} for i in range(self.count)}
+
+
 @dataclasses.dataclass
 class SourceBuffer:
     """An array that chunks of a leaf are read from: a whole NumPy array, or one shard of a
@@ -134,6 +163,11 @@ def _assigned_shards(
 ) -> list[tuple[Any, Any]]:
     """The cells this process writes in a multi-process save, as (box, data) pairs."""
     shape = tuple(int(d) for d in array.shape)
+    if isinstance(value, ProcessRows):
+        rows = assigner.leaf(shape, 1, value.holders, key=("perprocess", shape))
+        assert rows is not None  # rows always form a grid
+        extra["cells"] = rows.ref
+        return [(box, value.row[None]) for box in rows.mine]
     # Host values and process-local arrays (such as a PRNG key made on each process) are taken
     # to be the same on every process: any of them may write it.
     host = not isinstance(array, jax.Array) or array.is_fully_addressable
@@ -203,6 +237,12 @@ def _classify(
             value = jax.random.key_data(value)
         extra["sharding"] = _describe_sharding(value)
         return kind, value, False, sharding.owned_shards(value)
+    if isinstance(value, ProcessRows):
+        # Alone, the whole array is this row; with others, its shape (only: the rows of other
+        # processes are theirs) and this process's row (see _assigned_shards).
+        whole = value.row[None] if value.count == 1 else np.broadcast_to(
+            value.row, (value.count, value.width))
+        return "perprocess", whole, False, [(((0, 0), whole.shape), whole)]
     if isinstance(value, np.ndarray):
         kind, array, owned = "numpy", value, False
     elif isinstance(value, np.generic):

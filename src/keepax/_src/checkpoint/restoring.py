@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keepax._src.checkpoint import per_process as per_process_
 from keepax._src.checkpoint.opening import Opened, open_path, opened_manifest, vanishing
+from keepax._src.checkpoint.per_process import PerProcessChoice
 from keepax._src.checkpoint.plan import is_key_array
 from keepax._src.format import boxes as sharding
 from keepax._src.format import datafiles as format
@@ -40,10 +42,13 @@ class _Target:
     sharding: jax.sharding.Sharding | None = None
     weak_type: bool = False
     committed: bool = True
+    like: Any = None  # for "perprocess": the like of the marked value
 
 
 def _target_of(like_leaf: Any) -> _Target | None:
     x = like_leaf
+    if isinstance(x, per_process_.PerProcess):
+        return _Target("perprocess", like=x.value)
     if isinstance(x, jax.ShapeDtypeStruct | jax.Array):
         if is_key_array(x):
             return _Target("prngkey", tuple(x.shape), None, getattr(x, "sharding", None))
@@ -143,6 +148,7 @@ def restore(
     dtype: Any = None,
     stats: RestoreStats | None = None,
     storage_options: dict[str, Any] | None = None,
+    per_process: PerProcessChoice = None,
 ) -> Any:
     """Restores a checkpoint.
 
@@ -163,16 +169,23 @@ def restore(
       stats: If given, filled with what was read.
       storage_options: For URLs (``s3://...``): fsspec options and keepax's ``keepax_*``
         transfer options, as for :func:`save`.
+      per_process: Which copy of each :class:`keepax.PerProcess` value to restore: None
+        (default) this process's own (the checkpoint must have been saved by as many
+        processes as this run has), ``k`` process ``k``'s on every process, or ``"all"`` the
+        list of every process's copy.
 
     Returns:
-      The restored tree.
+      The restored tree (per-process values as the value itself, unmarked).
 
     Raises:
       CheckpointNotFoundError, NotCommittedError, CorruptCheckpointError, FormatVersionError:
         the checkpoint is missing, incomplete, damaged or too new.
       TreeMismatchError: ``like`` does not match; the message lists every offending leaf.
+      KeepaxError: a per-process value was saved by another number of processes and
+        ``per_process`` does not say which copy to take (the message names the leaf).
     """
-    return restore_opened(open_path(path, storage_options), like, select, partial, dtype, stats)
+    return restore_opened(open_path(path, storage_options), like, select, partial, dtype, stats,
+                          per_process)
 
 
 def restore_manifest(
@@ -204,6 +217,7 @@ def restore_opened(
     partial: bool,
     dtype: Any,
     stats: RestoreStats | None,
+    per_process: PerProcessChoice = None,
 ) -> Any:
     """Restores from an opened checkpoint; arguments as for :func:`restore`."""
     manifest = opened.manifest
@@ -213,9 +227,9 @@ def restore_opened(
     if like is not None:
         like_leaves, like_def = jax.tree_util.tree_flatten_with_path(like)
         targets, like_order = _match_like(opened, wanted, like_leaves, partial, cast)
-        values = _read_leaves(opened, sorted(targets), targets, cast, stats)
+        values = _read_leaves(opened, sorted(targets), targets, cast, stats, per_process)
         return jax.tree_util.tree_unflatten(like_def, [values[i] for i in like_order])
-    values = _read_leaves(opened, wanted, {}, cast, stats)
+    values = _read_leaves(opened, wanted, {}, cast, stats, per_process)
     keep = None
     if selectors is not None:
         keep = lambda p: any(tree.path_matches(p, s) for s in selectors)  # noqa: E731
@@ -325,12 +339,17 @@ def _read_leaves(
     targets: dict[int, _Target | None],
     cast: Any,
     stats: RestoreStats | None,
+    per_process: PerProcessChoice = None,
 ) -> dict[int, Any]:
     """Reads the given leaves (verified) and makes each the value its target asks for."""
     boxes_of: dict[int, dict[Any, Any]] = {}
     for index in indices:
         leaf = opened.manifest.leaves[index]
-        if isinstance(leaf, ArrayLeaf):
+        if isinstance(leaf, ArrayLeaf) and leaf.type == "perprocess":
+            width = leaf.shape[1]
+            boxes_of[index] = {((row, 0), (1, width)): None for row in
+                               per_process_.rows_wanted(leaf, per_process, opened.where)}
+        elif isinstance(leaf, ArrayLeaf):
             boxes_of[index] = _target_boxes(leaf, targets.get(index))
     with vanishing(opened):
         manifest = opened.manifest
@@ -369,6 +388,9 @@ def _read_leaves(
         stats.files_opened += read.files_opened
     placer = _Placer()
     pending = [(index, _finish(leaf, targets.get(index), cast, parts, placer))
+               if leaf.type != "perprocess" else
+               (index, _per_process_value(leaf, targets.get(index), parts, opened.where,
+                                          per_process))
                for index, leaf, parts in finishers]
     placer.run()
     for index, make in pending:
@@ -471,6 +493,17 @@ def _finish(
     if target is not None and target.weak_type:
         return lambda: _weaken(make())
     return make
+
+
+def _per_process_value(
+    leaf: ArrayLeaf, target: _Target | None, parts: dict[Any, Any], where: str,
+    choice: PerProcessChoice,
+) -> Callable[[], Any]:
+    """The value (or with ``choice="all"``, the list of values) of a per-process leaf."""
+    like = target.like if target is not None else None
+    rows = [host[0] for _, (_, host) in sorted(parts.items())]
+    value = per_process_.decode_rows(rows, like, leaf.path, where, as_list=choice == "all")
+    return lambda: value
 
 
 def _weaken(array: jax.Array) -> jax.Array:

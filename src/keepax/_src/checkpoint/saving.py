@@ -7,27 +7,32 @@ multi-process run (:mod:`keepax._src.commit.distributed`).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
-from keepax._src.checkpoint.plan import LeafPlan, plan_leaves
+from keepax._src.checkpoint import per_process
+from keepax._src.checkpoint.plan import LeafPlan, ProcessRows, is_key_array, plan_leaves
 from keepax._src.commit import coordination, distributed, protocol
 from keepax._src.commit.protocol import SaveResult
 from keepax._src.format import datafiles as format
-from keepax._src.format import tables
+from keepax._src.format import tables, tree
 from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import COMMIT_FILE, MANIFEST_FILE
 from keepax._src.io import Storage, is_hidden_name, split_checkpoint_path
 from keepax.errors import CheckpointExistsError, KeepaxError
 
+SYNC_TIMEOUT = distributed.SYNC_TIMEOUT
+"""Default seconds a process waits for the others at each stage of a multi-process save."""
+
 __all__ = [
-    "PreparedSave", "SAVE_NAMESPACE", "SaveResult", "check_metadata", "prepare_save", "save",
-    "write_prepared",
+    "PreparedSave", "SAVE_NAMESPACE", "SYNC_TIMEOUT", "SaveResult", "check_metadata",
+    "prepare_save", "save", "write_prepared",
 ]
 
 
@@ -39,6 +44,7 @@ def save(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     host_local: bool = False,
+    timeout: float = distributed.SYNC_TIMEOUT,
 ) -> SaveResult:
     """Saves a pytree as a checkpoint, durably and atomically.
 
@@ -66,6 +72,8 @@ def save(
       host_local: In a multi-process run, every process saves into its own ``path`` (a local
         disk per host): each writes every shard it holds and commits its own copy, which
         restores onto the same processes and mesh.
+      timeout: In a multi-process run, seconds each process waits for the others at each
+        stage of the save (the agreement it begins with, the data written, the commit).
 
     Returns:
       What was written (by this process).
@@ -75,10 +83,14 @@ def save(
       UnsupportedLeafError: a leaf (named by key path) cannot be stored.
       KeepaxError: ``metadata`` is not JSON-serialisable; in a multi-process run, a process
         failed or did not arrive in time (the message names it).
+      PeerProcessError: In a multi-process run, on every process, before anything is
+        written: a process's checks failed, the processes are not making the same save, or a
+        value that is not marked :class:`keepax.PerProcess` differs between them.
     """
     began = time.perf_counter()
     prepared = prepare_save(path, tree_, metadata=metadata, overwrite=overwrite,
-                            storage_options=storage_options, host_local=host_local)
+                            storage_options=storage_options, host_local=host_local,
+                            timeout=timeout)
     result = write_prepared(prepared)
     return dataclasses.replace(result, seconds=time.perf_counter() - began)
 
@@ -97,8 +109,8 @@ class PreparedSave:
       plan: The tree's leaves: Python values captured, array chunks still to read.
       coordinator: In a multi-process run, how this process meets the others (None: alone).
       host_local: Every process saves into its own directory (see :func:`save`).
-      serial: The save's number among this process's multi-process saves (every process
-        numbers its saves alike), naming its coordination keys.
+      save_id: In a multi-process save, the id every process agreed on (names its
+        collectives; written into every chunk table).
       step: The step, for messages.
       timeout: Seconds to wait for other processes at each stage of a multi-process save.
     """
@@ -111,14 +123,17 @@ class PreparedSave:
     plan: LeafPlan
     coordinator: coordination.Coordinator | None = None
     host_local: bool = False
-    serial: int = 0
+    save_id: str = ""
     step: int | None = None
     timeout: float = distributed.SYNC_TIMEOUT
 
 
-_serials = itertools.count()
 SAVE_NAMESPACE = "keepax-save"
-"""The coordination namespace of saves (which may run on a writer thread)."""
+"""The coordination namespace of saves' writes and commits (which may run on a writer
+thread)."""
+AGREE_NAMESPACE = "keepax-agree"
+"""The coordination namespace of the agreement each save begins with (always made in the
+caller's thread, when the save is prepared)."""
 
 
 def prepare_save(
@@ -135,10 +150,70 @@ def prepare_save(
     """The checks :func:`save` makes before writing anything, and the tree taken apart.
 
     Python values and metadata are captured now; arrays are referenced, not copied. In a
-    multi-process run every process must prepare the same saves in the same order.
+    multi-process run every process must prepare the same saves in the same order: each
+    preparation ends in the save's agreement (:func:`distributed.agree`), which every process
+    joins even when its own checks failed, so that a failure anywhere fails the save
+    everywhere before anything is written.
 
     Raises:
-      As :func:`save`, for every error found before writing.
+      As :func:`save`, for every error found before writing; in a multi-process run,
+      :class:`~keepax.errors.PeerProcessError` on every process when any process's checks
+      failed or the processes disagree on what they save.
+    """
+    _check_timeout(timeout)
+    coordinator: coordination.Coordinator | None = coordination.current(SAVE_NAMESPACE)
+    if coordinator is not None and coordinator.process_count == 1:
+        coordinator = None
+    if coordinator is None:
+        storage, name, where, checked = _check_inputs(path, metadata, overwrite, storage_options)
+        tree_, _ = per_process.take_apart(tree_, 0, 1)
+        return PreparedSave(storage, name, where, overwrite, checked, plan_leaves(tree_),
+                            step=step)
+    where = str(path)
+    failure: Exception | None = None
+    me, count = coordinator.process_index, coordinator.process_count
+    try:
+        storage, name, where, checked = _check_inputs(path, metadata, overwrite, storage_options)
+        tree_, copies = per_process.take_apart(tree_, me, count)
+        plan = plan_leaves(tree_, tables.Assigner(me, count, host_local=host_local))
+        proposal = _proposal(plan, where, step, host_local, copies)
+    except Exception as e:  # noqa: BLE001 - every process learns of it in the agreement
+        failure = e
+        proposal = distributed.Proposal(where, step, host_local, error=_error_text(e))
+    try:
+        agreement = distributed.agree(coordination.current(AGREE_NAMESPACE), proposal,
+                                      timeout=timeout)
+    except KeepaxError as e:
+        raise e from failure
+    if copies:  # every row as wide as the longest copy: planned again with the agreed widths
+        widths = {leaf: max(lengths) for leaf, lengths in agreement.lengths.items()}
+        tree_ = per_process.widen(tree_, widths)
+        plan = plan_leaves(tree_, tables.Assigner(me, count, host_local=host_local))
+    return PreparedSave(
+        storage, name, where, overwrite, checked, plan, coordinator=coordinator,
+        host_local=host_local, save_id=agreement.save_id, step=step, timeout=timeout,
+    )
+
+
+def _check_timeout(timeout: float) -> None:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (
+        0 < timeout < math.inf
+    ):
+        raise KeepaxError(f"timeout must be a positive number of seconds, not {timeout!r}")
+
+
+def _error_text(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _check_inputs(
+    path: str, metadata: Any, overwrite: bool, storage_options: dict[str, Any] | None
+) -> tuple[Storage, str, str, dict[str, Any]]:
+    """The storage, name and display path of a new checkpoint and its checked metadata.
+
+    Raises:
+      CheckpointExistsError, KeepaxError: as :func:`save`.
     """
     storage, name = split_checkpoint_path(path, storage_options)
     where = storage.display(name)
@@ -147,9 +222,6 @@ def prepare_save(
             "checkpoint names must not contain '.keepax-' (reserved for staging directories)",
             path=where,
         )
-    coordinator: coordination.Coordinator | None = coordination.current(SAVE_NAMESPACE)
-    if coordinator is not None and coordinator.process_count == 1:
-        coordinator = None
     # (On object stores, an interrupted save's leftovers are no checkpoint: saved over.)
     if storage.exists(name) and not protocol.is_unfinished(storage, name):
         if not overwrite:
@@ -165,17 +237,35 @@ def prepare_save(
                 "else; remove it yourself or choose another path",
                 path=where,
             )
-    metadata = check_metadata(metadata, where)
-    if coordinator is None:
-        return PreparedSave(storage, name, where, overwrite, metadata, plan_leaves(tree_),
-                            step=step)
-    assigner = tables.Assigner(
-        coordinator.process_index, coordinator.process_count, host_local=host_local
-    )
-    return PreparedSave(
-        storage, name, where, overwrite, metadata, plan_leaves(tree_, assigner),
-        coordinator=coordinator, host_local=host_local, serial=next(_serials), step=step,
-        timeout=timeout,
+    return storage, name, where, check_metadata(metadata, where)
+
+
+def _proposal(
+    plan: LeafPlan, where: str, step: int | None, host_local: bool, copies: dict[str, bytes]
+) -> distributed.Proposal:
+    """What this process saves, as it tells the others: digests of the tree's structure and
+    (in a shared-directory save) of every value that is not part of a global array."""
+    structure = json.dumps(plan.structure.node, sort_keys=True, default=str).encode()
+    values: dict[str, str] = {}
+    if not host_local:
+        for index, leaf in enumerate(plan.leaves):
+            if leaf is not None:
+                text = json.dumps([leaf.type, leaf.value], sort_keys=True, allow_nan=True)
+                values[leaf.path] = f"{format.checksum(text.encode()):08x}"
+                continue
+            value = plan.structure.leaves[index]
+            if isinstance(value, ProcessRows) or (
+                isinstance(value, jax.Array) and not value.is_fully_addressable
+            ):
+                continue  # per process, or a global array: each process writes its own part
+            array = np.ascontiguousarray(np.asarray(
+                jax.random.key_data(value) if is_key_array(value) else value))
+            head = f"{array.dtype.str}{array.shape}".encode()
+            crc = format.checksum(array.reshape(-1).view(np.uint8).data, format.checksum(head))
+            values[tree.keystr(plan.structure.paths[index])] = f"{crc:08x}"
+    return distributed.Proposal(
+        where, step, host_local, structure=f"{format.checksum(structure):08x}", values=values,
+        lengths={leaf: len(data) for leaf, data in copies.items()},
     )
 
 
@@ -238,7 +328,7 @@ def _distributed_job(
             (), {}, prepared.metadata, created=time.time(), tables=refs, layouts=plan.layouts
         ),
         coordinator=coordinator,
-        serial=prepared.serial,
+        save_id=prepared.save_id,
         host_local=prepared.host_local,
         timeout=prepared.timeout,
         step=prepared.step,

@@ -142,6 +142,31 @@ def save_file(
     return SaveResult(where, size, 1, time.perf_counter() - began)
 
 
+def dump_bytes(tree_: Any) -> bytes:
+    """A pytree as the bytes of a single-file checkpoint (how a per-process value is stored
+    in a checkpoint directory).
+
+    Raises:
+      UnsupportedLeafError: a leaf cannot be stored.
+    """
+    plan = plan_leaves(tree_)
+    views = [_chunk_bytes(source) for source in plan.sources]
+    header = _header(plan, [format.checksum(view) for view in views], {}, 0.0)
+    return b"".join([header, *views])
+
+
+def load_bytes(data: bytes, like: Any, where: str) -> Any:
+    """The pytree in the bytes :func:`dump_bytes` made (``like`` as for :func:`load_file`).
+
+    Raises:
+      CorruptCheckpointError, TreeMismatchError: as :func:`load_file`.
+    """
+    reader = _BytesReader(data)
+    manifest = _read_manifest(reader, "value", where)
+    return restoring.restore_manifest(_ThisFile(reader, "bytes://", "value"), "value", where,
+                                     manifest, like)
+
+
 def _locate(path: str | os.PathLike[str]) -> tuple[Storage, str, str]:
     """The storage holding ``path``, the file's name in it, and the path for messages."""
     text = os.fspath(path)
@@ -450,6 +475,21 @@ def _check_version(text: Any, where: str) -> None:
         )
     if version[0] < 1:
         raise FormatVersionError(f"unknown keepax single-file format version {text}", path=where)
+
+
+class _BytesReader(Reader):
+    """Bytes in memory, read as a file."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+
+    def read_into(self, offset: int, out: memoryview) -> int:
+        part = self._data[offset:offset + len(out)]
+        out[: len(part)] = part
+        return len(part)
+
+    def size(self) -> int:
+        return len(self._data)
 
 
 class _Borrowed(Reader):

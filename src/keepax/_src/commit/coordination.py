@@ -35,12 +35,13 @@ import abc
 import json
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import jax
 
-from keepax.errors import KeepaxError
+from keepax.errors import KeepaxError, PeerProcessError
 
 __all__ = ["JSON", "Coordinator", "SingleProcess", "JaxCoordinator", "current"]
 
@@ -330,10 +331,12 @@ class JaxCoordinator(Coordinator):
             self._seq += 1
             key = f"{prefix}/{self._index}"
             self._runtime(context, "publish", self._client.key_value_set, key, payload)
+            began = time.monotonic()
             try:
                 self._client.wait_at_barrier(prefix, max(1, int(timeout * 1000)))
             except RuntimeError as e:
-                raise self._barrier_error(prefix, timeout, e, context) from e
+                raise self._barrier_error(
+                    prefix, timeout, e, context, time.monotonic() - began) from e
             result = read(prefix)
             if self._index == 0 and self._previous is not None:
                 self._runtime(context, "clean up", self._client.key_value_delete, self._previous)
@@ -346,17 +349,39 @@ class JaxCoordinator(Coordinator):
         timeout: float,
         error: RuntimeError,
         context: tuple[str, int | None, str | None],
+        waited: float,
     ) -> KeepaxError:
-        """Explains a failed barrier, naming the processes whose values never arrived."""
+        """Explains a failed barrier: which processes never arrived, whether the runtime says
+        they died (it lost their heartbeats) or they are late; it never claims what the lookup
+        could not learn.
+
+        (The runtime's live-nodes query cannot tell: it blocks until every process it is asked
+        about calls it too, so it would wait for the very processes that are late.)
+        """
         name, step, path = context
         cause = _cause(error)
         try:
             entries = self._client.key_value_dir_get(f"{prefix}/")
-            arrived = {int(key.rsplit("/", 1)[1]) for key, _ in entries}
-        except RuntimeError:
-            arrived = None
-        missing = [i for i in range(self._count) if arrived is not None and i not in arrived]
-        if missing:
+            arrived: set[int] | None = {int(key.rsplit("/", 1)[1]) for key, _ in entries}
+        except RuntimeError as e:
+            arrived, lookup = None, _cause(e)
+        died = "heartbeat" in cause.lower()
+        if arrived is None:
+            message = (
+                f"{name!r} failed on process {self._index} of {self._count} after {waited:.1f} s"
+                f" ({cause}); which processes arrived could not be looked up ({lookup})."
+                " A peer (process 0 hosts the coordination service) probably died or gave up:"
+                " check the logs of every process."
+            )
+            return KeepaxError(message, path=path, step=step)
+        missing = [i for i in range(self._count) if i not in arrived]
+        if missing and died:
+            message = (
+                f"{_processes(missing, self._count)} did not reach {name!r}: the runtime lost"
+                f" a process's heartbeats after {waited:.1f} s ({cause}). A process died: check"
+                " the logs of those named, and restart the job."
+            )
+        elif missing:
             message = (
                 f"{_processes(missing, self._count)} did not reach {name!r} within {timeout:g} s"
                 f" ({cause}). They may be slow, hung or dead: check their logs; if they are"
@@ -364,17 +389,17 @@ class JaxCoordinator(Coordinator):
             )
         elif "DEADLINE_EXCEEDED" in cause:
             message = (
-                f"{name!r} timed out on process {self._index} of {self._count} although every"
-                f" process has arrived by now: some process came later than the timeout"
-                f" ({timeout:g} s) allows ({cause}). Check which process was slow in the logs;"
-                " raise the timeout if it is merely slow."
+                f"{name!r} timed out on process {self._index} of {self._count} after"
+                f" {waited:.1f} s, and every process has arrived by now: some process came"
+                f" later than the timeout ({timeout:g} s) allows ({cause}). Check which process"
+                " was slow in the logs; raise the timeout if it is merely slow."
             )
         else:
             message = (
                 f"{name!r} failed on process {self._index} of {self._count} ({cause}). Another"
                 " process probably gave up waiting or died: check the logs of every process."
             )
-        return KeepaxError(message, path=path, step=step)
+        return PeerProcessError(message, processes=tuple(missing), path=path, step=step)
 
     def _runtime(
         self,

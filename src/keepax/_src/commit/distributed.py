@@ -3,6 +3,12 @@
 The protocol (``docs/FORMAT.md`` §3.1 and §14), around the one commit protocol of
 :mod:`keepax._src.commit.protocol`:
 
+0. Before anything is written, every process joins one agreement (:func:`agree`, called
+   when the save is prepared): each says what it saves (path, step, a digest of the tree's
+   structure and of the values every process must hold alike) and whether its preparation
+   failed; process 0 adds a fresh save id. If any process failed or disagrees, every process
+   raises :class:`~keepax.errors.PeerProcessError` at once and nothing is written. Every later
+   collective of the save is named by the save id, and every chunk table carries it.
 1. Process 0 begins the save and tells everyone where to write (the staging directory).
 2. Every process writes the cells assigned to it (``tables.py``) into its own data files, then
    its chunk table, and makes them durable.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -36,9 +43,10 @@ from keepax._src.format import datafiles, tables
 from keepax._src.format.datafiles import ChunkSource, DataFile
 from keepax._src.format.manifest import CellRef, Layout, Manifest, TableRef
 from keepax._src.io import Storage
-from keepax.errors import CheckpointExistsError, KeepaxError
+from keepax.errors import CheckpointExistsError, KeepaxError, PeerProcessError
 
-__all__ = ["DistributedSave", "write_distributed", "SYNC_TIMEOUT"]
+__all__ = ["Agreement", "DistributedSave", "Proposal", "SYNC_TIMEOUT", "agree",
+           "write_distributed"]
 
 SYNC_TIMEOUT = 600.0
 """Default seconds a process waits for the others at each stage of a multi-process save."""
@@ -59,8 +67,8 @@ class DistributedSave:
       manifest: Makes the manifest from every process's chunk tables (called on the
         committing process only, once all data is durable).
       coordinator: How this process meets the others.
-      serial: The save's number among this process's multi-process saves (every process
-        numbers its saves alike), naming its coordination keys.
+      save_id: The save's id (from :func:`agree`): names its collectives and is written into
+        every chunk table.
       host_local: Every process saves into its own directory.
       timeout: Seconds to wait for the other processes at each stage.
       step: The step, for messages.
@@ -75,7 +83,7 @@ class DistributedSave:
     layouts: Sequence[Layout]
     manifest: Callable[[Sequence[TableRef]], Manifest]
     coordinator: Coordinator
-    serial: int
+    save_id: str
     host_local: bool = False
     timeout: float = SYNC_TIMEOUT
     step: int | None = None
@@ -88,14 +96,14 @@ class DistributedSave:
     def broadcast(self, stage: str, value: JSON) -> JSON:
         """Process 0's ``value`` for ``stage`` of this save, on every process."""
         return self.coordinator.broadcast(
-            f"save{self.serial}.{stage}", value, timeout=self.timeout, step=self.step,
+            f"save-{self.save_id}.{stage}", value, timeout=self.timeout, step=self.step,
             path=self.where,
         )
 
     def all_gather(self, stage: str, value: JSON) -> list[JSON]:
         """Every process's ``value`` for ``stage`` of this save."""
         return self.coordinator.all_gather(
-            f"save{self.serial}.{stage}", value, timeout=self.timeout, step=self.step,
+            f"save-{self.save_id}.{stage}", value, timeout=self.timeout, step=self.step,
             path=self.where,
         )
 
@@ -104,8 +112,12 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _raise_reports(reports: Sequence[JSON], what: str, where: str, step: int | None) -> None:
-    """Raises on every process if any process reported an error."""
+def _raise_reports(
+    reports: Sequence[JSON], what: str, where: str, step: int | None, me: int | None = None
+) -> None:
+    """Raises on every process if any process reported an error (``me``: with
+    ``host_local``, after the commit, this process's index, whose own copy may be
+    committed)."""
     rows = [cast("dict[str, Any]", r) for r in reports]
     failed = [(i, r["error"]) for i, r in enumerate(rows) if r.get("error")]
     if not failed:
@@ -114,8 +126,18 @@ def _raise_reports(reports: Sequence[JSON], what: str, where: str, step: int | N
     more = f"; and {len(failed) - 8} more" if len(failed) > 8 else ""
     exists = all(rows[i].get("exists") for i, _ in failed)
     cls = CheckpointExistsError if exists else KeepaxError
+    outcome = "nothing was committed"
+    if me is not None and not rows[me].get("error"):
+        outcome = ("this process committed its own copy, but the others named did not, so it "
+                   "is no complete checkpoint (restores and managers ignore a step some hosts "
+                   "lack); saving it again on every process replaces the partial copies")
+    elif me is not None:
+        done = [i for i, r in enumerate(rows) if not r.get("error")]
+        outcome = "this process committed nothing" + (
+            f"; processes {done} committed their own copies, which are no complete checkpoint "
+            "and which saving again on every process replaces" if done else "")
     raise cls(f"the save failed while {what} on {len(failed)} of {len(reports)} processes "
-              f"({lines}{more}); nothing was committed: fix the cause on the named processes "
+              f"({lines}{more}); {outcome}: fix the cause on the named processes "
               "(their logs have the details) and save again", path=where, step=step)
 
 
@@ -161,7 +183,8 @@ def write_distributed(
         outcome, nbytes = _commit(job, staging, _table_refs(job, reports))
         written += nbytes
     if job.host_local:
-        _raise_reports(job.all_gather("committed", outcome), "committing", job.where, job.step)
+        _raise_reports(job.all_gather("committed", outcome), "committing", job.where, job.step,
+                       me=job.coordinator.process_index)
     else:
         shared = job.broadcast("committed", outcome if job.leader else None)
         _raise_reports([shared], "committing on process 0", job.where, job.step)
@@ -208,7 +231,7 @@ def _write_share(
     for is_shared, entries in ((False, private), (True, shared)):
         if is_shared and not entries:
             continue  # every process has a private table, maybe empty; shared ones if any
-        table = tables.encode_table(me, files, entries)
+        table = tables.encode_table(me, files, entries, save_id=job.save_id)
         table_path = tables.table_name(me, is_shared)
         job.storage.write_bytes(f"{staging}/{table_path}", table)
         written += len(table)
@@ -247,3 +270,127 @@ def _commit(
         outcome = {"error": _error_text(e)}
     protocol.discard(staging)
     return outcome, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The agreement before any byte is written.
+
+
+@dataclasses.dataclass(frozen=True)
+class Proposal:
+    """What one process means to save, as it joins the agreement (:func:`agree`).
+
+    Attributes:
+      where: The checkpoint's path.
+      step: The step, if any.
+      host_local: Whether every process saves into its own directory.
+      error: Why this process's preparation failed (``"Type: message"``), or None.
+      structure: A digest of the tree's structure (the same on every process).
+      values: Per leaf path, a digest of a value every process must hold alike (the leaves
+        that are not global arrays; empty with ``host_local``).
+      lengths: Per per-process leaf path, the bytes of this process's copy.
+    """
+
+    where: str
+    step: int | None
+    host_local: bool
+    error: str | None = None
+    structure: str = ""
+    values: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    lengths: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, JSON]:
+        return {"where": self.where, "step": self.step, "host_local": self.host_local,
+                "error": self.error, "structure": self.structure, "values": dict(self.values),
+                "lengths": dict(self.lengths)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """What every process agreed on.
+
+    Attributes:
+      save_id: The save's id (process 0's choice), the same on every process.
+      lengths: Per per-process leaf path, every process's length, by process index.
+    """
+
+    save_id: str
+    lengths: dict[str, list[int]]
+
+
+def agree(coordinator: Coordinator, proposal: Proposal, *, timeout: float) -> Agreement:
+    """The one collective every process joins before any of them writes a byte of a save.
+
+    Every process calls it once per multi-process save, in the same order (also when its own
+    preparation failed: ``proposal.error`` then says why, and every process raises).
+
+    Raises:
+      PeerProcessError: On every process alike: some process's preparation failed, the
+        processes are not saving the same checkpoint (a process out of step, e.g. one that
+        caught a failed save and went on to the next), their trees differ, or a value that is
+        not marked per process differs between processes. ``processes`` names them; nothing
+        was written.
+      KeepaxError: A process did not arrive within ``timeout`` (the message names it).
+    """
+    mine = proposal.to_json()
+    if coordinator.process_index == 0:
+        mine["save_id"] = uuid.uuid4().hex
+    rows = [cast("dict[str, Any]", r) for r in coordinator.all_gather(
+        "agree", mine, timeout=timeout, step=proposal.step, path=proposal.where)]
+    _check_agreement(rows, proposal)
+    lengths = {name: [int(r["lengths"].get(name, 0)) for r in rows]
+               for name in rows[0]["lengths"]}
+    return Agreement(str(rows[0]["save_id"]), lengths)
+
+
+def _check_agreement(rows: Sequence[dict[str, Any]], proposal: Proposal) -> None:
+    """Raises the same error on every process unless the rows of every process agree."""
+    where, step = proposal.where, proposal.step
+    failed = [(i, r["error"]) for i, r in enumerate(rows) if r.get("error")]
+    if failed:
+        lines = "; ".join(f"process {i}: {text}" for i, text in failed[:8])
+        more = f"; and {len(failed) - 8} more" if len(failed) > 8 else ""
+        raise PeerProcessError(
+            f"the save failed before writing on {len(failed)} of {len(rows)} processes "
+            f"({lines}{more}); nothing was written: fix the cause and save again on every "
+            "process", processes=tuple(i for i, _ in failed), path=where, step=step)
+    first = rows[0]
+    odd = [i for i, r in enumerate(rows) if _target(r) != _target(first)]
+    if odd:
+        seen = "; ".join(f"process {i}: {_describe(rows[i])}" for i in [0, *odd][:8])
+        raise PeerProcessError(
+            f"the processes are not making the same save ({seen}); nothing was written. Every "
+            "process must make the same saves in the same order: a process that caught a failed "
+            "save and went on to the next one is out of step with the others; stop the job and "
+            "restart it", processes=tuple(odd), path=where, step=step)
+    odd = [i for i, r in enumerate(rows) if r["structure"] != first["structure"]]
+    if odd:
+        raise PeerProcessError(
+            f"the trees saved by processes {odd} differ in structure from process 0's; "
+            "nothing was written: every process must save the same tree",
+            processes=tuple(odd), path=where, step=step)
+    for name in sorted(set().union(*(r["values"] for r in rows))):
+        digests = [r["values"].get(name) for r in rows]
+        differ = tuple(i for i, d in enumerate(digests) if d != digests[0])
+        if differ:
+            raise PeerProcessError(
+                f"this value differs between processes (processes {list(differ)} hold another "
+                "value than process 0), and a multi-process save stores one copy of it: mark "
+                "it keepax.PerProcess(value) to store each process's own copy, or make it the "
+                "same on every process; nothing was written",
+                processes=differ, path=where, step=step, leaf=name)
+
+
+def _target(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a row says is being saved (host-local saves may use other paths per host: only
+    their last component must agree)."""
+    where = str(row["where"])
+    if row["host_local"]:
+        where = where.rstrip("/").rsplit("/", 1)[-1]
+    return where, row["step"], row["host_local"]
+
+
+def _describe(row: Mapping[str, Any]) -> str:
+    step = "" if row["step"] is None else f" step {row['step']}"
+    local = " host-local" if row["host_local"] else ""
+    return f"{row['where']}{step}{local}"

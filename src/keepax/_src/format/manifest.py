@@ -49,7 +49,7 @@ __all__ = [
 
 _MAX_CELLS = 1 << 24  # a layout with more cells than this is rejected before allocating
 
-ARRAY_TYPES = ("jax", "numpy", "npscalar", "bytes", "prngkey")
+ARRAY_TYPES = ("jax", "numpy", "npscalar", "bytes", "prngkey", "perprocess")
 VALUE_TYPES = ("int", "float", "bool", "complex", "str")
 
 _MAX_DIM = 1 << 48  # larger dimensions are rejected before any arithmetic or allocation
@@ -150,8 +150,9 @@ class ArrayLeaf:
     Attributes:
       path: The leaf's key path (``jax.tree_util.keystr``).
       type: What the leaf was: ``jax`` (a ``jax.Array``), ``numpy`` (an ``np.ndarray``),
-        ``npscalar`` (a NumPy scalar), ``bytes``, or ``prngkey`` (a typed PRNG key array,
-        stored as its key data).
+        ``npscalar`` (a NumPy scalar), ``bytes``, ``prngkey`` (a typed PRNG key array,
+        stored as its key data), or ``perprocess`` (``keepax.PerProcess``: row ``i`` of a
+        ``uint8`` array holds process ``i``'s copy, FORMAT.md §Per-process values).
       shape: Shape of the stored array (for ``prngkey``, of the key data).
       dtype: Manifest dtype name of the stored array.
       chunks: Where the bytes are.

@@ -306,7 +306,8 @@ class Assigner:
 
 
 def encode_table(
-    process: int, files: Sequence[DataFile], chunks: Iterable[tuple[int, Chunk]]
+    process: int, files: Sequence[DataFile], chunks: Iterable[tuple[int, Chunk]],
+    *, save_id: str | None = None,
 ) -> bytes:
     """Serialises one process's chunk table.
 
@@ -317,6 +318,8 @@ def encode_table(
       process: The writing process.
       files: Its data files (chunks refer to them by index).
       chunks: (leaf index, chunk) pairs.
+      save_id: The id of the save that wrote it (every table of one checkpoint carries the
+        same; readers reject a checkpoint whose tables carry different ones).
     """
     rows: list[list[Any]] = []
     newer = False
@@ -332,6 +335,7 @@ def encode_table(
         "version": spec.version_text(spec.CODECS_VERSION if newer else TABLE_VERSION),
         "kind": _TABLE_KIND,
         "process": process,
+        **({"save_id": save_id} if save_id is not None else {}),
         "files": [{"name": f.name, "nbytes": f.nbytes} for f in files],
         "chunks": rows,
     }
@@ -342,6 +346,7 @@ def encode_table(
 class _Table:
     files: tuple[DataFile, ...]
     chunks: dict[int, list[Chunk]]  # leaf index -> chunks (file indices local to the table)
+    save_id: str | None = None
 
 
 def _fail(where: str, name: str, message: str, leaf: str | None = None) -> CorruptCheckpointError:
@@ -369,6 +374,9 @@ def _parse_table(data: bytes, ref: TableRef, manifest: Manifest, where: str) -> 
     if type(doc.get("process")) is not int or doc.get("process") != ref.process:
         raise _fail(where, name, f"written by process {doc.get('process')!r:.20}, the manifest "
                                  f"says {ref.process}")
+    save_id = doc.get("save_id")
+    if save_id is not None and not isinstance(save_id, str):
+        raise _fail(where, name, "save_id must be a string")
     raw_files, raw_chunks = doc.get("files"), doc.get("chunks")
     if not isinstance(raw_files, list) or not isinstance(raw_chunks, list):
         raise _fail(where, name, "files and chunks must be lists")
@@ -384,7 +392,22 @@ def _parse_table(data: bytes, ref: TableRef, manifest: Manifest, where: str) -> 
     for (f0, _, end0), (f1, begin1, _) in zip(ranges, ranges[1:]):
         if f0 == f1 and begin1 < end0:
             raise _fail(where, name, f"chunks overlap in {files[f1].name}")
-    return _Table(tuple(files), chunks)
+    return _Table(tuple(files), chunks, save_id)
+
+
+def check_save_ids(names: Sequence[str], save_ids: Sequence[str | None], where: str) -> None:
+    """Raises unless every chunk table read was written by the same save.
+
+    Raises:
+      CorruptCheckpointError: Two tables carry different save ids (a checkpoint mixing the
+        data of two saves).
+    """
+    ids = {i for i in save_ids if i is not None}
+    if len(ids) > 1 or (ids and None in save_ids):
+        shown = ", ".join(f"{n}: {i or 'none'}" for n, i in zip(names, save_ids))
+        raise CorruptCheckpointError(
+            f"its chunk tables were written by different saves ({shown}): it mixes the data of "
+            "two saves; restore an earlier checkpoint", path=where)
 
 
 def _parse_files(raw_files: list[Any], where: str, name: str) -> list[DataFile]:
@@ -552,6 +575,7 @@ def resolve(
         with concurrent.futures.ThreadPoolExecutor(min(workers, len(refs))) as pool:
             loaded = list(pool.map(load, refs))
 
+    check_save_ids([r.name for r in refs], [t.save_id for t in loaded], where)
     files, per_leaf = _merge(refs, loaded, cells, where)
     leaves = list(manifest.leaves)
     for index, indices in cells.items():

@@ -187,7 +187,10 @@ class StepSave:
         try:
             return checkpoint.prepare_save(
                 self.path, self.tree, metadata=self.manifest_metadata(),
-                storage_options=storage_options, overwrite=self.replace,
+                storage_options=storage_options,
+                # With host_local, a copy of the step in this process's directory that is no
+                # step (some host lacks it: a save that failed on another host) is replaced.
+                overwrite=self.replace or host_local,
                 host_local=host_local, step=self.step, timeout=timeout,
             )
         except CheckpointExistsError as e:

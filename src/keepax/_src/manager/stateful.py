@@ -70,8 +70,9 @@ def _check_state_value(value: Any, owner: Any, leaf: str, step: int) -> None:
 
 
 def state_tree(state: Any, step: int) -> tuple[Any, list[str]]:
-    """The tree to save: each stateful object replaced by its ``get_state()``; also the key
-    paths of those objects.
+    """The tree to save: each stateful object replaced by its ``get_state()`` (in a
+    multi-process run marked :class:`keepax.PerProcess`: each process's state is its own and
+    is restored to the process with the same index); also the key paths of those objects.
 
     Raises:
       UnsupportedLeafError: A ``get_state()`` value that is not JSON-like data or arrays.
@@ -84,7 +85,7 @@ def state_tree(state: Any, step: int) -> tuple[Any, list[str]]:
             where = jax.tree_util.keystr(path)
             _check_state_value(value, leaf, where, step)
             stateful.append(where)
-            leaf = value
+            leaf = checkpoint.PerProcess(value) if jax.process_count() > 1 else value
         out.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, out), stateful
 
@@ -112,6 +113,8 @@ def _like_of(leaf: checkpoint.LeafInfo) -> Any:
     """A ``like`` leaf that restores a stored leaf as it is (no allocation for arrays)."""
     if leaf.shape is None:
         return leaf.value
+    if leaf.type == "perprocess":
+        return checkpoint.PerProcess(None)
     if leaf.type == "bytes":
         return b""
     dtype = jax.numpy.dtype(leaf.dtype)
