@@ -216,15 +216,20 @@ def value_as(value: Any, target: Target | None, leaf: str) -> Any:
     """
     if target is None or target.kind == type(value).__name__ or target.kind in ("str", "bytes"):
         return value
-    if target.kind == "float":
-        out: Any = float(value)
-    elif target.kind in ARRAYISH:
-        out = np.asarray(value, dtype=target.dtype)
-    else:
-        return value
-    if out != value:
+    try:
+        if target.kind == "float":
+            out: Any = float(value)
+        elif target.kind in ARRAYISH:
+            out = np.asarray(value, dtype=target.dtype)
+        else:
+            return value
+        exact = bool(out == value)
+    except (OverflowError, ValueError, TypeError):
+        exact = False
+    if not exact:
         raise TreeMismatchError(
-            f"the saved value {value!r} cannot be represented exactly as {_a(str(target.dtype))} "
+            f"the saved value {value!r} cannot be represented exactly as "
+            f"{_a(target.kind if target.dtype is None else str(target.dtype))} "
             "(the like leaf); change that like leaf's dtype",
             leaf=leaf,
         )

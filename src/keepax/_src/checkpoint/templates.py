@@ -79,7 +79,7 @@ def placement_targets(
                               path=opened.where, leaf=leaf.path)
         shape = tuple(leaf.shape)
         try:
-            sharding.shard_shape(shape)
+            sharding.check_compatible_aval(shape)
         except (ValueError, TypeError) as e:
             raise KeepaxError(f"the sharding given does not fit shape {shape}: {e}",
                               path=opened.where, leaf=leaf.path) from e
