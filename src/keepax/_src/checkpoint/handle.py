@@ -76,10 +76,18 @@ class Checkpoint:
         select: str | Sequence[str | tuple[Any, ...]] | None = None,
         partial: bool = False,
         dtype: Any = None,
+        transform: Callable[[str, Any], Any] | None = None,
+        shardings: Any = None,
+        types: Sequence[type] = (),
+        per_process: Any = None,
         stats: RestoreStats | None = None,
     ) -> Any:
         """Restores the checkpoint; arguments as for :func:`keepax.restore`."""
-        return restoring.restore_opened(self._opened, like, select, partial, dtype, stats)
+        return restoring.restore_opened(
+            self._opened, like, select=select, partial=partial, dtype=dtype,
+            transform=transform, shardings=shardings, types=types, per_process=per_process,
+            stats=stats,
+        )
 
     def iter_leaves(
         self, select: str | Sequence[str | tuple[Any, ...]] | None = None

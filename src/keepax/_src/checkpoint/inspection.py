@@ -8,8 +8,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from keepax._src.checkpoint.opening import Opened, is_gone, open_path, vanishing
-from keepax._src.checkpoint.restoring import decode_value
+from keepax._src.checkpoint.opening import Opened, decode_value, is_gone, open_path, vanishing
 from keepax._src.format import datafiles as format
 from keepax._src.format import tables, tree
 from keepax._src.format.manifest import ArrayLeaf, Manifest

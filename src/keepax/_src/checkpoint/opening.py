@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import struct
 from collections.abc import Iterator
 from typing import Any
 
 from keepax._src.format import datafiles as format
 from keepax._src.format import tree
-from keepax._src.format.manifest import COMMIT_FILE, MANIFEST_FILE, CommitMarker, Manifest
+from keepax._src.format.manifest import (
+    COMMIT_FILE,
+    MANIFEST_FILE,
+    CommitMarker,
+    Manifest,
+    ValueLeaf,
+)
 from keepax._src.io import Storage, is_hidden_name, split_checkpoint_path
 from keepax._src.io.base import STAGING_TAG
 from keepax.errors import CheckpointNotFoundError, CorruptCheckpointError, NotCommittedError
@@ -221,3 +228,26 @@ def vanishing(opened: Opened) -> Iterator[None]:
         if is_gone(opened):
             raise CheckpointNotFoundError(_DELETED, path=opened.where) from e
         raise
+
+
+def decode_value(leaf: ValueLeaf, where: str) -> Any:
+    """The Python value a value leaf stores.
+
+    Raises:
+      CorruptCheckpointError: the stored value is not of its recorded kind.
+    """
+    v, kind = leaf.value, leaf.type
+    try:
+        if kind == "bool" and isinstance(v, bool):
+            return v
+        if kind == "int" and isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if kind == "str" and isinstance(v, str):
+            return v
+        if kind == "float" and isinstance(v, str):
+            return tree.decode_float(v)
+        if kind == "complex" and isinstance(v, list) and len(v) == 2:
+            return complex(tree.decode_float(v[0]), tree.decode_float(v[1]))
+    except (ValueError, TypeError, struct.error):
+        pass
+    raise CorruptCheckpointError(f"invalid {kind} value {v!r:.60}", path=where, leaf=leaf.path)

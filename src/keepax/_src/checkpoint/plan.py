@@ -250,12 +250,7 @@ def _classify(
     elif isinstance(value, bytes | bytearray):
         kind, array, owned = "bytes", np.frombuffer(bytes(value), np.uint8), True
     else:
-        raise UnsupportedLeafError(
-            f"leaves of type {type(value).__module__}.{type(value).__qualname__} cannot be "
-            "stored; use arrays, Python/NumPy scalars, str, bytes or None, or register the "
-            "type as a pytree node",
-            leaf=path,
-        )
+        raise UnsupportedLeafError(_unsupported_message(value), leaf=path)
     return kind, array, owned, [(((0,) * array.ndim, tuple(array.shape)), array)]
 
 
@@ -406,3 +401,18 @@ def plan_leaves(tree_: Any, assigner: tables.Assigner | None = None) -> LeafPlan
         leaves.append(None)
     layouts = list(assigner.layouts) if assigner is not None else []
     return LeafPlan(structure, leaves, sources, arrays, buffers, layouts)
+
+
+def _unsupported_message(value: Any) -> str:
+    """Why a leaf cannot be stored, with the fix for the common cases."""
+    name = f"{type(value).__module__}.{type(value).__qualname__}"
+    if callable(getattr(value, "get_state", None)) and callable(getattr(value, "set_state", None)):
+        return (f"{name} is an object with get_state()/set_state() (an iterator or data "
+                "loader): save it through a CheckpointManager, which stores its state, or save "
+                "obj.get_state()")
+    if callable(value):
+        return (f"leaves of type {name} (functions, activations, ...) cannot be stored; save "
+                "only the arrays, e.g. for an equinox model eqx.filter(model, eqx.is_array), "
+                "and after restoring rebuild it with eqx.combine(restored, static)")
+    return (f"leaves of type {name} cannot be stored; use arrays, Python/NumPy scalars, str, "
+            "bytes or None, or register the type as a pytree node")

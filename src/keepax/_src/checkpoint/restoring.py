@@ -5,122 +5,44 @@ the arrays on the requested shardings (one batched ``jax.device_put``).
 
 from __future__ import annotations
 
-import dataclasses
-import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from keepax._src.checkpoint import per_process as per_process_
-from keepax._src.checkpoint.opening import Opened, open_path, opened_manifest, vanishing
+from keepax._src.checkpoint.matching import (
+    VALUE_KINDS,
+    Target,
+    array_as_value,
+    final_dtype,
+    match_like,
+    resolve_cast,
+    value_as,
+    weaken,
+)
+from keepax._src.checkpoint.opening import (
+    Opened,
+    decode_value,
+    open_path,
+    opened_manifest,
+    vanishing,
+)
 from keepax._src.checkpoint.per_process import PerProcessChoice
-from keepax._src.checkpoint.plan import is_key_array
+from keepax._src.checkpoint.templates import Shardings, node_builder, placement_targets
 from keepax._src.format import boxes as sharding
 from keepax._src.format import datafiles as format
 from keepax._src.format import dtypes, tables, tree
 from keepax._src.format.datafiles import ReadRequest, RestoreStats
 from keepax._src.format.manifest import ArrayLeaf, Manifest, ValueLeaf
 from keepax._src.io import Storage
-from keepax.errors import CorruptCheckpointError, KeepaxError, TreeMismatchError
+from keepax.errors import CorruptCheckpointError, KeepaxError
 
 __all__ = [
-    "RestoreStats", "decode_value", "read_plain", "restore", "restore_manifest", "restore_opened",
+    "RestoreStats", "read_plain", "restore", "restore_manifest", "restore_opened",
     "selected_indices",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Target:
-    """What the caller wants a leaf restored as (from its `like` leaf)."""
-
-    kind: str  # "jax", "numpy", "npscalar", "prngkey", "bytes", or a value type
-    shape: tuple[int, ...] | None = None
-    dtype: np.dtype | None = None
-    sharding: jax.sharding.Sharding | None = None
-    weak_type: bool = False
-    committed: bool = True
-    like: Any = None  # for "perprocess": the like of the marked value
-
-
-def _target_of(like_leaf: Any) -> _Target | None:
-    x = like_leaf
-    if isinstance(x, per_process_.PerProcess):
-        return _Target("perprocess", like=x.value)
-    if isinstance(x, jax.ShapeDtypeStruct | jax.Array):
-        if is_key_array(x):
-            return _Target("prngkey", tuple(x.shape), None, getattr(x, "sharding", None))
-        return _Target(
-            "jax",
-            tuple(x.shape),
-            np.dtype(x.dtype),
-            getattr(x, "sharding", None),
-            bool(getattr(x, "weak_type", False)),
-            # An array made by jnp.asarray is "uncommitted"; jit treats the two differently
-            # (it recompiles), so a restore reproduces it. No public API exposes the flag.
-            bool(getattr(x, "_committed", True)),
-        )
-    if isinstance(x, np.ndarray):
-        return _Target("numpy", tuple(x.shape), x.dtype)
-    if isinstance(x, np.generic):
-        return _Target("npscalar", (), np.dtype(x.dtype))
-    if isinstance(x, bytes):
-        return _Target("bytes")
-    for kind, types in (("bool", bool), ("int", int), ("float", float), ("complex", complex),
-                        ("str", str)):
-        if isinstance(x, types):
-            return _Target(kind)
-    return None
-
-
-_ARRAYISH = ("jax", "numpy", "npscalar")
-
-
-def _resolve_cast(dtype: Any) -> Any:
-    if dtype is None or (isinstance(dtype, str) and dtype == "like"):
-        return dtype
-    return np.dtype(dtypes.dtype_from_name(jnp.dtype(dtype).name))
-
-
-def _final_dtype(stored: np.dtype, target: _Target | None, cast: Any) -> np.dtype:
-    """The dtype a leaf is restored as."""
-    if isinstance(cast, np.dtype):
-        return cast if jnp.issubdtype(stored, jnp.floating) else stored
-    if cast == "like" and target is not None and target.dtype is not None:
-        return target.dtype
-    return stored
-
-
-def _check_leaf(leaf: Any, target: _Target | None, cast: Any) -> str | None:
-    """Why a stored leaf cannot be restored as the target, or None."""
-    if target is None:
-        return f"{leaf.path}: like holds an unsupported leaf type"
-    if isinstance(leaf, ValueLeaf):
-        if target.kind != leaf.type:
-            return f"{leaf.path}: checkpoint holds a {leaf.type}, like a {target.kind}"
-        return None
-    if leaf.type in _ARRAYISH:
-        if target.kind not in _ARRAYISH:
-            return f"{leaf.path}: checkpoint holds an array, like a {target.kind}"
-    elif leaf.type != target.kind:
-        return f"{leaf.path}: checkpoint holds {leaf.type}, like a {target.kind}"
-    if leaf.type == "prngkey":
-        key_shape = leaf.shape[: len(target.shape or ())]
-        if tuple(key_shape) != target.shape:
-            return f"{leaf.path}: key shape {key_shape} in checkpoint, {target.shape} in like"
-        return None
-    if target.shape is not None and tuple(leaf.shape) != target.shape:
-        return f"{leaf.path}: shape {tuple(leaf.shape)} in checkpoint, {target.shape} in like"
-    if target.dtype is not None:
-        final = _final_dtype(dtypes.dtype_from_name(leaf.dtype), target, cast)
-        if final != target.dtype:
-            hint = "pass dtype='like' to cast" if cast is None else "adjust dtype="
-            return (
-                f"{leaf.path}: dtype {final} from checkpoint, {target.dtype} in like ({hint})"
-            )
-    return None
 
 
 def _normalize_select(select: Any) -> list[tuple[Any, ...]] | None:
@@ -139,16 +61,23 @@ def _normalize_select(select: Any) -> list[tuple[Any, ...]] | None:
     return out
 
 
+Select = str | Sequence[str | tuple[Any, ...]] | None
+Transform = Callable[[str, Any], Any]
+
+
 def restore(
     path: str,
     like: Any = None,
     *,
-    select: str | Sequence[str | tuple[Any, ...]] | None = None,
+    select: Select = None,
     partial: bool = False,
     dtype: Any = None,
+    transform: Transform | None = None,
+    shardings: Shardings | None = None,
+    types: Sequence[type] = (),
+    per_process: PerProcessChoice = None,
     stats: RestoreStats | None = None,
     storage_options: dict[str, Any] | None = None,
-    per_process: PerProcessChoice = None,
 ) -> Any:
     """Restores a checkpoint.
 
@@ -157,25 +86,44 @@ def restore(
       like: Optional pytree of the same structure, whose leaves are arrays (``jax.Array``,
         ``np.ndarray``), ``jax.ShapeDtypeStruct`` (with or without ``sharding``) or values of
         the expected Python types. Arrays come back as the ``like`` leaf's kind: ``jax.Array``
-        placed on its sharding (the default device when it has none), or NumPy. Without
-        ``like``, the tree comes back as nested dicts, lists and tuples of NumPy arrays and
-        Python values (namedtuples, dataclasses and custom nodes as dicts), on any machine.
+        placed on its sharding (the default device when it has none), or NumPy; a Python
+        scalar and a 0-d array are interchangeable (the result is the like's kind, with the
+        saved value exactly). Containers match by field names, so a namedtuple, dataclass or
+        flax struct restores into a dict with the same keys and back (the trees
+        :func:`restore` and :func:`inspect` hand out included). Without ``like``, the tree
+        comes back as nested dicts, lists and tuples of NumPy arrays and Python values
+        (namedtuples, dataclasses and custom nodes as dicts, unless named in ``types``).
       select: Restore only these subtrees: key paths given as ``"params/dense"`` (``str()`` of
-        each key) or as tuples of keys. Other leaves' bytes are not read.
+        each key) or as tuples of keys. Other leaves' bytes are not read. Without ``like``,
+        the result holds exactly what was selected; a list selected in part becomes a dict
+        keyed by position, so ``out["layers"][3]`` is always layer 3.
       partial: With ``like``, allow the checkpoint to hold leaves ``like`` lacks (they are not
         read). Leaves in ``like`` but not in the checkpoint are always an error.
       dtype: ``None`` (default): dtypes must match ``like`` exactly. ``"like"``: cast each leaf
-        to its ``like`` dtype. A dtype: cast every floating-point array to it.
-      stats: If given, filled with what was read.
-      storage_options: For URLs (``s3://...``): fsspec options and keepax's ``keepax_*``
-        transfer options, as for :func:`save`.
+        to its ``like`` dtype. A dtype (e.g. ``jnp.bfloat16``): cast every floating-point
+        array to it, whatever ``like`` says (the result has that dtype, placed on ``like``'s
+        shardings); integers are never cast unless ``dtype="like"``.
+      transform: Called as ``transform(key_path, value)`` on each leaf as it arrives; its
+        result replaces the leaf (e.g. a cast or a quantisation), so the tree is never held
+        twice.
+      shardings: Without ``like``: where to place arrays, as ``jax.Array``s. A function
+        ``(name, leaf_info) -> Sharding | None`` (``name`` like ``"params/dense/kernel"``,
+        ``leaf_info`` a :class:`LeafInfo`; None keeps the leaf in NumPy), or a sequence of
+        ``(regex, Sharding)`` rules, the first whose regex matches ``name`` (``re.search``)
+        applying.
+      types: Without ``like``: the namedtuple and dataclass types (flax structs, optax
+        states, ...) the caller trusts; containers saved from these classes come back as
+        them instead of dicts. keepax never imports or calls anything a checkpoint names.
       per_process: Which copy of each :class:`keepax.PerProcess` value to restore: None
         (default) this process's own (the checkpoint must have been saved by as many
         processes as this run has), ``k`` process ``k``'s on every process, or ``"all"`` the
         list of every process's copy.
+      stats: If given, filled with what was read.
+      storage_options: For URLs (``s3://...``): fsspec options and keepax's ``keepax_*``
+        transfer options, as for :func:`save`.
 
     Returns:
-      The restored tree (per-process values as the value itself, unmarked).
+      The restored tree.
 
     Raises:
       CheckpointNotFoundError, NotCommittedError, CorruptCheckpointError, FormatVersionError:
@@ -184,103 +132,61 @@ def restore(
       KeepaxError: a per-process value was saved by another number of processes and
         ``per_process`` does not say which copy to take (the message names the leaf).
     """
-    return restore_opened(open_path(path, storage_options), like, select, partial, dtype, stats,
-                          per_process)
+    return restore_opened(
+        open_path(path, storage_options), like, select=select, partial=partial, dtype=dtype,
+        transform=transform, shardings=shardings, types=types, per_process=per_process,
+        stats=stats,
+    )
 
 
 def restore_manifest(
-    storage: Storage,
-    name: str,
-    where: str,
-    manifest: Manifest,
-    like: Any = None,
-    *,
-    select: str | Sequence[str | tuple[Any, ...]] | None = None,
-    partial: bool = False,
-    dtype: Any = None,
-    stats: RestoreStats | None = None,
+    storage: Storage, name: str, where: str, manifest: Manifest, like: Any = None, **kwargs: Any
 ) -> Any:
     """:func:`restore` from a validated manifest whose data files ``storage`` opens under
-    ``name`` (how single-file checkpoints share the directory format's reading code).
+    ``name`` (how single-file checkpoints share the directory format's reading code);
+    keyword arguments as for :func:`restore`.
 
     Raises:
       CorruptCheckpointError, TreeMismatchError: as :func:`restore`.
     """
-    return restore_opened(opened_manifest(storage, name, where, manifest), like, select, partial,
-                          dtype, stats)
+    return restore_opened(opened_manifest(storage, name, where, manifest), like, **kwargs)
 
 
 def restore_opened(
     opened: Opened,
-    like: Any,
-    select: str | Sequence[str | tuple[Any, ...]] | None,
-    partial: bool,
-    dtype: Any,
-    stats: RestoreStats | None,
+    like: Any = None,
+    *,
+    select: Select = None,
+    partial: bool = False,
+    dtype: Any = None,
+    transform: Transform | None = None,
+    shardings: Shardings | None = None,
+    types: Sequence[type] = (),
     per_process: PerProcessChoice = None,
+    stats: RestoreStats | None = None,
 ) -> Any:
     """Restores from an opened checkpoint; arguments as for :func:`restore`."""
-    manifest = opened.manifest
-    cast = _resolve_cast(dtype)
-    selectors = _normalize_select(select)
+    cast = resolve_cast(dtype)
     wanted = selected_indices(opened, select)
     if like is not None:
+        if shardings is not None or types:
+            raise KeepaxError("shardings= and types= apply only without like; put shardings "
+                              "and container types in like instead", path=opened.where)
         like_leaves, like_def = jax.tree_util.tree_flatten_with_path(like)
-        targets, like_order = _match_like(opened, wanted, like_leaves, partial, cast)
-        values = _read_leaves(opened, sorted(targets), targets, cast, stats, per_process)
+        targets, like_order = match_like(opened, wanted, like_leaves, partial, cast)
+        values = _read_leaves(opened, sorted(targets), targets, cast, stats, transform,
+                              per_process)
         return jax.tree_util.tree_unflatten(like_def, [values[i] for i in like_order])
-    values = _read_leaves(opened, wanted, {}, cast, stats, per_process)
+    targets = placement_targets(opened, wanted, shardings, cast)
+    values = _read_leaves(opened, wanted, targets, cast, stats, transform, per_process)
+    selectors = _normalize_select(select)
     keep = None
     if selectors is not None:
         keep = lambda p: any(tree.path_matches(p, s) for s in selectors)  # noqa: E731
-    return tree.rebuild_plain(manifest.tree, values.__getitem__, keep=keep)
-
-
-def _match_like(
-    opened: Opened, wanted: Sequence[int], like_leaves: Sequence[tuple[Any, Any]],
-    partial: bool, cast: Any,
-) -> tuple[dict[int, _Target | None], list[int]]:
-    """Pairs the ``like`` leaves with the wanted stored leaves; returns each stored leaf's
-    target and, per ``like`` leaf, the stored leaf it gets.
-
-    Raises:
-      TreeMismatchError: listing every leaf that does not match.
-    """
-    leaves = opened.manifest.leaves
-    targets: dict[int, _Target | None] = {}
-    like_order: list[int] = []
-    by_path = {leaves[i].path: i for i in wanted}
-    problems: list[str] = []
-    for like_path, like_leaf in like_leaves:
-        text = tree.keystr(like_path)
-        index = by_path.get(text)
-        if index is None:
-            problems.append(f"{text}: in like but not in the checkpoint")
-            like_order.append(-1)
-            continue
-        target = _target_of(like_leaf)
-        targets[index] = target
-        like_order.append(index)
-        problem = _check_leaf(leaves[index], target, cast)
-        if problem:
-            problems.append(problem)
-    extra = sorted(set(wanted) - set(targets))
-    if extra and not partial:
-        problems.extend(
-            f"{leaves[i].path}: in the checkpoint but not in like (pass "
-            "partial=True to skip such leaves)"
-            for i in extra
-        )
-    if problems:
-        shown = "\n  ".join(problems[:25])
-        more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
-        raise TreeMismatchError(
-            f"the checkpoint does not match like ({len(problems)} problem"
-            f"{'s' if len(problems) != 1 else ''}):\n  {shown}{more}",
-            path=opened.where,
-            leaf=problems[0].split(":", 1)[0],
-        )
-    return targets, like_order
+    return tree.rebuild_plain(
+        opened.manifest.tree, values.__getitem__, keep=keep,
+        make_node=node_builder(types, opened.where) if types else None,
+    )
 
 
 def selected_indices(
@@ -299,7 +205,7 @@ def selected_indices(
         i for i, p in key_paths.items() if any(tree.path_matches(p, s) for s in selectors)
     )
     if not wanted:
-        top = sorted({str(tree._entry_name(p[0])) for p in key_paths.values() if p})
+        top = sorted({str(tree.entry_name(p[0])) for p in key_paths.values() if p})
         raise KeepaxError(
             f"select={select!r} matches no leaf; top-level keys are {top}", path=opened.where
         )
@@ -308,25 +214,7 @@ def selected_indices(
 
 def read_plain(opened: Opened, indices: Sequence[int]) -> dict[int, Any]:
     """Reads the given leaves as NumPy arrays / Python values (no ``like``)."""
-    return _read_leaves(opened, indices, {}, None, None)
-
-
-def decode_value(leaf: ValueLeaf, where: str) -> Any:
-    v, kind = leaf.value, leaf.type
-    try:
-        if kind == "bool" and isinstance(v, bool):
-            return v
-        if kind == "int" and isinstance(v, int) and not isinstance(v, bool):
-            return v
-        if kind == "str" and isinstance(v, str):
-            return v
-        if kind == "float" and isinstance(v, str):
-            return tree.decode_float(v)
-        if kind == "complex" and isinstance(v, list) and len(v) == 2:
-            return complex(tree.decode_float(v[0]), tree.decode_float(v[1]))
-    except (ValueError, TypeError, struct.error):
-        pass
-    raise CorruptCheckpointError(f"invalid {kind} value {v!r:.60}", path=where, leaf=leaf.path)
+    return _read_leaves(opened, indices, {}, None, None, None)
 
 
 _Parts = dict[Any, tuple[Any, np.ndarray]]
@@ -336,12 +224,14 @@ _Parts = dict[Any, tuple[Any, np.ndarray]]
 def _read_leaves(
     opened: Opened,
     indices: Sequence[int],
-    targets: dict[int, _Target | None],
+    targets: dict[int, Target | None],
     cast: Any,
     stats: RestoreStats | None,
+    transform: Transform | None,
     per_process: PerProcessChoice = None,
 ) -> dict[int, Any]:
-    """Reads the given leaves (verified) and makes each the value its target asks for."""
+    """Reads the given leaves (verified) and makes each the value its target asks for,
+    applying ``transform`` to each as it is made."""
     boxes_of: dict[int, dict[Any, Any]] = {}
     for index in indices:
         leaf = opened.manifest.leaves[index]
@@ -373,7 +263,10 @@ def _read_leaves(
         for index in indices:
             leaf = manifest.leaves[index]
             if isinstance(leaf, ValueLeaf):
-                values[index] = decode_value(leaf, opened.where)
+                values[index] = value_as(decode_value(leaf, opened.where), targets.get(index),
+                                         leaf.path)
+                if transform is not None:
+                    values[index] = transform(leaf.path, values[index])
                 continue
             parts: _Parts = {}
             for box, devices in boxes_of[index].items():
@@ -395,10 +288,12 @@ def _read_leaves(
     placer.run()
     for index, make in pending:
         values[index] = make()
+        if transform is not None:
+            values[index] = transform(manifest.leaves[index].path, values[index])
     return values
 
 
-def _target_boxes(leaf: ArrayLeaf, target: _Target | None) -> dict[Any, Any]:
+def _target_boxes(leaf: ArrayLeaf, target: Target | None) -> dict[Any, Any]:
     """The boxes of a leaf this process must read, each with its target devices (None: the
     whole array, to one place)."""
     shape = tuple(leaf.shape)
@@ -456,7 +351,7 @@ def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _finish(
-    leaf: ArrayLeaf, target: _Target | None, cast: Any, parts: dict[Any, Any], placer: _Placer
+    leaf: ArrayLeaf, target: Target | None, cast: Any, parts: dict[Any, Any], placer: _Placer
 ) -> Callable[[], Any]:
     """Turns the host buffers read for a leaf into the value the caller asked for.
 
@@ -464,7 +359,7 @@ def _finish(
     ``placer.run()``, gives the value.
     """
     stored = dtypes.dtype_from_name(leaf.dtype)
-    final = _final_dtype(stored, target, cast)
+    final = final_dtype(stored, target, cast)
     if leaf.type == "prngkey":
         ((_, host),) = parts.values()
         try:
@@ -484,6 +379,10 @@ def _finish(
     kind = target.kind if target is not None else (
         "npscalar" if leaf.type == "npscalar" else "numpy"
     )
+    if kind in VALUE_KINDS:
+        ((_, host),) = parts.values()
+        scalar = array_as_value(host, kind, leaf.path)
+        return lambda: scalar
     if kind != "jax":
         ((_, host),) = parts.values()
         host = _cast(host, final)
@@ -491,12 +390,12 @@ def _finish(
         return lambda: value
     make = _place(leaf, target, final, parts, placer)
     if target is not None and target.weak_type:
-        return lambda: _weaken(make())
+        return lambda: weaken(make())
     return make
 
 
 def _per_process_value(
-    leaf: ArrayLeaf, target: _Target | None, parts: dict[Any, Any], where: str,
+    leaf: ArrayLeaf, target: Target | None, parts: dict[Any, Any], where: str,
     choice: PerProcessChoice,
 ) -> Callable[[], Any]:
     """The value (or with ``choice="all"``, the list of values) of a per-process leaf."""
@@ -506,16 +405,8 @@ def _per_process_value(
     return lambda: value
 
 
-def _weaken(array: jax.Array) -> jax.Array:
-    """Marks an array weakly typed, as its ``like`` leaf was (a Python-scalar-derived value),
-    so that a restored state traces exactly like the original and jit does not recompile."""
-    from jax._src.lax import lax as lax_internal  # no public API sets weak_type
-
-    return lax_internal._convert_element_type(array, array.dtype, weak_type=True)
-
-
 def _place(
-    leaf: ArrayLeaf, target: _Target | None, final: np.dtype, parts: dict[Any, Any],
+    leaf: ArrayLeaf, target: Target | None, final: np.dtype, parts: dict[Any, Any],
     placer: _Placer,
 ) -> Callable[[], Any]:
     """Queues the host buffers of a leaf for placement on the target's devices."""
@@ -530,10 +421,14 @@ def _place(
         i = placer.put(_cast(host, final), target.sharding)
         return lambda: placer.get(i)
     slots: list[int] = []
+    dest = target.sharding
     for devices, host in parts.values():
         host = _cast(host, final)
-        slots.extend(placer.put(host, d) for d in devices)
-    dest = target.sharding
+        # Each device's piece lands in the sharding's memory kind (pinned_host, device, ...).
+        slots.extend(
+            placer.put(host, jax.sharding.SingleDeviceSharding(d, memory_kind=dest.memory_kind))
+            for d in devices
+        )
     return lambda: jax.make_array_from_single_device_arrays(
         shape, dest, [placer.get(i) for i in slots]
     )

@@ -224,6 +224,7 @@ def rebuild_plain(
     *,
     keep: Callable[[KeyPath], bool] | None = None,
     on_leaf: Callable[[int, KeyPath], None] | None = None,
+    make_node: Callable[[str | None, list[Any], list[Any]], Any] | None = None,
 ) -> Any:
     """Rebuilds a tree from its JSON description as plain dicts, lists and tuples.
 
@@ -232,8 +233,12 @@ def rebuild_plain(
     Args:
       node: The JSON description, from a manifest (untrusted: validated here).
       leaf: Called with a leaf index; returns the value to put there.
-      keep: If given, subtrees whose key path it rejects are left out (a dict loses the key,
-        a sequence the item). Containers left empty by it are dropped too.
+      keep: If given, subtrees whose key path it rejects are left out: leaves, ``None``s and
+        empty containers outside the kept paths, and containers left empty. A list or tuple
+        that loses some items becomes a dict keyed by position, so indices keep their meaning.
+      on_leaf: Called with each leaf's index and key path as it is visited.
+      make_node: Called as ``make_node(type_name, names, values)`` for each namedtuple, dataclass or
+        custom node kept whole; a result other than None replaces the dict it would become.
 
     Raises:
       CorruptCheckpointError: if the description is malformed.
@@ -254,7 +259,7 @@ def rebuild_plain(
                 on_leaf(index, path)
             return leaf(index)
         if kind == "none":
-            return None
+            return _MISSING if keep is not None and not keep(path) else None
         children = n.get("c")
         if not isinstance(children, list):
             raise CorruptCheckpointError(f"container node without children at {keystr(path)}")
@@ -277,23 +282,27 @@ def rebuild_plain(
         for entry, child in zip(entries, children):
             value = walk(child, path + (entry,))
             values.append(value)
-        pruned = keep is not None
         pairs = [(e, v) for e, v in zip(entries, values) if v is not _MISSING]
-        if pruned and children and not pairs:
+        if keep is not None and not pairs and (children or not keep(path)):
             return _MISSING
-        if kind == "list":
-            return [v for _, v in pairs]
-        if kind == "tuple":
-            return tuple(v for _, v in pairs)
+        if kind in ("list", "tuple"):
+            if len(pairs) < len(values):  # a part selected: positions keep their meaning
+                return {e.idx: v for e, v in pairs}
+            return list(values) if kind == "list" else tuple(values)
         if kind == "dict":
             return {e.key: v for e, v in pairs}
-        return {_entry_name(e): v for e, v in pairs}
+        if make_node is not None and len(pairs) == len(values):
+            built = make_node(n.get("type"), [entry_name(e) for e in entries], values)
+            if built is not None:
+                return built
+        return {entry_name(e): v for e, v in pairs}
 
     result = walk(node, ())
     return {} if result is _MISSING else result
 
 
-def _entry_name(entry: Any) -> Any:
+def entry_name(entry: Any) -> Any:
+    """The name of a key path entry: a dict key, an attribute name or an index."""
     if isinstance(entry, DictKey):
         return entry.key
     if isinstance(entry, GetAttrKey):
@@ -329,7 +338,7 @@ def path_matches(path: KeyPath, selector: Sequence[Any]) -> bool:
     if len(selector) > len(path):
         return False
     for want, entry in zip(selector, path):
-        name = _entry_name(entry)
+        name = entry_name(entry)
         if want == name and type(want) is type(name):
             continue
         if isinstance(want, str) and str(name) == want:

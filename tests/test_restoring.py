@@ -1,0 +1,169 @@
+"""Restoring into the trees users bring: scalars vs 0-d arrays, container kinds, dtype casts,
+per-leaf transforms, memory kinds, template-free shardings and trusted types, and selections
+that return exactly what was selected."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import keepax
+from keepax.errors import KeepaxError, TreeMismatchError
+
+
+class Pair(NamedTuple):
+    x: np.ndarray
+    y: int
+
+
+@dataclasses.dataclass
+class Box:
+    w: np.ndarray
+    n: int
+
+
+jax.tree_util.register_dataclass(Box, data_fields=["w", "n"], meta_fields=[])
+
+
+def test_python_scalars_and_0d_arrays_are_interchangeable(tmp_path) -> None:
+    keepax.save(tmp_path / "a", {"step": jnp.asarray(5, jnp.int32), "lr": np.float32(0.25)})
+    back = keepax.restore(tmp_path / "a", like={"step": 0, "lr": 0.0})
+    assert back == {"step": 5, "lr": 0.25}
+    assert type(back["step"]) is int and type(back["lr"]) is float
+
+    keepax.save(tmp_path / "b", {"step": 7, "flag": True})
+    like = {"step": jnp.zeros((), jnp.int32), "flag": np.bool_(False)}
+    back = keepax.restore(tmp_path / "b", like=like)
+    assert isinstance(back["step"], jax.Array) and back["step"].dtype == jnp.int32
+    assert int(back["step"]) == 7 and back["flag"] is np.True_
+
+
+def test_a_value_that_cannot_be_represented_is_an_error_naming_the_leaf(tmp_path) -> None:
+    keepax.save(tmp_path / "a", {"big": 2**40, "half": np.float32(0.5)})
+    with pytest.raises(TreeMismatchError) as e:
+        keepax.restore(tmp_path / "a", like={"big": jnp.zeros((), jnp.int32), "half": 0.0})
+    assert e.value.leaf == "['big']"
+    with pytest.raises(TreeMismatchError, match="cannot hold exactly") as e:
+        keepax.restore(tmp_path / "a", like={"big": 0, "half": 0})
+    assert "['half']" in str(e.value) and "an int" in str(e.value)
+
+
+def test_container_kinds_with_the_same_fields_match_both_ways(tmp_path) -> None:
+    tree = {"p": Pair(np.arange(3.0), 4), "b": Box(np.ones(2), 9)}
+    keepax.save(tmp_path / "a", tree)
+    as_dicts = keepax.restore(tmp_path / "a")
+    assert type(as_dicts["p"]) is dict and as_dicts["b"]["n"] == 9
+    back = keepax.restore(tmp_path / "a", like=as_dicts)
+    assert isinstance(back["p"], dict) and back["p"]["y"] == 4
+    keepax.save(tmp_path / "d", as_dicts)
+    again = keepax.restore(tmp_path / "d", like=tree)
+    assert type(again["p"]) is Pair and type(again["b"]) is Box
+    np.testing.assert_array_equal(again["b"].w, np.ones(2))
+
+
+def test_inspect_tree_is_a_like_for_its_own_checkpoint(tmp_path) -> None:
+    keepax.save(tmp_path / "a", {"p": Pair(np.arange(3.0), 4)})
+    info = keepax.inspect(tmp_path / "a")
+    like = jax.tree.map(
+        lambda leaf: leaf.value if leaf.shape is None
+        else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
+        info.tree, is_leaf=lambda x: isinstance(x, keepax.LeafInfo),
+    )
+    back = keepax.restore(tmp_path / "a", like=like)
+    np.testing.assert_array_equal(back["p"]["x"], np.arange(3.0))
+
+
+def test_dtype_casts_floats_even_when_like_says_otherwise(tmp_path) -> None:
+    mesh = jax.make_mesh((2,), ("x",))
+    sharding = NamedSharding(mesh, P("x"))
+    keepax.save(tmp_path / "a", {"w": jnp.arange(4.0), "n": jnp.arange(4)})
+    like = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding),
+            "n": jax.ShapeDtypeStruct((4,), jnp.int32)}
+    back = keepax.restore(tmp_path / "a", like=like, dtype=jnp.bfloat16)
+    assert back["w"].dtype == jnp.bfloat16 and back["w"].sharding == sharding
+    assert back["n"].dtype == jnp.int32  # integers are never cast unless asked
+    like16 = {"w": jax.ShapeDtypeStruct((4,), jnp.float16), "n": jax.ShapeDtypeStruct((4,),
+                                                                                       jnp.int16)}
+    cast = keepax.restore(tmp_path / "a", like=like16, dtype="like")
+    assert cast["w"].dtype == jnp.float16 and cast["n"].dtype == jnp.int16
+    with pytest.raises(TreeMismatchError, match="dtype='like'"):
+        keepax.restore(tmp_path / "a", like=like16)
+
+
+def test_transform_applies_to_each_leaf_as_it_arrives(tmp_path) -> None:
+    keepax.save(tmp_path / "a", {"w": np.arange(4.0), "s": "name"})
+    seen = []
+
+    def halve(path: str, value: object) -> object:
+        seen.append(path)
+        return value / 2 if isinstance(value, np.ndarray) else value
+
+    back = keepax.restore(tmp_path / "a", transform=halve)
+    np.testing.assert_array_equal(back["w"], np.arange(4.0) / 2)
+    assert sorted(seen) == ["['s']", "['w']"]
+
+
+@pytest.mark.parametrize("kind", ["pinned_host", "unpinned_host", "device"])
+def test_memory_kinds_single_and_multi_device(tmp_path, kind: str) -> None:
+    keepax.save(tmp_path / "a", {"x": jnp.arange(16.0).reshape(4, 4)})
+    mesh = jax.make_mesh((4,), ("x",))
+    for sharding in (NamedSharding(mesh, P("x"), memory_kind=kind),
+                     jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=kind)):
+        like = {"x": jax.ShapeDtypeStruct((4, 4), jnp.float32, sharding=sharding)}
+        back = keepax.restore(tmp_path / "a", like=like)
+        assert back["x"].sharding.memory_kind == kind
+        np.testing.assert_array_equal(np.asarray(back["x"]), np.arange(16.0).reshape(4, 4))
+
+
+def test_template_free_restore_onto_a_mesh_from_rules(tmp_path) -> None:
+    keepax.save(tmp_path / "a", {"params": {"dense": {"kernel": np.ones((4, 8)),
+                                                       "bias": np.zeros(8)}}, "step": 3})
+    mesh = jax.make_mesh((2, 2), ("data", "model"))
+    rules = [(r"kernel$", NamedSharding(mesh, P(None, "model"))),
+             (r"bias$", NamedSharding(mesh, P()))]
+    back = keepax.restore(tmp_path / "a", shardings=rules)
+    kernel = back["params"]["dense"]["kernel"]
+    assert isinstance(kernel, jax.Array) and kernel.sharding.spec == P(None, "model")
+    assert back["step"] == 3
+    seen = {}
+
+    def by_function(name: str, info: keepax.LeafInfo) -> NamedSharding | None:
+        seen[name] = info.shape
+        return NamedSharding(mesh, P()) if name.endswith("bias") else None
+
+    back = keepax.restore(tmp_path / "a", shardings=by_function)
+    assert isinstance(back["params"]["dense"]["bias"], jax.Array)
+    assert isinstance(back["params"]["dense"]["kernel"], np.ndarray)
+    assert seen == {"params/dense/bias": (8,), "params/dense/kernel": (4, 8)}
+    with pytest.raises(KeepaxError, match="does not fit"):
+        keepax.restore(tmp_path / "a", shardings=[("kernel", NamedSharding(mesh, P("data",
+                                                                                   "model",
+                                                                                   None)))])
+
+
+def test_trusted_types_rebuild_containers_without_a_template(tmp_path) -> None:
+    keepax.save(tmp_path / "a", {"p": Pair(np.arange(3.0), 4), "b": Box(np.ones(2), 9)})
+    back = keepax.restore(tmp_path / "a", types=[Pair, Box])
+    assert type(back["p"]) is Pair and back["p"].y == 4
+    assert type(back["b"]) is Box and back["b"].n == 9
+    only_pair = keepax.restore(tmp_path / "a", types=[Pair])
+    assert type(only_pair["b"]) is dict
+    with pytest.raises(KeepaxError, match="namedtuple and dataclass"):
+        keepax.restore(tmp_path / "a", types=[dict])
+
+
+def test_select_returns_exactly_what_was_selected(tmp_path) -> None:
+    keepax.save(tmp_path / "a", {"a": 1, "b": None, "c": {}, "d": [None], "e": [10, 20, 30],
+                                 "f": (), "g": {"h": None, "i": 5}})
+    assert keepax.restore(tmp_path / "a", select=["a"]) == {"a": 1}
+    assert keepax.restore(tmp_path / "a", select=["e/1"]) == {"e": {1: 20}}
+    assert keepax.restore(tmp_path / "a", select=["g"]) == {"g": {"h": None, "i": 5}}
+    assert keepax.restore(tmp_path / "a", select=["e"]) == {"e": [10, 20, 30]}
+    assert keepax.load_file is not None
