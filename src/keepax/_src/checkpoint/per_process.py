@@ -12,12 +12,13 @@ its own row of a ``uint8`` array of shape ``(process_count, width)`` (type ``per
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from keepax._src.checkpoint import container
 from keepax._src.checkpoint.plan import ProcessRows
 from keepax._src.format import tree
 from keepax._src.format.manifest import ArrayLeaf
@@ -79,9 +80,7 @@ def _is_marker(x: Any) -> bool:
 
 def encode(value: Any) -> bytes:
     """A per-process value as one row's bytes: its length, then a single-file checkpoint."""
-    from keepax._src.checkpoint import single_file  # noqa: PLC0415 - it imports this layer
-
-    blob = single_file.dump_bytes(value)
+    blob = container.dump_bytes(value)
     return _PREFIX.pack(len(blob)) + blob
 
 
@@ -145,26 +144,28 @@ def rows_wanted(leaf: ArrayLeaf, choice: PerProcessChoice, where: str) -> list[i
     return [choice]
 
 
-def decode_row(data: np.ndarray, like: Any, leaf: str, where: str) -> Any:
+Load = Callable[[bytes, Any, str], Any]
+"""Restores the tree in a container's bytes onto ``like`` (the restore code passes its own, so
+this module never imports it back)."""
+
+
+def decode_row(data: np.ndarray, like: Any, leaf: str, where: str, load: Load) -> Any:
     """A per-process value from its row's bytes.
 
     Raises:
       CorruptCheckpointError: The row does not hold a valid copy.
     """
-    from keepax._src.checkpoint import single_file  # noqa: PLC0415 - it imports this layer
-
     raw = data.tobytes()
     if len(raw) < _PREFIX.size or _PREFIX.unpack_from(raw)[0] > len(raw) - _PREFIX.size:
         raise CorruptCheckpointError("a per-process copy's length is damaged", path=where,
                                      leaf=leaf)
     (length,) = _PREFIX.unpack_from(raw)
-    return single_file.load_bytes(raw[_PREFIX.size:_PREFIX.size + length], like,
-                                  f"{where} ({leaf})")
+    return load(raw[_PREFIX.size:_PREFIX.size + length], like, f"{where} ({leaf})")
 
 
 def decode_rows(
-    rows: Sequence[np.ndarray], like: Any, leaf: str, where: str, as_list: bool
+    rows: Sequence[np.ndarray], like: Any, leaf: str, where: str, as_list: bool, load: Load
 ) -> Any:
     """The value of one row, or (``as_list``) the list of every row's value."""
-    values = [decode_row(r, like, leaf, where) for r in rows]
+    values = [decode_row(r, like, leaf, where, load) for r in rows]
     return values if as_list else values[0]

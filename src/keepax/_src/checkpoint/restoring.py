@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from keepax._src.checkpoint import container
 from keepax._src.checkpoint import per_process as per_process_
 from keepax._src.checkpoint.matching import (
     VALUE_KINDS,
@@ -401,8 +402,14 @@ def _per_process_value(
     """The value (or with ``choice="all"``, the list of values) of a per-process leaf."""
     like = target.like if target is not None else None
     rows = [host[0] for _, (_, host) in sorted(parts.items())]
-    value = per_process_.decode_rows(rows, like, leaf.path, where, as_list=choice == "all")
+    value = per_process_.decode_rows(rows, like, leaf.path, where, choice == "all", _load_bytes)
     return lambda: value
+
+
+def _load_bytes(data: bytes, like: Any, where: str) -> Any:
+    """The tree in a single-file container's bytes (a per-process copy), onto ``like``."""
+    storage, name, manifest = container.parse_bytes(data, where)
+    return restore_manifest(storage, name, where, manifest, like)
 
 
 def _place(

@@ -15,7 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import keepax
+from keepax._src import checkpoint
+from keepax._src.manager.manager import CheckpointManager
 from keepax._src.tools import _common
 
 __all__ = [
@@ -178,7 +179,7 @@ def add_ls_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _run_ls(args: argparse.Namespace) -> int:
     def body() -> int:
         best = parse_best(args.best)
-        with keepax.CheckpointManager(args.directory, read_only=True,
+        with CheckpointManager(args.directory, read_only=True,
                                       storage_options=_common.storage_options(args)) as mngr:
             steps = [mngr.metadata(step) for step in mngr.all_steps()]
         if args.json:
@@ -202,7 +203,8 @@ def add_show_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _run_show(args: argparse.Namespace) -> int:
     def body() -> int:
-        info = keepax.open(args.path, storage_options=_common.storage_options(args)).info
+        options = _common.storage_options(args)
+        info = checkpoint.open_checkpoint(args.path, storage_options=options).info
         if args.json:
             _common.print_json(show_json(info))
         else:
@@ -212,7 +214,7 @@ def _run_show(args: argparse.Namespace) -> int:
     return _common.run_cli("show", body)
 
 
-def format_show(info: keepax.CheckpointInfo) -> str:
+def format_show(info: checkpoint.CheckpointInfo) -> str:
     """``keepax show``'s text: the header, one row per leaf, then totals."""
     created = datetime.datetime.fromtimestamp(info.created, datetime.UTC)
     lines = [f"checkpoint  {info.path}", f"format      keepax {info.format_version}",
@@ -257,10 +259,11 @@ def add_verify_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _run_verify(args: argparse.Namespace) -> int:
     def body() -> int:
-        checkpoint = keepax.open(args.path, storage_options=_common.storage_options(args))
+        options = _common.storage_options(args)
+        opened = checkpoint.open_checkpoint(args.path, storage_options=options)
         with _common.Progress("verify", quiet=args.quiet) as bar:
-            problems = checkpoint.verify(progress=bar)
-        info = checkpoint.info
+            problems = opened.verify(progress=bar)
+        info = opened.info
         if args.json:
             _common.print_json(verify_json(info.path, problems, info))
         elif problems:
