@@ -242,6 +242,10 @@ class _Planned:
     fresh: int = -1  # index into the fresh sources when written by this save
 
 
+def _constant(array: np.ndarray) -> Callable[[], np.ndarray]:
+    return lambda: array
+
+
 def _plan(sources: Sequence[ChunkSource], store: ChunkStore, pinned: set[str]
           ) -> tuple[list[_Planned], list[ChunkSource]]:
     """Digests each chunk; looks it up in the store, then among this save's new chunks."""
@@ -258,7 +262,7 @@ def _plan(sources: Sequence[ChunkSource], store: ChunkStore, pinned: set[str]
         if hit is None:
             if key not in seen:
                 seen[key] = len(fresh)
-                fresh.append(dataclasses.replace(s, data=lambda a=array: a))
+                fresh.append(dataclasses.replace(s, data=_constant(array)))
             p.fresh = seen[key]
         planned.append(p)
     return planned, fresh

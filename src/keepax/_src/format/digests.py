@@ -19,5 +19,5 @@ ALGORITHM = "xxh3-128"
 
 def digest(array: np.ndarray) -> str:
     """``xxh3-128:<32 hex digits>`` of a C-contiguous array's bytes."""
-    view = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    view = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     return f"{ALGORITHM}:{xxhash.xxh3_128_hexdigest(view)}"

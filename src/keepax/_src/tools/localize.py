@@ -38,7 +38,7 @@ def _reader(storage: Storage, directory: str, manifest: Manifest, leaf: ArrayLea
                                          path=where, leaf=leaf.path)
         name = manifest.files[c.file].name
         out = np.empty(c.shape, dtypes.dtype_from_name(leaf.dtype))
-        view = memoryview(out.reshape(-1).view(np.uint8))
+        view = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         reader = storage.open(spec.data_path(directory, name))
         try:
             n = reader.read_into(c.offset, view)
