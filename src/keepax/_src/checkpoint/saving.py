@@ -126,6 +126,9 @@ class PreparedSave:
     save_id: str = ""
     step: int | None = None
     timeout: float = distributed.SYNC_TIMEOUT
+    store: Any = None
+    """An incremental save's :class:`~keepax._src.checkpoint.incremental.ChunkStore` (a
+    manager's, single-process saves only); None writes every chunk into the checkpoint."""
 
 
 SAVE_NAMESPACE = "keepax-save"
@@ -294,6 +297,11 @@ def write_prepared(
         return distributed.write_distributed(
             _distributed_job(prepared, prepared.coordinator, chosen), before_commit=before_commit
         )
+    if prepared.store is not None:
+        from keepax._src.checkpoint import incremental  # noqa: PLC0415 - imports this module
+
+        return incremental.write_incremental(prepared, chosen, prepared.store,
+                                             before_commit=before_commit)
     began = time.perf_counter()
     storage = prepared.storage
     with protocol.staged(

@@ -412,6 +412,7 @@ class _Validator:
         self.where = where
         self._files: list[DataFile] = []
         self._claimed: list[int] = []
+        self._seen: dict[int, set[tuple[int, int]]] = {}
         self._layouts: tuple[Layout, ...] = ()
         self._with_tables = False
         self._version = FORMAT_VERSION
@@ -474,7 +475,11 @@ class _Validator:
         for i, f in enumerate(self._list(doc.get("files"), "files")):
             f = self.obj(f, f"files[{i}]")
             name = f.get("name")
-            if not isinstance(name, str) or not spec.DATA_FILE_RE.fullmatch(name) or ".." in name:
+            if not isinstance(name, str) or not (
+                (spec.DATA_FILE_RE.fullmatch(name) and ".." not in name)
+                or (version >= CODECS_VERSION and spec.STORE_FILE_RE.fullmatch(name)
+                    and ".." not in name[3:])
+            ):
                 raise self.fail(f"files[{i}].name {name!r:.80} is not a data file name")
             if name in names:
                 raise self.fail(f"files[{i}].name {name!r:.80} is listed twice")
@@ -556,14 +561,16 @@ class _Validator:
 
     def _check_byte_ranges(self, leaves: tuple[Leaf, ...]) -> None:
         """No two chunks may share bytes of a data file."""
-        ranges = sorted(
+        ranges = sorted({
             (c.file, c.offset, c.offset + c.stored, leaf.path)
             for leaf in leaves
             if isinstance(leaf, ArrayLeaf)
             for c in leaf.chunks
             if c.stored
-        )
-        for (f0, _, end0, _), (f1, begin1, _, path) in zip(ranges, ranges[1:]):
+        })
+        for (f0, begin0, end0, _), (f1, begin1, end1, path) in zip(ranges, ranges[1:]):
+            if f0 == f1 and (begin0, end0) == (begin1, end1) and self._version >= CODECS_VERSION:
+                continue  # identical chunks share stored bytes (format 1.2, §15)
             if f0 == f1 and begin1 < end0:
                 raise self.fail(f"chunks overlap in {self._files[f1].name}", path)
 
@@ -597,7 +604,10 @@ class _Validator:
         entry = self._files[file]
         if offset + size > entry.nbytes:
             raise self.fail(f"chunk {j} lies beyond the end of {entry.name}", path)
-        self._claimed[file] += size
+        if (offset, size) not in self._seen.setdefault(file, set()):
+            # A chunk store's bytes may back several identical chunks (format 1.2, §15).
+            self._seen[file].add((offset, size))
+            self._claimed[file] += size
         if self._claimed[file] > entry.nbytes:
             raise self.fail(f"chunks claim more bytes than {entry.name} has", path)
         if any(s + n > d for s, n, d in zip(start, box, shape)):

@@ -23,6 +23,10 @@ __all__ = [
     "DATA_DIR",
     "CODECS",
     "DATA_FILE_RE",
+    "STORE_DIR",
+    "STORE_FILE_RE",
+    "data_path",
+    "is_store_ref",
     "TABLE_FILE_RE",
     "VERSION_RE",
     "DIGEST_RE",
@@ -58,6 +62,13 @@ CODECS = ("raw",)
 """Chunk codecs this keepax reads: ``raw`` (the bytes as they are) only."""
 
 DATA_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.safetensors")
+STORE_DIR = ".keepax-store"
+"""A manager directory's shared chunk store (incremental saves): data files that committed
+steps refer to as ``../.keepax-store/data/<name>.safetensors`` (``docs/FORMAT.md`` §15)."""
+STORE_FILE_RE = re.compile(
+    r"\.\./\.keepax-store/data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.safetensors"
+)
+"""The one form of reference outside a checkpoint a manifest may name (format 1.2)."""
 TABLE_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.json")
 VERSION_RE = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
 DIGEST_RE = re.compile(r"([a-z0-9][a-z0-9-]{0,31}):([0-9a-f]{16,128})")
@@ -107,3 +118,17 @@ def finite_time(x: Any) -> float | None:
         return None  # float(10**309) would raise OverflowError
     value = float(x)
     return value if math.isfinite(value) and 0 <= value <= MAX_TIME else None
+
+
+def is_store_ref(name: str) -> bool:
+    """Whether a (validated) data file name refers to the manager's chunk store."""
+    return name.startswith("../")
+
+
+def data_path(directory: str, name: str) -> str:
+    """The storage path of a checkpoint's data file ``name`` (validated: ``data/...``, or a
+    chunk store reference ``../.keepax-store/data/...`` resolved beside ``directory``)."""
+    if not name.startswith("../"):
+        return f"{directory}/{name}"
+    parent = directory.rstrip("/").rpartition("/")[0]
+    return f"{parent}/{name[3:]}" if parent else name[3:]

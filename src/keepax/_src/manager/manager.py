@@ -50,6 +50,8 @@ from typing import Any
 from keepax import policies
 from keepax._src import checkpoint
 from keepax._src.async_engine import engine as async_engine
+from keepax._src.checkpoint.incremental import ChunkStore
+from keepax._src.format.spec import STORE_DIR
 from keepax._src.io import LocalStorage, Storage, open_root
 from keepax._src.io.lock import DirectoryLock
 from keepax._src.manager import run_metadata, stateful
@@ -105,6 +107,8 @@ class CheckpointManager:
       metadata: Run-level metadata (JSON-able dict) kept with the directory
         (:meth:`run_metadata`); None keeps what is stored, a different one replaces it.
       keep_previous_temporary: Keep the temporaries a previous run left, as permanent steps.
+      incremental: Write only the chunks no committed step of this directory already stores
+        (single-process saves); steps then refer to the directory's chunk store.
 
       Each option in full: :class:`keepax._src.manager.options.Options`.
 
@@ -136,6 +140,7 @@ class CheckpointManager:
         sync_timeout: float = 600.0,
         metadata: dict[str, Any] | None = None,
         keep_previous_temporary: bool = False,
+        incremental: bool = False,
     ) -> None:
         self._directory = os.fspath(directory)
         self._opts = Options.build(
@@ -145,6 +150,7 @@ class CheckpointManager:
             max_in_flight=max_in_flight, staging_budget_bytes=staging_budget_bytes,
             storage_options=storage_options, host_local=host_local, sync_timeout=sync_timeout,
             metadata=metadata, keep_previous_temporary=keep_previous_temporary,
+            incremental=incremental,
         )
         self._storage = _open_storage(self._directory, self._opts)
         self._where = self._storage.display("")
@@ -174,7 +180,10 @@ class CheckpointManager:
                 if self._opts.metadata is not None:
                     run_metadata.store(self._storage, self._opts.metadata)
             self._processes.barrier("manager.open")
+            self._store = self._open_store(writer)
             self._scan()
+            if self._store is not None:
+                self._store.collect(self._opts.staging_grace)
             if self._opts.keep_previous_temporary:
                 self._retention.keep_temporaries(self._index.held().values())
             self._decider = SaveDecider(self._opts, self._index, self._preemption,
@@ -182,6 +191,7 @@ class CheckpointManager:
             self._saver = Saver(self._opts, self._storage, self._index, self._decider,
                                 self._preemption, self._engine, self._background,
                                 self._retention)
+            self._saver.store = self._store if self._opts.incremental else None
             if self._opts.preemption:
                 self._preemption.install()
         except BaseException:
@@ -546,6 +556,23 @@ class CheckpointManager:
         self._retention.discard_newer(newer, delete=self._opts.discard_newer
                                       and not self._opts.read_only)
         self._index.reset(found)
+        if getattr(self, "_store", None) is not None:
+            for name in sorted({r.name for r in found.values()} - self._tracked):
+                self._store.track(name)  # type: ignore[union-attr]
+                self._tracked.add(name)
+
+    def _open_store(self, writer: bool) -> ChunkStore | None:
+        """The chunk store's bookkeeping, where this process manages one: a single-process
+        writer, with ``incremental`` or a store already in the directory (whose references
+        retention must then respect)."""
+        self._tracked: set[str] = set()
+        if not writer or self._processes.multi or self._opts.host_local:
+            return None
+        if not (self._opts.incremental or self._storage.exists(STORE_DIR)):
+            return None
+        store = ChunkStore(self._storage)
+        self._retention.store = store
+        return store
 
 
 def _check_event(name: str) -> None:

@@ -33,7 +33,7 @@ DEFAULT_GRACE = 600.0
 
 OPTION_NAMES = ("save_policy", "keep", "best", "template", "preemption", "discard_newer",
                 "staging_grace", "read_only", "clock", "async_save", "max_in_flight",
-                "staging_budget_bytes", "keep_previous_temporary")
+                "staging_budget_bytes", "keep_previous_temporary", "incremental")
 """The constructor options a configuration may hold (besides ``directory``)."""
 
 OVERRIDE_ONLY = ("storage_options", "metadata", "host_local", "sync_timeout")
@@ -217,6 +217,9 @@ class Options:
       keep_previous_temporary: Keep the temporary checkpoints a previous run left (they are
         then kept like permanent steps, as the keep policies say) instead of deleting them
         once this run saves a newer step.
+      incremental: Write only chunks whose bytes no committed step of this directory
+        already stores (README, *Incremental saves and compression*); single-process saves
+        only (multi-process and ``host_local`` saves are written in full).
     """
 
     save_policy: policies.SavePolicy | None
@@ -237,6 +240,7 @@ class Options:
     sync_timeout: float
     metadata: dict[str, Any] | None
     keep_previous_temporary: bool
+    incremental: bool = False
 
     @classmethod
     def build(
@@ -259,6 +263,7 @@ class Options:
         sync_timeout: Any = 600.0,
         metadata: Any = None,
         keep_previous_temporary: bool = False,
+        incremental: Any = False,
     ) -> Options:
         """Checks every option (nothing is created on storage).
 
@@ -277,6 +282,8 @@ class Options:
         if read_only and metadata is not None:
             raise PolicyError("metadata= needs a manager that writes it; drop read_only=True "
                               "(run_metadata() reads what is stored).")
+        if not isinstance(incremental, bool):
+            raise PolicyError(f"incremental must be True or False, got {incremental!r}.")
         if metadata is not None and not isinstance(metadata, dict):
             raise PolicyError(f"metadata must be a JSON-able dict, got {metadata!r}.")
         return cls(
@@ -288,7 +295,7 @@ class Options:
             storage_options=dict(storage_options) if storage_options else None,
             host_local=bool(host_local), sync_timeout=timeout,
             metadata=None if metadata is None else check_metadata(metadata, "run metadata"),
-            keep_previous_temporary=bool(keep_previous_temporary),
+            keep_previous_temporary=bool(keep_previous_temporary), incremental=incremental,
         )
 
     def now(self) -> float:
@@ -324,6 +331,7 @@ class Options:
             "max_in_flight": self.max_in_flight,
             "staging_budget_bytes": self.staging_budget_bytes,
             "keep_previous_temporary": self.keep_previous_temporary,
+            "incremental": self.incremental,
         }
 
 

@@ -19,7 +19,9 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 from keepax import policies
+from keepax._src.checkpoint.incremental import ChunkStore
 from keepax._src.commit import protocol
+from keepax._src.format import spec
 from keepax._src.format.manifest import COMMIT_FILE
 from keepax._src.io import Storage, is_hidden_name
 from keepax._src.io.lock import LOCK_NAME
@@ -112,6 +114,8 @@ class Retention:
         self._keep = list(keep)
         self._leader = leader
         self._as_permanent: frozenset[str] = frozenset()
+        self.store: ChunkStore | None = None
+        """The chunk store whose references deleted steps release (None: no store)."""
 
     def keep_temporaries(self, records: Iterable[StepInfo]) -> None:
         """Treats these temporary steps (a previous run's) as permanent from now on: the
@@ -157,7 +161,7 @@ class Retention:
                 continue
             self._index.drop(record)
             self._background.submit(
-                functools.partial(self._storage.delete, trash),
+                functools.partial(self._remove, trash, record.name),
                 functools.partial(self._removal_error, record=record, trash=trash),
             )
 
@@ -173,6 +177,12 @@ class Retention:
                 "delete them)",
                 KeepaxWarning, stacklevel=4,
             )
+
+    def _remove(self, trash: str, name: str) -> None:
+        """Removes a hidden step's files, then the chunk store files only it referred to."""
+        if self.store is not None:
+            self.store.delete(self.store.release(name))
+        self._storage.delete(trash)
 
     def _removal_error(self, error: BaseException, record: StepInfo, trash: str) -> KeepaxError:
         return KeepaxError(
@@ -200,7 +210,7 @@ class Retention:
         now = time.time()
         marker = not self._storage.atomic_rename
         for name in self._storage.list(""):
-            if name.startswith(LOCK_NAME) or name == RUN_METADATA_NAME:
+            if name.startswith(LOCK_NAME) or name in (RUN_METADATA_NAME, spec.STORE_DIR):
                 continue
             try:
                 unfinished = marker and protocol.is_unfinished(self._storage, name)

@@ -23,6 +23,7 @@ from keepax import policies
 from keepax._src import checkpoint
 from keepax._src.async_engine import engine as async_engine
 from keepax._src.checkpoint import casting
+from keepax._src.checkpoint.incremental import ChunkStore
 from keepax._src.io import Storage
 from keepax._src.manager import stateful
 from keepax._src.manager.decision import SaveDecider, plan_action
@@ -176,7 +177,7 @@ class StepSave:
         )
 
     def prepare(self, *, storage_options: dict[str, Any] | None, host_local: bool,
-                timeout: float) -> checkpoint.PreparedSave:
+                timeout: float, store: ChunkStore | None = None) -> checkpoint.PreparedSave:
         """Prepares the checkpoint's write (in a multi-process run, agreed by all).
 
         Raises:
@@ -185,7 +186,7 @@ class StepSave:
           KeepaxError: Any other failure, naming the step.
         """
         try:
-            return checkpoint.prepare_save(
+            prepared = checkpoint.prepare_save(
                 self.path, self.tree, metadata=self.manifest_metadata(),
                 storage_options=storage_options,
                 # With host_local, a copy of the step in this process's directory that is no
@@ -193,6 +194,9 @@ class StepSave:
                 overwrite=self.replace or host_local,
                 host_local=host_local, step=self.step, timeout=timeout,
             )
+            if store is not None and prepared.coordinator is None:
+                prepared = dataclasses.replace(prepared, store=store)
+            return prepared
         except CheckpointExistsError as e:
             raise CheckpointExistsError(
                 f"the name {self.name!r} is taken by an entry that is not one of this manager's "
@@ -231,6 +235,8 @@ class Saver:
         self._engine = engine
         self._background = background
         self._retention = retention
+        self.store: ChunkStore | None = None
+        """The chunk store of incremental saves (None: every chunk is written)."""
 
     def save(self, request: SaveRequest) -> bool:
         """Decides, then writes ``request.state`` as its step; returns whether it is written.
@@ -304,7 +310,8 @@ class Saver:
         try:
             self._engine.save(
                 functools.partial(job.prepare, storage_options=options.storage_options,
-                                  host_local=options.host_local, timeout=options.sync_timeout),
+                                  host_local=options.host_local, timeout=options.sync_timeout,
+                                  store=self.store),
                 step=step,
                 path=path,
                 max_in_flight=options.max_in_flight,

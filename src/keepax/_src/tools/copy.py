@@ -28,7 +28,7 @@ from keepax._src.commit import protocol
 from keepax._src.format import datafiles
 from keepax._src.format.manifest import COMMIT_FILE, MANIFEST_FILE
 from keepax._src.io import Storage, split_checkpoint_path
-from keepax._src.tools import _common
+from keepax._src.tools import _common, localize
 from keepax.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -183,6 +183,15 @@ def _copy_one(src: str, dst: str, *, overwrite: bool, report: Callable[[int, int
         chunks.setdefault(chunk.file, []).append(chunk)
     files = list(ck.info.files)
     counter = _Counter(sum(n for _, n in files), report=report)
+    if localize.has_store_refs(ck.manifest):  # incremental: rewrite, never copy references
+        try:
+            localize.copy_self_contained(ck, src_storage, src_name, dst_storage, dst_name,
+                                         overwrite=overwrite, done=counter.add)
+        except FileExistsError as e:
+            raise CheckpointExistsError("a checkpoint (or file) already exists here; pass "
+                                        "overwrite=True (CLI: --overwrite) to replace it",
+                                        path=where) from e
+        return counter.done
     staging = dst_storage.staging_name(dst_name)
     try:
         protocol.begin_write(dst_storage, dst_name, replace=overwrite)

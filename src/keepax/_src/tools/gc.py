@@ -30,6 +30,7 @@ from typing import Any
 
 from keepax import policies
 from keepax._src.commit import protocol
+from keepax._src.format.spec import STORE_DIR
 from keepax._src.io import is_hidden_name, open_root
 from keepax._src.io.lock import LOCK_NAME
 from keepax._src.manager.manager import CheckpointManager
@@ -95,8 +96,8 @@ def _leftovers(directory: str, grace: float, now: float,
     remove, left = [], []
     marker = not storage.atomic_rename
     for name in storage.list(""):
-        if name.startswith(LOCK_NAME):
-            continue
+        if name.startswith(LOCK_NAME) or name == STORE_DIR:
+            continue  # the chunk store: its unreferenced files go with apply (manager start)
         unfinished = marker and not is_hidden_name(name) and protocol.is_unfinished(storage, name)
         if not (is_hidden_name(name) or unfinished):
             continue
@@ -172,7 +173,7 @@ def gc(
     storage = open_root(directory, storage_options)
     seen = {i.name for i in remove + left} | set(names.values())
     for name in storage.list(""):
-        if name not in seen and not name.startswith(LOCK_NAME):
+        if name not in seen and not name.startswith(LOCK_NAME) and name != STORE_DIR:
             left.append(GcItem(name, "unreadable", None,
                                "not a readable step of a manager; never removed"))
     remove += [GcItem(names[s], "step", s, "not kept by the keep policies") for s in plan.delete]
