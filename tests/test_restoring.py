@@ -167,3 +167,29 @@ def test_select_returns_exactly_what_was_selected(tmp_path) -> None:
     assert keepax.restore(tmp_path / "a", select=["g"]) == {"g": {"h": None, "i": 5}}
     assert keepax.restore(tmp_path / "a", select=["e"]) == {"e": [10, 20, 30]}
     assert keepax.load_file is not None
+
+
+class _Cursor:
+    """A data iterator with get_state()/set_state(), as grain's and CLU's are."""
+
+    def __init__(self) -> None:
+        self.position = 0
+
+    def get_state(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
+
+
+def test_plain_save_and_restore_take_objects_with_get_state(tmp_path) -> None:
+    cursor = _Cursor()
+    cursor.position = 17
+    keepax.save(tmp_path / "a", {"w": np.ones(3), "data": cursor})
+    assert keepax.restore(tmp_path / "a")["data"] == {"position": 17}
+    fresh = _Cursor()
+    back = keepax.restore(tmp_path / "a", like={"w": np.zeros(3), "data": fresh})
+    assert back["data"] is fresh and fresh.position == 17
+    np.testing.assert_array_equal(back["w"], np.ones(3))
+    with pytest.raises(TreeMismatchError, match="not in like"):
+        keepax.restore(tmp_path / "a", like={"data": _Cursor()})

@@ -11,6 +11,7 @@ Higher layers (the async engine, the manager, the CLI) use only the names re-exp
 from keepax._src.checkpoint.handle import Checkpoint as Checkpoint
 from keepax._src.checkpoint.handle import ChunkInfo as ChunkInfo
 from keepax._src.checkpoint.handle import open_checkpoint as open_checkpoint
+from keepax._src.checkpoint.handle import restore as restore
 from keepax._src.checkpoint.inspection import CheckpointInfo as CheckpointInfo
 from keepax._src.checkpoint.inspection import LeafInfo as LeafInfo
 from keepax._src.checkpoint.inspection import verify as verify
@@ -20,7 +21,6 @@ from keepax._src.checkpoint.plan import SourceBuffer as SourceBuffer
 from keepax._src.checkpoint.plan import chunk_view as chunk_view
 from keepax._src.checkpoint.plan import plan_leaves as plan_leaves
 from keepax._src.checkpoint.restoring import RestoreStats as RestoreStats
-from keepax._src.checkpoint.restoring import restore as restore
 from keepax._src.checkpoint.restoring import restore_manifest as restore_manifest
 from keepax._src.checkpoint.saving import SYNC_TIMEOUT as SYNC_TIMEOUT
 from keepax._src.checkpoint.saving import PreparedSave as PreparedSave

@@ -8,13 +8,15 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from keepax._src.checkpoint import inspection, restoring
+from keepax._src.checkpoint import inspection, restoring, stateful
 from keepax._src.checkpoint.inspection import CheckpointInfo, LeafInfo
 from keepax._src.checkpoint.opening import Opened, open_path
+from keepax._src.checkpoint.per_process import PerProcessChoice
+from keepax._src.checkpoint.templates import Shardings
 from keepax._src.format.datafiles import RestoreStats
 from keepax._src.format.manifest import ArrayLeaf, Manifest
 
-__all__ = ["Checkpoint", "ChunkInfo", "open_checkpoint"]
+__all__ = ["Checkpoint", "ChunkInfo", "open_checkpoint", "restore"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +85,15 @@ class Checkpoint:
         stats: RestoreStats | None = None,
     ) -> Any:
         """Restores the checkpoint; arguments as for :func:`keepax.restore`."""
-        return restoring.restore_opened(
-            self._opened, like, select=select, partial=partial, dtype=dtype,
-            transform=transform, shardings=shardings, types=types, per_process=per_process,
-            stats=stats,
-        )
+        options = dict(select=select, dtype=dtype, transform=transform, shardings=shardings,
+                       types=types, per_process=per_process, stats=stats)
+        if like is not None and stateful.has_objects(like):
+            return stateful.restore_objects(self.info, like, self._restore, partial=partial,
+                                            **options)
+        return self._restore(like, partial=partial, **options)
+
+    def _restore(self, like: Any, **options: Any) -> Any:
+        return restoring.restore_opened(self._opened, like, **options)
 
     def iter_leaves(
         self, select: str | Sequence[str | tuple[Any, ...]] | None = None
@@ -146,3 +152,77 @@ def open_checkpoint(path: str, *, storage_options: dict[str, Any] | None = None)
         the checkpoint is missing, incomplete, damaged or too new.
     """
     return Checkpoint(open_path(path, storage_options))
+
+
+def restore(
+    path: str,
+    like: Any = None,
+    *,
+    select: restoring.Select = None,
+    partial: bool = False,
+    dtype: Any = None,
+    transform: restoring.Transform | None = None,
+    shardings: Shardings | None = None,
+    types: Sequence[type] = (),
+    per_process: PerProcessChoice = None,
+    stats: RestoreStats | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Any:
+    """Restores a checkpoint.
+
+    Args:
+      path: The checkpoint's path or URL.
+      like: Optional pytree of the same structure, whose leaves are arrays (``jax.Array``,
+        ``np.ndarray``), ``jax.ShapeDtypeStruct`` (with or without ``sharding``) or values of
+        the expected Python types; objects with ``get_state()``/``set_state()`` (data
+        iterators) get their saved state and come back in place. Arrays come back as the
+        ``like`` leaf's kind: ``jax.Array`` placed on its sharding (the default device when
+        it has none), or NumPy; a Python scalar and a 0-d array are interchangeable (the
+        result is the like's kind, with the saved value exactly). Containers match by field names, so a namedtuple, dataclass or
+        flax struct restores into a dict with the same keys and back (the trees
+        :func:`restore` and :func:`inspect` hand out included). Without ``like``, the tree
+        comes back as nested dicts, lists and tuples of NumPy arrays and Python values
+        (namedtuples, dataclasses and custom nodes as dicts, unless named in ``types``).
+      select: Restore only these subtrees: key paths given as ``"params/dense"`` (``str()`` of
+        each key) or as tuples of keys. Other leaves' bytes are not read. Without ``like``,
+        the result holds exactly what was selected; a list selected in part becomes a dict
+        keyed by position, so ``out["layers"][3]`` is always layer 3.
+      partial: With ``like``, allow the checkpoint to hold leaves ``like`` lacks (they are not
+        read). Leaves in ``like`` but not in the checkpoint are always an error.
+      dtype: ``None`` (default): dtypes must match ``like`` exactly. ``"like"``: cast each leaf
+        to its ``like`` dtype. A dtype (e.g. ``jnp.bfloat16``): cast every floating-point
+        array to it, whatever ``like`` says (the result has that dtype, placed on ``like``'s
+        shardings); integers are never cast unless ``dtype="like"``.
+      transform: Called as ``transform(key_path, value)`` on each leaf as it arrives; its
+        result replaces the leaf (e.g. a cast or a quantisation), so the tree is never held
+        twice.
+      shardings: Without ``like``: where to place arrays, as ``jax.Array``s. A function
+        ``(name, leaf_info) -> Sharding | None`` (``name`` like ``"params/dense/kernel"``,
+        ``leaf_info`` a :class:`LeafInfo`; None keeps the leaf in NumPy), or a sequence of
+        ``(regex, Sharding)`` rules, the first whose regex matches ``name`` (``re.search``)
+        applying.
+      types: Without ``like``: the namedtuple and dataclass types (flax structs, optax
+        states, ...) the caller trusts; containers saved from these classes come back as
+        them instead of dicts. keepax never imports or calls anything a checkpoint names.
+      per_process: Which copy of each :class:`keepax.PerProcess` value to restore: None
+        (default) this process's own (the checkpoint must have been saved by as many
+        processes as this run has), ``k`` process ``k``'s on every process, or ``"all"`` the
+        list of every process's copy.
+      stats: If given, filled with what was read.
+      storage_options: For URLs (``s3://...``): fsspec options and keepax's ``keepax_*``
+        transfer options, as for :func:`save`.
+
+    Returns:
+      The restored tree.
+
+    Raises:
+      CheckpointNotFoundError, NotCommittedError, CorruptCheckpointError, FormatVersionError:
+        the checkpoint is missing, incomplete, damaged or too new.
+      TreeMismatchError: ``like`` does not match; the message lists every offending leaf.
+      KeepaxError: a per-process value was saved by another number of processes and
+        ``per_process`` does not say which copy to take (the message names the leaf).
+    """
+    return open_checkpoint(path, storage_options=storage_options).restore(
+        like, select=select, partial=partial, dtype=dtype, transform=transform,
+        shardings=shardings, types=types, per_process=per_process, stats=stats,
+    )

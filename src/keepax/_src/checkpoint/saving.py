@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from keepax._src.checkpoint import per_process
+from keepax._src.checkpoint import per_process, stateful
 from keepax._src.checkpoint.plan import LeafPlan, ProcessRows, is_key_array, plan_leaves
 from keepax._src.commit import coordination, distributed, protocol
 from keepax._src.commit.protocol import SaveResult
@@ -169,6 +169,7 @@ def prepare_save(
         coordinator = None
     if coordinator is None:
         storage, name, where, checked = _check_inputs(path, metadata, overwrite, storage_options)
+        tree_, _ = stateful.state_tree(tree_, step)
         tree_, _ = per_process.take_apart(tree_, 0, 1)
         return PreparedSave(storage, name, where, overwrite, checked, plan_leaves(tree_),
                             step=step)
@@ -177,6 +178,7 @@ def prepare_save(
     me, count = coordinator.process_index, coordinator.process_count
     try:
         storage, name, where, checked = _check_inputs(path, metadata, overwrite, storage_options)
+        tree_, _ = stateful.state_tree(tree_, step)
         tree_, copies = per_process.take_apart(tree_, me, count)
         plan = plan_leaves(tree_, tables.Assigner(me, count, host_local=host_local))
         proposal = _proposal(plan, where, step, host_local, copies)
