@@ -173,16 +173,16 @@ def restore(
     Args:
       path: The checkpoint's path or URL.
       like: Optional pytree of the same structure, whose leaves are arrays (``jax.Array``,
-        ``np.ndarray``), ``jax.ShapeDtypeStruct`` (with or without ``sharding``) or values of
-        the expected Python types; objects with ``get_state()``/``set_state()`` (data
-        iterators) get their saved state and come back in place. Arrays come back as the
-        ``like`` leaf's kind: ``jax.Array`` placed on its sharding (the default device when
-        it has none), or NumPy; a Python scalar and a 0-d array are interchangeable (the
-        result is the like's kind, with the saved value exactly). Containers match by field names, so a namedtuple, dataclass or
-        flax struct restores into a dict with the same keys and back (the trees
-        :func:`restore` and :func:`inspect` hand out included). Without ``like``, the tree
-        comes back as nested dicts, lists and tuples of NumPy arrays and Python values
-        (namedtuples, dataclasses and custom nodes as dicts, unless named in ``types``).
+        ``np.ndarray``), ``jax.ShapeDtypeStruct`` (with or without ``sharding``) or values of the
+        expected Python types; objects with ``get_state()``/``set_state()`` (data iterators) get
+        their saved state and come back in place. Arrays come back as the ``like`` leaf's kind:
+        ``jax.Array`` placed on its sharding (the default device when it has none), or NumPy; a
+        Python scalar and a 0-d array are interchangeable (the result is the like's kind, with the
+        saved value exactly). Containers match by field names, so a namedtuple, dataclass or flax
+        struct restores into a dict with the same keys and back (the trees :func:`restore` and
+        :func:`inspect` hand out included). Without ``like``, the tree comes back as nested dicts,
+        lists and tuples of NumPy arrays and Python values (namedtuples, dataclasses and custom
+        nodes as dicts, unless named in ``types``).
       select: Restore only these subtrees: key paths given as ``"params/dense"`` (``str()`` of
         each key) or as tuples of keys. Other leaves' bytes are not read. Without ``like``,
         the result holds exactly what was selected; a list selected in part becomes a dict
