@@ -180,9 +180,3 @@ class FaultyStorage(Storage):
 
     def modified(self, path: str) -> float | None:
         return self.inner.modified(path)
-
-    def is_unfinished(self, name: str) -> bool:
-        return self.inner.is_unfinished(name)
-
-    def begin_write(self, name: str, *, replace: bool) -> None:
-        self.inner.begin_write(name, replace=replace)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from faulty_storage import Faults
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -1240,28 +1241,12 @@ class _Boom(Exception):
 
 def _failing_writer_factory(monkeypatch: pytest.MonkeyPatch, after_bytes: int,
                             exc: type[BaseException]) -> None:
-    """Makes local data-file writers fail once ``after_bytes`` bytes have been written."""
-    from keepax._src.io import local
+    """Makes local data files fail to grow beyond ``after_bytes`` bytes (a storage-level
+    fault: the ``Storage``/``Writer`` interface, not a backend's private classes)."""
+    from keepax._src.io import LocalStorage
 
-    written = {"n": 0}
-    original_write = local._LocalWriter.write
-    original_writev = local._LocalWriter.writev
-
-    def check(n: int) -> None:
-        written["n"] += n
-        if written["n"] > after_bytes:
-            raise exc("injected failure")
-
-    def write(self, data):  # noqa: ANN001, ANN202
-        original_write(self, data)
-        check(memoryview(data).nbytes)
-
-    def writev(self, buffers):  # noqa: ANN001, ANN202
-        original_writev(self, buffers)
-        check(sum(memoryview(b).nbytes for b in buffers))
-
-    monkeypatch.setattr(local._LocalWriter, "write", write)
-    monkeypatch.setattr(local._LocalWriter, "writev", writev)
+    Faults(fail_write_after=after_bytes,
+           write_error=lambda: exc("injected failure")).install(monkeypatch, LocalStorage)
 
 
 @pytest.mark.parametrize("exc", [_Boom, OSError, KeyboardInterrupt])
@@ -1280,15 +1265,12 @@ def test_overwrite_failing_while_writing_keeps_old_checkpoint(tmp_path, monkeypa
 
 
 def test_overwrite_failing_at_commit_rename_keeps_old_checkpoint(tmp_path, monkeypatch):
-    from keepax._src.io import local
+    from keepax._src.io import LocalStorage
 
     path = save(tmp_path, tree={"old": np.arange(10), "v": 1})
     before = file_state(tmp_path)
-
-    def rename_dir(self, source, target, *, exchange=False):  # noqa: ANN001, ANN202
-        raise OSError(28, "No space left on device (injected)")
-
-    monkeypatch.setattr(local.LocalStorage, "rename_dir", rename_dir)
+    Faults(fail_rename=OSError(28, "No space left on device (injected)")).install(
+        monkeypatch, LocalStorage)
     with pytest.raises(OSError, match="injected"):
         keepax.save(path, make_tree(), overwrite=True)
     monkeypatch.undo()
