@@ -237,8 +237,9 @@ def rebuild_plain(
         empty containers outside the kept paths, and containers left empty. A list or tuple
         that loses some items becomes a dict keyed by position, so indices keep their meaning.
       on_leaf: Called with each leaf's index and key path as it is visited.
-      make_node: Called as ``make_node(type_name, names, values)`` for each namedtuple, dataclass or
-        custom node kept whole; a result other than None replaces the dict it would become.
+      make_node: Called as ``make_node(type_name, names, values)`` for each namedtuple,
+        dataclass or custom node kept whole; a result other than None replaces the dict it
+        would become.
 
     Raises:
       CorruptCheckpointError: if the description is malformed.
@@ -260,28 +261,8 @@ def rebuild_plain(
             return leaf(index)
         if kind == "none":
             return _MISSING if keep is not None and not keep(path) else None
-        children = n.get("c")
-        if not isinstance(children, list):
-            raise CorruptCheckpointError(f"container node without children at {keystr(path)}")
-        try:
-            if kind in ("list", "tuple"):
-                entries = [SequenceKey(i) for i in range(len(children))]
-            elif kind == "dict":
-                entries = [DictKey(_decode_key(k)) for k in n.get("keys", [])]
-            elif kind in ("namedtuple", "dataclass", "node"):
-                entries = [_decode_entry(e) for e in n.get("keys", [])]
-            else:
-                raise ValueError(f"unknown node kind {kind!r}")
-        except (ValueError, TypeError) as e:
-            raise CorruptCheckpointError(f"invalid tree node at {keystr(path)}: {e}") from e
-        if len(entries) != len(children):
-            raise CorruptCheckpointError(f"keys and children differ in length at {keystr(path)}")
-        if len(set(entries)) != len(entries):
-            raise CorruptCheckpointError(f"a key appears twice at {keystr(path)}")
-        values = []
-        for entry, child in zip(entries, children):
-            value = walk(child, path + (entry,))
-            values.append(value)
+        entries, children = _container_entries(n, kind, path)
+        values = [walk(child, path + (entry,)) for entry, child in zip(entries, children)]
         pairs = [(e, v) for e, v in zip(entries, values) if v is not _MISSING]
         if keep is not None and not pairs and (children or not keep(path)):
             return _MISSING
@@ -299,6 +280,33 @@ def rebuild_plain(
 
     result = walk(node, ())
     return {} if result is _MISSING else result
+
+
+def _container_entries(n: dict[str, Any], kind: Any, path: KeyPath) -> tuple[list[Any], list[Any]]:
+    """The key entries and children of an untrusted container node.
+
+    Raises:
+      CorruptCheckpointError: the node is malformed.
+    """
+    children = n.get("c")
+    if not isinstance(children, list):
+        raise CorruptCheckpointError(f"container node without children at {keystr(path)}")
+    try:
+        if kind in ("list", "tuple"):
+            entries: list[Any] = [SequenceKey(i) for i in range(len(children))]
+        elif kind == "dict":
+            entries = [DictKey(_decode_key(k)) for k in n.get("keys", [])]
+        elif kind in ("namedtuple", "dataclass", "node"):
+            entries = [_decode_entry(e) for e in n.get("keys", [])]
+        else:
+            raise ValueError(f"unknown node kind {kind!r}")
+    except (ValueError, TypeError) as e:
+        raise CorruptCheckpointError(f"invalid tree node at {keystr(path)}: {e}") from e
+    if len(entries) != len(children):
+        raise CorruptCheckpointError(f"keys and children differ in length at {keystr(path)}")
+    if len(set(entries)) != len(entries):
+        raise CorruptCheckpointError(f"a key appears twice at {keystr(path)}")
+    return entries, children
 
 
 def entry_name(entry: Any) -> Any:
