@@ -57,6 +57,9 @@ _SMALL = 256 << 10  # chunks below this are gathered (writes) or coalesced (read
 _BATCH_BYTES = 16 << 20  # at most this much gathered into one writev / coalesced read
 _COPY_BLOCK = 8 << 20  # non-contiguous sources are copied out in blocks of about this size
 _RUN_BYTES = 256 << 20  # consecutive big chunks read with one vectored request, up to this
+_MIN_CRC_BLOCK = 4 << 10  # block checksums: block sizes (crc32c_block_size)
+_MAX_CRC_BLOCK = 1 << 20
+_WASTE = 16  # reads skip what their boxes do not need unless it costs under 1/_WASTE more
 
 
 def checksum(data: memoryview | bytes, value: int = 0) -> int:
@@ -164,18 +167,68 @@ def _plan_files(sources: Sequence[ChunkSource], max_files: int) -> list[list[Chu
     return [[s for _, s in sorted(group, key=lambda p: p[0])] for group in assigned if group]
 
 
-def _write_one(writer: Writer, sources: Sequence[ChunkSource], header: bytes) -> list[int]:
-    """Writes header then chunks; returns each chunk's CRC-32C."""
-    crcs: list[int] = []
+def crc32c_block_size(shape: Sequence[int], itemsize: int) -> int:
+    """The block size of a chunk's block checksums (docs/FORMAT.md §5.4), or 0 for none.
+
+    About a sixteenth of a row (the bytes of one index of the first axis), within
+    [4 KiB, 1 MiB] and a power of two: a reader whose box cuts the chunk along its first axis
+    reads at most a block more than it needs at each cut, and one that cuts its rows into a
+    few pieces reads about a sixteenth more. Chunks under four blocks have none.
+    """
+    nbytes = math.prod(shape) * itemsize
+    row = math.prod(shape[1:]) * itemsize if len(shape) > 1 else itemsize
+    block = 1 << max(0, (row // 16).bit_length() - 1)
+    block = min(max(block, _MIN_CRC_BLOCK), _MAX_CRC_BLOCK)
+    return block if nbytes >= 4 * block else 0
+
+
+class _BlockCrcs:
+    """CRC-32C of each consecutive ``size`` bytes of a stream fed in pieces of any length."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self._crc, self._filled = size, 0, 0
+        self.crcs: list[int] = []
+
+    def feed(self, view: memoryview) -> None:
+        position = 0
+        while position < len(view):
+            take = min(self.size - self._filled, len(view) - position)
+            self._crc = checksum(view[position : position + take], self._crc)
+            self._filled += take
+            position += take
+            if self._filled == self.size:
+                self.crcs.append(self._crc)
+                self._crc, self._filled = 0, 0
+
+    def finish(self) -> tuple[int, ...]:
+        if self._filled:
+            self.crcs.append(self._crc)
+            self._crc, self._filled = 0, 0
+        return tuple(self.crcs)
+
+
+_Crcs = tuple[int, int, tuple[int, ...]]
+"""A chunk's CRC-32C, block size (0: none) and block CRC-32Cs."""
+
+
+def _write_one(
+    writer: Writer, sources: Sequence[ChunkSource], header: bytes, block_crcs: bool = False
+) -> list[_Crcs]:
+    """Writes header then chunks; returns each chunk's checksums."""
+    crcs: list[_Crcs] = []
     pending: list[memoryview] = [memoryview(header)]
     pending_bytes = len(header)
     for source in sources:
         array = source.data()
         if array.shape != source.shape:
             raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
+        size = crc32c_block_size(source.shape, source.dtype.itemsize) if block_crcs else 0
+        blocks = _BlockCrcs(size) if size else None
         if array.flags.c_contiguous:
             view = _bytes_view(array)
-            crcs.append(checksum(view))
+            if blocks is not None:
+                blocks.feed(view)
+            crcs.append((checksum(view), size, blocks.finish() if blocks is not None else ()))
             if len(view) >= _SMALL:
                 if pending:
                     writer.writev(pending)
@@ -199,8 +252,10 @@ def _write_one(writer: Writer, sources: Sequence[ChunkSource], header: bytes) ->
             block = np.ascontiguousarray(array[r : r + rows])
             view = _bytes_view(block)
             crc = checksum(view, crc)
+            if blocks is not None:
+                blocks.feed(view)
             writer.write(view)
-        crcs.append(crc)
+        crcs.append((crc, size, blocks.finish() if blocks is not None else ()))
     if pending:
         writer.writev(pending)
     return crcs
@@ -214,6 +269,7 @@ def write_data_files(
     prefix: str,
     max_files: int = 4,
     workers: int = 4,
+    block_crcs: bool = False,
 ) -> tuple[list[DataFile], dict[int, list[tuple[ChunkSource, Chunk]]]]:
     """Writes chunks into a few data files, in parallel, each made durable before returning.
 
@@ -224,6 +280,8 @@ def write_data_files(
       prefix: File name prefix, unique per writing process (``p00000``).
       max_files: At most this many files.
       workers: Threads writing files concurrently.
+      block_crcs: Also checksum large chunks block by block (format 1.2, docs/FORMAT.md
+        §5.4), so that readers needing part of a chunk read only that part.
 
     Returns:
       The files written (names relative to the checkpoint) and, per leaf index, its chunks
@@ -233,10 +291,10 @@ def write_data_files(
     names = [f"data/{prefix}-{i:03d}.safetensors" for i in range(len(groups))]
     headers = [safetensors_header(g, f"{prefix}-{i:03d}") for i, g in enumerate(groups)]
 
-    def write(i: int) -> list[int]:
+    def write(i: int) -> list[_Crcs]:
         writer = storage.create(f"{directory}/{names[i]}")
         try:
-            crcs = _write_one(writer, groups[i], headers[i])
+            crcs = _write_one(writer, groups[i], headers[i], block_crcs)
         except BaseException:
             writer.abort()
             raise
@@ -253,8 +311,9 @@ def write_data_files(
     chunks: dict[int, list[tuple[ChunkSource, Chunk]]] = {}
     for i, (group, header, crcs) in enumerate(zip(groups, headers, all_crcs)):
         offset = len(header)
-        for source, crc in zip(group, crcs):
-            chunk = Chunk(i, offset, source.nbytes, source.start, source.shape, crc)
+        for source, (crc, size, blocks) in zip(group, crcs):
+            chunk = Chunk(i, offset, source.nbytes, source.start, source.shape, crc,
+                          crc32c_block=size, crc32c_blocks=blocks)
             chunks.setdefault(source.leaf, []).append((source, chunk))
             offset += source.nbytes
         files.append(DataFile(names[i], offset))
@@ -303,6 +362,7 @@ class _Piece:
     chunk: Chunk
     leaf: str
     targets: list[tuple[ReadRequest, memoryview | None]]  # (request, direct slab or None)
+    ranges: list[tuple[int, int]] | None = None  # the byte ranges to read; None: all
 
     def landing(self) -> memoryview | None:
         """A direct slab to read the chunk straight into, if some target has one."""
@@ -368,18 +428,66 @@ class _Files:
         self._open.clear()
 
 
-def _verify(view: memoryview, piece: _Piece, files: Sequence[DataFile], where: str) -> None:
+def _verify(
+    view: memoryview, piece: _Piece, files: Sequence[DataFile], where: str,
+    block: int | None = None,
+) -> None:
+    """Checks a chunk's CRC-32C, or (``block``) the CRC-32C of that block of it."""
     actual = checksum(view)
-    if actual != piece.chunk.crc32c:
-        chunk = piece.chunk
+    chunk = piece.chunk
+    stored = chunk.crc32c if block is None else chunk.crc32c_blocks[block]
+    if actual != stored:
+        begin = chunk.offset + (0 if block is None else block * chunk.crc32c_block)
+        what = "" if block is None else f"block {block} of the "
         raise CorruptCheckpointError(
             f"checksum mismatch in {files[chunk.file].name} at bytes "
-            f"{chunk.offset}..{chunk.offset + chunk.nbytes} (chunk starting at {list(chunk.start)}"
-            f", shape {list(chunk.shape)}): stored {chunk.crc32c:#010x}, read {actual:#010x}; "
+            f"{begin}..{begin + len(view)} ({what}chunk starting at {list(chunk.start)}"
+            f", shape {list(chunk.shape)}): stored {stored:#010x}, read {actual:#010x}; "
             "the data file is damaged: restore an earlier checkpoint",
             path=where,
             leaf=piece.leaf,
         )
+
+
+def _runs(chunk: Chunk, overlap: Box) -> tuple[np.ndarray, int]:
+    """The byte offsets (in the chunk) of the contiguous runs holding ``overlap``, and their
+    common length."""
+    shape, itemsize = chunk.shape, chunk.nbytes // max(1, math.prod(chunk.shape))
+    local = [s - c for s, c in zip(overlap[0], chunk.start)]
+    strides = [math.prod(shape[d + 1 :]) * itemsize for d in range(len(shape))]
+    if not shape:
+        return np.zeros(1, np.int64), chunk.nbytes
+    k = len(shape) - 1  # the runs are contiguous from axis k on
+    while k > 0 and overlap[1][k] == shape[k]:
+        k -= 1
+    offsets = np.array(local[k] * strides[k], np.int64)
+    for d in range(k - 1, -1, -1):
+        axis = (local[d] + np.arange(overlap[1][d], dtype=np.int64)) * strides[d]
+        offsets = np.add.outer(axis, offsets)
+    return offsets.reshape(-1), overlap[1][k] * strides[k]
+
+
+def _needed_ranges(piece: _Piece) -> list[tuple[int, int]] | None:
+    """The block-aligned byte ranges of a chunk with block checksums that its targets need,
+    or None when they need (about) all of it or it has none."""
+    chunk, size = piece.chunk, piece.chunk.crc32c_block
+    if not size or any(view is not None for _, view in piece.targets):
+        return None
+    count = len(chunk.crc32c_blocks)
+    marks = np.zeros(count + 1, np.int64)
+    for request, _ in piece.targets:
+        overlap = intersect((chunk.start, chunk.shape), request.box)
+        if overlap is None:
+            continue
+        offsets, length = _runs(chunk, overlap)
+        np.add.at(marks, offsets // size, 1)
+        np.add.at(marks, (offsets + length - 1) // size + 1, -1)
+    needed = np.cumsum(marks[:-1]) > 0
+    if int(needed.sum()) * _WASTE >= count * (_WASTE - 1):
+        return None
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], needed.astype(np.int8), [0]))))
+    return [(int(b) * size, min(int(e) * size, chunk.nbytes))
+            for b, e in zip(edges[::2], edges[1::2])]
 
 
 def _scatter(request: ReadRequest, chunk: Chunk, data: memoryview) -> None:
@@ -435,6 +543,8 @@ def read_requests(
             )
             piece.targets.append((request, _direct_view(request, chunk)))
     pieces = list(by_chunk.values())
+    for piece in pieces:
+        piece.ranges = _needed_ranges(piece)
     reading = _Reading(_Files(storage, directory, files, where), files, where, stats)
     streams = _sequential_streams(_read_steps(pieces, reading), workers)
 
@@ -484,6 +594,25 @@ class _Reading:
             piece.deliver(landing, view)
         return expected
 
+    def partial(self, piece: _Piece) -> int:
+        """Reads the block ranges of a chunk its targets need (each block verified), and
+        delivers them (the rest of the bounce buffer is never copied out)."""
+        chunk = piece.chunk
+        reader = self.opened.get(chunk.file, self.stats)
+        buffer = memoryview(bytearray(chunk.nbytes))
+        assert piece.ranges is not None
+        for begin, end in piece.ranges:
+            if reader.read_into(chunk.offset + begin, buffer[begin:end]) != end - begin:
+                raise CorruptCheckpointError(
+                    f"data file {self.files[chunk.file].name} ends inside a chunk",
+                    path=self.where, leaf=piece.leaf,
+                )
+            size = chunk.crc32c_block
+            for b in range(begin, end, size):
+                _verify(buffer[b : min(b + size, end)], piece, self.files, self.where, b // size)
+        piece.deliver(buffer)
+        return sum(end - begin for begin, end in piece.ranges)
+
     def group(self, group: list[_Piece]) -> int:
         """Reads adjacent small chunks of one file with one request."""
         first, last = group[0].chunk, group[-1].chunk
@@ -507,20 +636,29 @@ def _read_steps(
 ) -> list[tuple[int, int, Callable[[Any], int], Any]]:
     """Cuts the pieces into read steps: runs of adjacent small chunks, and runs of
     consecutive big ones (each as (file, offset, function, argument))."""
-    steps: list[tuple[int, int, Callable[[Any], int], Any]] = []
+    steps: list[tuple[int, int, Callable[[Any], int], Any]] = [
+        (p.chunk.file, p.chunk.offset, reading.partial, p) for p in pieces if p.ranges is not None
+    ]
+    pieces = [p for p in pieces if p.ranges is None]
     small = sorted(
         (p for p in pieces if p.chunk.nbytes < _SMALL), key=lambda p: (p.chunk.file, p.chunk.offset)
     )
     group: list[_Piece] = []
+    useful = waste = 0
     for piece in small:
         if group:
             prev = group[-1].chunk
             gap = piece.chunk.offset - (prev.offset + prev.nbytes)
             span = piece.chunk.offset + piece.chunk.nbytes - group[0].chunk.offset
-            if piece.chunk.file != prev.file or not 0 <= gap <= _SMALL or span > _BATCH_BYTES:
+            # Gaps are read only while they cost under 1/_WASTE of the bytes wanted.
+            if (piece.chunk.file != prev.file or not 0 <= gap <= _SMALL or span > _BATCH_BYTES
+                    or (waste + gap) * _WASTE > useful + piece.chunk.nbytes):
                 steps.append((group[0].chunk.file, group[0].chunk.offset, reading.group, group))
-                group = []
+                group, useful, waste = [], 0, 0
+            else:
+                waste += gap
         group.append(piece)
+        useful += piece.chunk.nbytes
     if group:
         steps.append((group[0].chunk.file, group[0].chunk.offset, reading.group, group))
     run: list[_Piece] = []
