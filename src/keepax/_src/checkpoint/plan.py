@@ -17,9 +17,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from keepax._src.format import blocks, dtypes, tables, tree
 from keepax._src.format import boxes as sharding
 from keepax._src.format import datafiles as format
-from keepax._src.format import dtypes, tables, tree
 from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import (
     CODECS_VERSION,
@@ -328,11 +328,11 @@ class LeafPlan:
     def block_crcs(self) -> bool:
         """Whether a multi-process save of this plan checksums chunks block by block: when
         some whole cell is large enough to get block checksums
-        (:func:`format.crc32c_block_size`). The same on every process (cells are global),
+        (:func:`blocks.crc32c_block_size`). The same on every process (cells are global),
         so process 0 writes the manifest's version without seeing the others' tables."""
         for _, dtype, _, extra in self.arrays.values():
             cells = extra.get("cells")
-            if cells is not None and format.crc32c_block_size(cells.block, dtype.itemsize):
+            if cells is not None and blocks.crc32c_block_size(cells.block, dtype.itemsize):
                 return True
         return False
 

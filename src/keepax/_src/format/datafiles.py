@@ -25,7 +25,7 @@ from typing import Any
 import crc32c as _crc32c
 import numpy as np
 
-from keepax._src.format import dtypes, spec
+from keepax._src.format import blocks, dtypes, spec
 from keepax._src.format.boxes import Box, intersect, local_slices
 from keepax._src.format.manifest import ArrayLeaf, Chunk, DataFile, Manifest
 from keepax._src.io.base import Reader, Storage, Writer
@@ -57,9 +57,7 @@ _SMALL = 256 << 10  # chunks below this are gathered (writes) or coalesced (read
 _BATCH_BYTES = 16 << 20  # at most this much gathered into one writev / coalesced read
 _COPY_BLOCK = 8 << 20  # non-contiguous sources are copied out in blocks of about this size
 _RUN_BYTES = 256 << 20  # consecutive big chunks read with one vectored request, up to this
-_MIN_CRC_BLOCK = 4 << 10  # block checksums: block sizes (crc32c_block_size)
-_MAX_CRC_BLOCK = 1 << 20
-_WASTE = 16  # reads skip what their boxes do not need unless it costs under 1/_WASTE more
+_WASTE = blocks.WASTE
 
 
 def checksum(data: memoryview | bytes, value: int = 0) -> int:
@@ -167,46 +165,6 @@ def _plan_files(sources: Sequence[ChunkSource], max_files: int) -> list[list[Chu
     return [[s for _, s in sorted(group, key=lambda p: p[0])] for group in assigned if group]
 
 
-def crc32c_block_size(shape: Sequence[int], itemsize: int) -> int:
-    """The block size of a chunk's block checksums (docs/FORMAT.md §5.4), or 0 for none.
-
-    About a sixteenth of a row (the bytes of one index of the first axis), within
-    [4 KiB, 1 MiB] and a power of two: a reader whose box cuts the chunk along its first axis
-    reads at most a block more than it needs at each cut, and one that cuts its rows into a
-    few pieces reads about a sixteenth more. Chunks under four blocks have none.
-    """
-    nbytes = math.prod(shape) * itemsize
-    row = math.prod(shape[1:]) * itemsize if len(shape) > 1 else itemsize
-    block = 1 << max(0, (row // 16).bit_length() - 1)
-    block = min(max(block, _MIN_CRC_BLOCK), _MAX_CRC_BLOCK)
-    return block if nbytes >= 4 * block else 0
-
-
-class _BlockCrcs:
-    """CRC-32C of each consecutive ``size`` bytes of a stream fed in pieces of any length."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self._crc, self._filled = size, 0, 0
-        self.crcs: list[int] = []
-
-    def feed(self, view: memoryview) -> None:
-        position = 0
-        while position < len(view):
-            take = min(self.size - self._filled, len(view) - position)
-            self._crc = checksum(view[position : position + take], self._crc)
-            self._filled += take
-            position += take
-            if self._filled == self.size:
-                self.crcs.append(self._crc)
-                self._crc, self._filled = 0, 0
-
-    def finish(self) -> tuple[int, ...]:
-        if self._filled:
-            self.crcs.append(self._crc)
-            self._crc, self._filled = 0, 0
-        return tuple(self.crcs)
-
-
 _Crcs = tuple[int, int, tuple[int, ...]]
 """A chunk's CRC-32C, block size (0: none) and block CRC-32Cs."""
 
@@ -222,13 +180,13 @@ def _write_one(
         array = source.data()
         if array.shape != source.shape:
             raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
-        size = crc32c_block_size(source.shape, source.dtype.itemsize) if block_crcs else 0
-        blocks = _BlockCrcs(size) if size else None
+        size = blocks.crc32c_block_size(source.shape, source.dtype.itemsize) if block_crcs else 0
+        crcs_of = blocks.BlockCrcs(size) if size else None
         if array.flags.c_contiguous:
             view = _bytes_view(array)
-            if blocks is not None:
-                blocks.feed(view)
-            crcs.append((checksum(view), size, blocks.finish() if blocks is not None else ()))
+            if crcs_of is not None:
+                crcs_of.feed(view)
+            crcs.append((checksum(view), size, crcs_of.finish() if crcs_of is not None else ()))
             if len(view) >= _SMALL:
                 if pending:
                     writer.writev(pending)
@@ -252,10 +210,10 @@ def _write_one(
             block = np.ascontiguousarray(array[r : r + rows])
             view = _bytes_view(block)
             crc = checksum(view, crc)
-            if blocks is not None:
-                blocks.feed(view)
+            if crcs_of is not None:
+                crcs_of.feed(view)
             writer.write(view)
-        crcs.append((crc, size, blocks.finish() if blocks is not None else ()))
+        crcs.append((crc, size, crcs_of.finish() if crcs_of is not None else ()))
     if pending:
         writer.writev(pending)
     return crcs
@@ -311,9 +269,9 @@ def write_data_files(
     chunks: dict[int, list[tuple[ChunkSource, Chunk]]] = {}
     for i, (group, header, crcs) in enumerate(zip(groups, headers, all_crcs)):
         offset = len(header)
-        for source, (crc, size, blocks) in zip(group, crcs):
+        for source, (crc, size, per_block) in zip(group, crcs):
             chunk = Chunk(i, offset, source.nbytes, source.start, source.shape, crc,
-                          crc32c_block=size, crc32c_blocks=blocks)
+                          crc32c_block=size, crc32c_blocks=per_block)
             chunks.setdefault(source.leaf, []).append((source, chunk))
             offset += source.nbytes
         files.append(DataFile(names[i], offset))
@@ -449,47 +407,6 @@ def _verify(
         )
 
 
-def _runs(chunk: Chunk, overlap: Box) -> tuple[np.ndarray, int]:
-    """The byte offsets (in the chunk) of the contiguous runs holding ``overlap``, and their
-    common length."""
-    shape, itemsize = chunk.shape, chunk.nbytes // max(1, math.prod(chunk.shape))
-    local = [s - c for s, c in zip(overlap[0], chunk.start)]
-    strides = [math.prod(shape[d + 1 :]) * itemsize for d in range(len(shape))]
-    if not shape:
-        return np.zeros(1, np.int64), chunk.nbytes
-    k = len(shape) - 1  # the runs are contiguous from axis k on
-    while k > 0 and overlap[1][k] == shape[k]:
-        k -= 1
-    offsets = np.array(local[k] * strides[k], np.int64)
-    for d in range(k - 1, -1, -1):
-        axis = (local[d] + np.arange(overlap[1][d], dtype=np.int64)) * strides[d]
-        offsets = np.add.outer(axis, offsets)
-    return offsets.reshape(-1), overlap[1][k] * strides[k]
-
-
-def _needed_ranges(piece: _Piece) -> list[tuple[int, int]] | None:
-    """The block-aligned byte ranges of a chunk with block checksums that its targets need,
-    or None when they need (about) all of it or it has none."""
-    chunk, size = piece.chunk, piece.chunk.crc32c_block
-    if not size or any(view is not None for _, view in piece.targets):
-        return None
-    count = len(chunk.crc32c_blocks)
-    marks = np.zeros(count + 1, np.int64)
-    for request, _ in piece.targets:
-        overlap = intersect((chunk.start, chunk.shape), request.box)
-        if overlap is None:
-            continue
-        offsets, length = _runs(chunk, overlap)
-        np.add.at(marks, offsets // size, 1)
-        np.add.at(marks, (offsets + length - 1) // size + 1, -1)
-    needed = np.cumsum(marks[:-1]) > 0
-    if int(needed.sum()) * _WASTE >= count * (_WASTE - 1):
-        return None
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], needed.astype(np.int8), [0]))))
-    return [(int(b) * size, min(int(e) * size, chunk.nbytes))
-            for b, e in zip(edges[::2], edges[1::2])]
-
-
 def _scatter(request: ReadRequest, chunk: Chunk, data: memoryview) -> None:
     """Copies a verified chunk's bytes into the part of a request's output it overlaps."""
     chunk_box = (chunk.start, chunk.shape)
@@ -544,7 +461,8 @@ def read_requests(
             piece.targets.append((request, _direct_view(request, chunk)))
     pieces = list(by_chunk.values())
     for piece in pieces:
-        piece.ranges = _needed_ranges(piece)
+        if all(view is None for _, view in piece.targets):
+            piece.ranges = blocks.needed_ranges(piece.chunk, [r.box for r, _ in piece.targets])
     reading = _Reading(_Files(storage, directory, files, where), files, where, stats)
     streams = _sequential_streams(_read_steps(pieces, reading), workers)
 
