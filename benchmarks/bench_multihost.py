@@ -27,6 +27,11 @@ Usage::
 
     .venv/bin/python benchmarks/bench_multihost.py --gib 1 --repeats 3
 
+``--reads`` runs the restore read-ratio scenarios instead (4 and 8 processes, resharding
+8 -> 3 and 4 -> 8, a 2,000-array state; ``benchmarks/multihost_reads.py``)::
+
+    .venv/bin/python benchmarks/bench_multihost.py --reads --mib 64
+
 Prints a JSON document (also ``<dir>/multihost.json``) then a Markdown summary
 (``<dir>/multihost.md``).
 """
@@ -700,6 +705,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--reads" in argv:
+        import multihost_reads
+
+        return multihost_reads.main([a for a in argv if a != "--reads"])
     args = parse_args(argv)
     if args.child:
         return child_main(args)

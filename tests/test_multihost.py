@@ -308,3 +308,29 @@ def test_a_straggler_fails_the_save_after_the_timeout_given(tmp_path: Path) -> N
     assert "process 1 of 2 did not reach 'agree' within 2 s" in results[0].result["straggler"]
     assert results[1].result["straggler"] is not None
     assert not (tmp_path / "D").exists()
+
+
+def test_restores_read_little_more_than_each_process_needs(tmp_path: Path) -> None:
+    # Issue 11 point 7: <= 1.1 x the bytes of a process's target shards on the saved mesh
+    # (200 small arrays whose chunks lie between other processes' chunks included), <= 1.25 x
+    # onto other layouts (target boxes cutting saved chunks: block checksums, format 1.2).
+    path = tmp_path / "ckpt"
+    results = run_processes(SCRIPTS_DIR / "read_ratios.py", 2, tmp_path=tmp_path,
+                            args=[str(path)], timeout=180)
+    for r in results:
+        for layout, s in r.result["ratios"].items():
+            goal = 1.1 if layout == "saved mesh" else 1.25
+            assert s["needed"] <= s["bytes_read"] <= goal * s["needed"], (r.index, layout, s)
+    # Block checksums made the tables (and so the manifest) version 1.2; only large chunks
+    # carry them.
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["version"] == "1.2"
+    rows = [row for t in _tables(path).values() for row in t["chunks"]]
+    blocked = [row for row in rows if len(row) == 8 and "crc32c_blocks" in row[7]]
+    assert blocked and all(row[3] >= 4 * row[7]["crc32c_block"] for row in blocked)
+    assert all(row[3] < 16 << 10 for row in rows if row not in blocked)
+    # One process restoring one small array reads its bytes and no other array's.
+    stats = keepax.RestoreStats()
+    out = keepax.restore(str(path), select="s001", stats=stats)
+    assert out["s001"].shape == (24, 16) and stats.bytes_read == 24 * 16 * 4
+    assert keepax.verify(str(path)) == []

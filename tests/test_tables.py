@@ -815,3 +815,86 @@ def test_tables_written_by_different_saves_are_a_corrupt_checkpoint(ckpt: Path) 
     # Another save's table in place of one process's (the manifest made to match it).
     _write_table(ckpt, names[1], {**_doc(ckpt, names[1]), "save_id": "0" * 32})
     _expect_corrupt(ckpt, "written by different saves")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading only what a box needs (issue 11 point 7): block checksums and capped gap merging.
+
+
+def _written(storage: MemoryStorage, arrays: list[np.ndarray], block_crcs: bool) -> Any:
+    sources = [fmt.ChunkSource(i, f"a{i}", (0,) * a.ndim, a.shape, a.dtype, lambda a=a: a)
+               for i, a in enumerate(arrays)]
+    files, chunks = fmt.write_data_files(storage, "ck", sources, prefix="p0",
+                                         block_crcs=block_crcs)
+    return files, [chunks[i][0][1] for i in range(len(arrays))]
+
+
+def _read(storage: MemoryStorage, files: Any, chunk: Any, box: Any, dtype: Any) -> Any:
+    out = np.empty(box[1], dtype)
+    stats = fmt.read_requests(storage, "ck", files, [fmt.ReadRequest("a", [chunk], box, out)],
+                              where="ck")
+    return out, stats.bytes_read
+
+
+def test_a_box_cutting_a_chunk_reads_only_its_blocks(store: Any) -> None:
+    storage, _ = store
+    a = np.arange(512 * 2048, dtype=np.float32).reshape(512, 2048)  # 8 KiB rows
+    files, (chunk,) = _written(storage, [a], block_crcs=True)
+    assert chunk.crc32c_block == 4096 and len(chunk.crc32c_blocks) == a.nbytes // 4096
+    assert chunk.crc32c_blocks[3] == crc32c.crc32c(a.reshape(-1).view(np.uint8)[3 * 4096:][:4096])
+    for box in [((100, 0), (30, 2048)), ((0, 1024), (512, 1024)), ((7, 0), (500, 1024))]:
+        out, nbytes = _read(storage, files, chunk, box, a.dtype)
+        np.testing.assert_array_equal(out, a[tuple(slice(s, s + n) for s, n in zip(*box))])
+        assert nbytes == out.nbytes, box
+    # Damage outside the rows read goes unnoticed by this read, inside it fails it.
+    path = f"ck/{files[0].name}"
+    data = bytearray(storage.read_bytes(path))
+    data[chunk.offset + 300 * 8192] ^= 1
+    storage.write_bytes(path, bytes(data))
+    _read(storage, files, chunk, ((100, 0), (30, 2048)), a.dtype)
+    with pytest.raises(CorruptCheckpointError, match="block 600 of the chunk"):
+        _read(storage, files, chunk, ((290, 0), (30, 2048)), a.dtype)
+    # Without block checksums (single-process saves, older checkpoints): the whole chunk.
+    files, (plain,) = _written(storage, [a], block_crcs=False)
+    assert plain.crc32c_block == 0 and not plain.uses_codecs
+    assert _read(storage, files, plain, ((100, 0), (30, 2048)), a.dtype)[1] == a.nbytes
+
+
+def test_gap_merging_reads_at_most_a_sixteenth_more(store: Any) -> None:
+    storage, _ = store
+    arrays = [np.full((64,), i, np.float32) for i in range(400)]  # 256-byte chunks
+    files, chunks = _written(storage, arrays, block_crcs=False)
+    wanted = [(c, a) for i, (c, a) in enumerate(zip(chunks, arrays)) if i % 5 != 2]
+    outs = [np.empty(a.shape, a.dtype) for _, a in wanted]
+    requests = [fmt.ReadRequest("a", [c], ((0,), a.shape), out)
+                for (c, a), out in zip(wanted, outs)]
+    stats = fmt.read_requests(storage, "ck", files, requests, where="ck")
+    for (_, a), out in zip(wanted, outs):
+        np.testing.assert_array_equal(out, a)
+    needed = sum(a.nbytes for _, a in wanted)
+    assert needed <= stats.bytes_read <= needed * 17 / 16
+
+
+@pytest.mark.parametrize("extras, match", [
+    ({"crc32c_block": 3000, "crc32c_blocks": [0]}, "power of two"),
+    ({"crc32c_block": 1024}, "list of 1 integers"),
+    ({"crc32c_block": 1024, "crc32c_blocks": [0, 1]}, "list of 1 integers"),
+    ({"crc32c_block": 1024, "crc32c_blocks": [1 << 32]}, "list of 1 integers"),
+    ({"crc32c_blocks": [0]}, "power of two"),
+])
+def test_malformed_block_checksums_are_rejected(store: Any, extras: Any, match: str) -> None:
+    storage, name = store
+    manifest = _build(storage, "ckpt")
+    ref = next(t for t in manifest.tables if t.process == 0 and not t.shared)
+    table = json.loads(storage.read_bytes(f"ckpt/{ref.name}"))
+    table["version"] = "1.2"
+    table["chunks"][0].append(extras)
+    data = json.dumps(table).encode()
+    storage.write_bytes(f"ckpt/{ref.name}", data)
+    fixed = dataclasses.replace(manifest, tables=tuple(
+        dataclasses.replace(t, nbytes=len(data), crc32c=fmt.checksum(data)) if t == ref else t
+        for t in manifest.tables))
+    whole = {i: [((0,) * len(leaf.shape), leaf.shape)] for i, leaf in enumerate(fixed.leaves)
+             if isinstance(leaf, ArrayLeaf)}
+    with pytest.raises(CorruptCheckpointError, match=match):
+        tables.resolve(storage, "ckpt", "ckpt", fixed, whole)

@@ -67,11 +67,11 @@ def install(stage: str, victim: int) -> None:
             stall(stage)
         return real_write_files(*args, **kwargs)
 
-    def write_one(writer, sources, header):
+    def write_one(writer, sources, header, *rest):
         if armed["on"] and stage == "during-data":
             writer.write(memoryview(header))  # part of the file is on disk
             stall(stage)
-        return real_write_one(writer, sources, header)
+        return real_write_one(writer, sources, header, *rest)
 
     def encode(*args, **kwargs):
         if armed["on"] and stage == "after-data":

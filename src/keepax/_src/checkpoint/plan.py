@@ -17,11 +17,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from keepax._src.format import blocks, dtypes, tables, tree
 from keepax._src.format import boxes as sharding
 from keepax._src.format import datafiles as format
-from keepax._src.format import dtypes, tables, tree
 from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import (
+    CODECS_VERSION,
     FORMAT_VERSION,
     TABLES_VERSION,
     ArrayLeaf,
@@ -323,6 +324,18 @@ class LeafPlan:
     buffers: list[SourceBuffer] = dataclasses.field(default_factory=list)
     layouts: list[Layout] = dataclasses.field(default_factory=list)
 
+    @property
+    def block_crcs(self) -> bool:
+        """Whether a multi-process save of this plan checksums chunks block by block: when
+        some whole cell is large enough to get block checksums
+        (:func:`blocks.crc32c_block_size`). The same on every process (cells are global),
+        so process 0 writes the manifest's version without seeing the others' tables."""
+        for _, dtype, _, extra in self.arrays.values():
+            cells = extra.get("cells")
+            if cells is not None and blocks.crc32c_block_size(cells.block, dtype.itemsize):
+                return True
+        return False
+
     def manifest(
         self,
         files: Sequence[DataFile],
@@ -332,10 +345,12 @@ class LeafPlan:
         created: float,
         tables: Sequence[TableRef] = (),
         layouts: Sequence[Layout] = (),
+        block_crcs: bool = False,
     ) -> Manifest:
         """The manifest, once the chunks are written (``chunks`` as ``write_data_files``
         returns them; or, in a multi-process save, the chunk ``tables`` of every process and
-        the cell ``layouts``, with no ``files`` or ``chunks``)."""
+        the cell ``layouts``, with no ``files`` or ``chunks``; ``block_crcs``: the tables
+        carry block checksums, a format 1.2 member)."""
         leaves: list[Any] = list(self.leaves)
         for index, (kind, dtype, shape, extra) in self.arrays.items():
             leaves[index] = ArrayLeaf(
@@ -349,7 +364,8 @@ class LeafPlan:
                 cells=extra.get("cells"),
             )
         return Manifest(
-            version=TABLES_VERSION if tables else FORMAT_VERSION,
+            version=(CODECS_VERSION if block_crcs else TABLES_VERSION) if tables
+            else FORMAT_VERSION,
             tree=self.structure.node,
             leaves=tuple(leaves),
             files=tuple(files),

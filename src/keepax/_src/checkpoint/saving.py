@@ -335,13 +335,15 @@ def _distributed_job(
         cells={i: extra["cells"] for i, (_, _, _, extra) in plan.arrays.items()},
         layouts=plan.layouts,
         manifest=lambda refs: plan.manifest(
-            (), {}, prepared.metadata, created=time.time(), tables=refs, layouts=plan.layouts
+            (), {}, prepared.metadata, created=time.time(), tables=refs, layouts=plan.layouts,
+            block_crcs=not prepared.host_local and plan.block_crcs,
         ),
         coordinator=coordinator,
         save_id=prepared.save_id,
         host_local=prepared.host_local,
         timeout=prepared.timeout,
         step=prepared.step,
+        block_crcs=not prepared.host_local and plan.block_crcs,
     )
 
 

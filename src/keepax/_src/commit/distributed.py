@@ -72,6 +72,8 @@ class DistributedSave:
       host_local: Every process saves into its own directory.
       timeout: Seconds to wait for the other processes at each stage.
       step: The step, for messages.
+      block_crcs: Checksum large chunks block by block too (format 1.2, so that readers
+        resharding the checkpoint read only the parts of chunks they need).
     """
 
     storage: Storage
@@ -87,6 +89,7 @@ class DistributedSave:
     host_local: bool = False
     timeout: float = SYNC_TIMEOUT
     step: int | None = None
+    block_crcs: bool = False
 
     @property
     def leader(self) -> bool:
@@ -220,7 +223,7 @@ def _write_share(
     table references to report and the bytes written."""
     me = job.coordinator.process_index
     files, chunks = datafiles.write_data_files(
-        job.storage, staging, job.sources, prefix=f"p{me:05d}"
+        job.storage, staging, job.sources, prefix=f"p{me:05d}", block_crcs=job.block_crcs
     )
     private, shared = tables.split_shared(
         job.cells, job.layouts,

@@ -25,7 +25,7 @@ from typing import Any
 import crc32c as _crc32c
 import numpy as np
 
-from keepax._src.format import dtypes, spec
+from keepax._src.format import blocks, dtypes, spec
 from keepax._src.format.boxes import Box, intersect, local_slices
 from keepax._src.format.manifest import ArrayLeaf, Chunk, DataFile, Manifest
 from keepax._src.io.base import Reader, Storage, Writer
@@ -57,6 +57,7 @@ _SMALL = 256 << 10  # chunks below this are gathered (writes) or coalesced (read
 _BATCH_BYTES = 16 << 20  # at most this much gathered into one writev / coalesced read
 _COPY_BLOCK = 8 << 20  # non-contiguous sources are copied out in blocks of about this size
 _RUN_BYTES = 256 << 20  # consecutive big chunks read with one vectored request, up to this
+_WASTE = blocks.WASTE
 
 
 def checksum(data: memoryview | bytes, value: int = 0) -> int:
@@ -164,18 +165,28 @@ def _plan_files(sources: Sequence[ChunkSource], max_files: int) -> list[list[Chu
     return [[s for _, s in sorted(group, key=lambda p: p[0])] for group in assigned if group]
 
 
-def _write_one(writer: Writer, sources: Sequence[ChunkSource], header: bytes) -> list[int]:
-    """Writes header then chunks; returns each chunk's CRC-32C."""
-    crcs: list[int] = []
+_Crcs = tuple[int, int, tuple[int, ...]]
+"""A chunk's CRC-32C, block size (0: none) and block CRC-32Cs."""
+
+
+def _write_one(
+    writer: Writer, sources: Sequence[ChunkSource], header: bytes, block_crcs: bool = False
+) -> list[_Crcs]:
+    """Writes header then chunks; returns each chunk's checksums."""
+    crcs: list[_Crcs] = []
     pending: list[memoryview] = [memoryview(header)]
     pending_bytes = len(header)
     for source in sources:
         array = source.data()
         if array.shape != source.shape:
             raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
+        size = blocks.crc32c_block_size(source.shape, source.dtype.itemsize) if block_crcs else 0
+        crcs_of = blocks.BlockCrcs(size) if size else None
         if array.flags.c_contiguous:
             view = _bytes_view(array)
-            crcs.append(checksum(view))
+            if crcs_of is not None:
+                crcs_of.feed(view)
+            crcs.append((checksum(view), size, crcs_of.finish() if crcs_of is not None else ()))
             if len(view) >= _SMALL:
                 if pending:
                     writer.writev(pending)
@@ -199,8 +210,10 @@ def _write_one(writer: Writer, sources: Sequence[ChunkSource], header: bytes) ->
             block = np.ascontiguousarray(array[r : r + rows])
             view = _bytes_view(block)
             crc = checksum(view, crc)
+            if crcs_of is not None:
+                crcs_of.feed(view)
             writer.write(view)
-        crcs.append(crc)
+        crcs.append((crc, size, crcs_of.finish() if crcs_of is not None else ()))
     if pending:
         writer.writev(pending)
     return crcs
@@ -214,6 +227,7 @@ def write_data_files(
     prefix: str,
     max_files: int = 4,
     workers: int = 4,
+    block_crcs: bool = False,
 ) -> tuple[list[DataFile], dict[int, list[tuple[ChunkSource, Chunk]]]]:
     """Writes chunks into a few data files, in parallel, each made durable before returning.
 
@@ -224,6 +238,8 @@ def write_data_files(
       prefix: File name prefix, unique per writing process (``p00000``).
       max_files: At most this many files.
       workers: Threads writing files concurrently.
+      block_crcs: Also checksum large chunks block by block (format 1.2, docs/FORMAT.md
+        §5.4), so that readers needing part of a chunk read only that part.
 
     Returns:
       The files written (names relative to the checkpoint) and, per leaf index, its chunks
@@ -233,10 +249,10 @@ def write_data_files(
     names = [f"data/{prefix}-{i:03d}.safetensors" for i in range(len(groups))]
     headers = [safetensors_header(g, f"{prefix}-{i:03d}") for i, g in enumerate(groups)]
 
-    def write(i: int) -> list[int]:
+    def write(i: int) -> list[_Crcs]:
         writer = storage.create(f"{directory}/{names[i]}")
         try:
-            crcs = _write_one(writer, groups[i], headers[i])
+            crcs = _write_one(writer, groups[i], headers[i], block_crcs)
         except BaseException:
             writer.abort()
             raise
@@ -253,8 +269,9 @@ def write_data_files(
     chunks: dict[int, list[tuple[ChunkSource, Chunk]]] = {}
     for i, (group, header, crcs) in enumerate(zip(groups, headers, all_crcs)):
         offset = len(header)
-        for source, crc in zip(group, crcs):
-            chunk = Chunk(i, offset, source.nbytes, source.start, source.shape, crc)
+        for source, (crc, size, per_block) in zip(group, crcs):
+            chunk = Chunk(i, offset, source.nbytes, source.start, source.shape, crc,
+                          crc32c_block=size, crc32c_blocks=per_block)
             chunks.setdefault(source.leaf, []).append((source, chunk))
             offset += source.nbytes
         files.append(DataFile(names[i], offset))
@@ -303,6 +320,7 @@ class _Piece:
     chunk: Chunk
     leaf: str
     targets: list[tuple[ReadRequest, memoryview | None]]  # (request, direct slab or None)
+    ranges: list[tuple[int, int]] | None = None  # the byte ranges to read; None: all
 
     def landing(self) -> memoryview | None:
         """A direct slab to read the chunk straight into, if some target has one."""
@@ -368,14 +386,21 @@ class _Files:
         self._open.clear()
 
 
-def _verify(view: memoryview, piece: _Piece, files: Sequence[DataFile], where: str) -> None:
+def _verify(
+    view: memoryview, piece: _Piece, files: Sequence[DataFile], where: str,
+    block: int | None = None,
+) -> None:
+    """Checks a chunk's CRC-32C, or (``block``) the CRC-32C of that block of it."""
     actual = checksum(view)
-    if actual != piece.chunk.crc32c:
-        chunk = piece.chunk
+    chunk = piece.chunk
+    stored = chunk.crc32c if block is None else chunk.crc32c_blocks[block]
+    if actual != stored:
+        begin = chunk.offset + (0 if block is None else block * chunk.crc32c_block)
+        what = "" if block is None else f"block {block} of the "
         raise CorruptCheckpointError(
             f"checksum mismatch in {files[chunk.file].name} at bytes "
-            f"{chunk.offset}..{chunk.offset + chunk.nbytes} (chunk starting at {list(chunk.start)}"
-            f", shape {list(chunk.shape)}): stored {chunk.crc32c:#010x}, read {actual:#010x}; "
+            f"{begin}..{begin + len(view)} ({what}chunk starting at {list(chunk.start)}"
+            f", shape {list(chunk.shape)}): stored {stored:#010x}, read {actual:#010x}; "
             "the data file is damaged: restore an earlier checkpoint",
             path=where,
             leaf=piece.leaf,
@@ -435,6 +460,9 @@ def read_requests(
             )
             piece.targets.append((request, _direct_view(request, chunk)))
     pieces = list(by_chunk.values())
+    for piece in pieces:
+        if all(view is None for _, view in piece.targets):
+            piece.ranges = blocks.needed_ranges(piece.chunk, [r.box for r, _ in piece.targets])
     reading = _Reading(_Files(storage, directory, files, where), files, where, stats)
     streams = _sequential_streams(_read_steps(pieces, reading), workers)
 
@@ -484,6 +512,25 @@ class _Reading:
             piece.deliver(landing, view)
         return expected
 
+    def partial(self, piece: _Piece) -> int:
+        """Reads the block ranges of a chunk its targets need (each block verified), and
+        delivers them (the rest of the bounce buffer is never copied out)."""
+        chunk = piece.chunk
+        reader = self.opened.get(chunk.file, self.stats)
+        buffer = memoryview(bytearray(chunk.nbytes))
+        assert piece.ranges is not None
+        for begin, end in piece.ranges:
+            if reader.read_into(chunk.offset + begin, buffer[begin:end]) != end - begin:
+                raise CorruptCheckpointError(
+                    f"data file {self.files[chunk.file].name} ends inside a chunk",
+                    path=self.where, leaf=piece.leaf,
+                )
+            size = chunk.crc32c_block
+            for b in range(begin, end, size):
+                _verify(buffer[b : min(b + size, end)], piece, self.files, self.where, b // size)
+        piece.deliver(buffer)
+        return sum(end - begin for begin, end in piece.ranges)
+
     def group(self, group: list[_Piece]) -> int:
         """Reads adjacent small chunks of one file with one request."""
         first, last = group[0].chunk, group[-1].chunk
@@ -507,20 +554,29 @@ def _read_steps(
 ) -> list[tuple[int, int, Callable[[Any], int], Any]]:
     """Cuts the pieces into read steps: runs of adjacent small chunks, and runs of
     consecutive big ones (each as (file, offset, function, argument))."""
-    steps: list[tuple[int, int, Callable[[Any], int], Any]] = []
+    steps: list[tuple[int, int, Callable[[Any], int], Any]] = [
+        (p.chunk.file, p.chunk.offset, reading.partial, p) for p in pieces if p.ranges is not None
+    ]
+    pieces = [p for p in pieces if p.ranges is None]
     small = sorted(
         (p for p in pieces if p.chunk.nbytes < _SMALL), key=lambda p: (p.chunk.file, p.chunk.offset)
     )
     group: list[_Piece] = []
+    useful = waste = 0
     for piece in small:
         if group:
             prev = group[-1].chunk
             gap = piece.chunk.offset - (prev.offset + prev.nbytes)
             span = piece.chunk.offset + piece.chunk.nbytes - group[0].chunk.offset
-            if piece.chunk.file != prev.file or not 0 <= gap <= _SMALL or span > _BATCH_BYTES:
+            # Gaps are read only while they cost under 1/_WASTE of the bytes wanted.
+            if (piece.chunk.file != prev.file or not 0 <= gap <= _SMALL or span > _BATCH_BYTES
+                    or (waste + gap) * _WASTE > useful + piece.chunk.nbytes):
                 steps.append((group[0].chunk.file, group[0].chunk.offset, reading.group, group))
-                group = []
+                group, useful, waste = [], 0, 0
+            else:
+                waste += gap
         group.append(piece)
+        useful += piece.chunk.nbytes
     if group:
         steps.append((group[0].chunk.file, group[0].chunk.offset, reading.group, group))
     run: list[_Piece] = []

@@ -45,6 +45,7 @@ __all__ = [
     "TABLES_VERSION",
     "CODECS_VERSION",
     "parse_chunk_extras",
+    "parse_block_crcs",
 ]
 
 _MAX_CELLS = 1 << 24  # a layout with more cells than this is rejected before allocating
@@ -71,6 +72,9 @@ class Chunk:
         (None: ``nbytes``; a raw chunk's are always ``nbytes``).
       digest: A content digest of the chunk's (logical) bytes, ``<algorithm>:<hex>``, e.g.
         ``xxh3-128:`` and 32 hex digits (format 1.2; informational to readers).
+      crc32c_block: With ``crc32c_blocks``, their block size in bytes (format 1.2; 0: none).
+      crc32c_blocks: CRC-32C of each consecutive ``crc32c_block`` bytes of a raw chunk (the
+        last block may be shorter), so that readers can fetch and verify part of a chunk.
     """
 
     file: int
@@ -82,6 +86,8 @@ class Chunk:
     codec: str = "raw"
     stored_nbytes: int | None = None
     digest: str | None = None
+    crc32c_block: int = 0
+    crc32c_blocks: tuple[int, ...] = ()
 
     @property
     def stored(self) -> int:
@@ -91,7 +97,8 @@ class Chunk:
     @property
     def uses_codecs(self) -> bool:
         """Whether the chunk needs format 1.2 (a codec member, a stored size or a digest)."""
-        return self.codec != "raw" or self.stored_nbytes is not None or self.digest is not None
+        return (self.codec != "raw" or self.stored_nbytes is not None or self.digest is not None
+                or bool(self.crc32c_block))
 
     def extras(self) -> dict[str, Any]:
         """The chunk's 1.2 members, as written (none for a plain raw chunk)."""
@@ -101,6 +108,9 @@ class Chunk:
             out["stored_nbytes"] = self.stored
         if self.digest is not None:
             out["digest"] = self.digest
+        if self.crc32c_block:
+            out["crc32c_block"] = self.crc32c_block
+            out["crc32c_blocks"] = list(self.crc32c_blocks)
         return out
 
 
@@ -405,6 +415,41 @@ def parse_chunk_extras(
     return codec, stored, digest
 
 
+MIN_CRC32C_BLOCK = 1 << 10
+MAX_CRC32C_BLOCK = 1 << 30
+
+
+def parse_block_crcs(
+    entry: dict[str, Any], nbytes: int, codec: str, fail: Callable[[str], CorruptCheckpointError]
+) -> tuple[int, tuple[int, ...]]:
+    """Parses a chunk's optional 1.2 block checksums, ``crc32c_block`` and ``crc32c_blocks``
+    (``docs/FORMAT.md`` §5.4).
+
+    Returns:
+      (block size, per-block CRC-32Cs), or ``(0, ())`` when the chunk has none.
+
+    Raises:
+      CorruptCheckpointError: from ``fail``: one member without the other, a block size that
+        is not a power of two in [2**10, 2**30], a list of the wrong length or with values
+        outside [0, 2**32), or block checksums on a chunk whose codec is not ``raw``.
+    """
+    block, crcs = entry.get("crc32c_block"), entry.get("crc32c_blocks")
+    if block is None and crcs is None:
+        return 0, ()
+    if not (type(block) is int and MIN_CRC32C_BLOCK <= block <= MAX_CRC32C_BLOCK
+            and block & (block - 1) == 0):
+        raise fail(f"crc32c_block {block!r:.40} must be a power of two from "
+                   f"{MIN_CRC32C_BLOCK} to {MAX_CRC32C_BLOCK}")
+    if codec != "raw":
+        raise fail(f"crc32c_blocks are defined for raw chunks only, not codec {codec!r:.40}")
+    count = -(-nbytes // block)
+    if not (isinstance(crcs, list) and len(crcs) == count
+            and all(type(x) is int and 0 <= x < 1 << 32 for x in crcs)):
+        raise fail(f"crc32c_blocks must be a list of {count} integers in [0, 2**32) (one per "
+                   f"{block} bytes of the chunk)")
+    return block, tuple(crcs)
+
+
 class _Validator:
     """Checks untrusted JSON, raising CorruptCheckpointError naming the checkpoint and field."""
 
@@ -614,7 +659,11 @@ class _Validator:
             raise self.fail(f"chunk {j} lies outside the array", path)
         if nbytes != math.prod(box) * itemsize:
             raise self.fail(f"chunk {j} size {nbytes} does not match its shape", path)
-        return Chunk(file, offset, nbytes, tuple(start), tuple(box), crc, codec, stored, digest)
+        block, crcs = parse_block_crcs(
+            c, nbytes, codec, lambda message: self.fail(f"chunk {j}: {message}", path)
+        )
+        return Chunk(file, offset, nbytes, tuple(start), tuple(box), crc, codec, stored, digest,
+                     block, crcs)
 
     def _leaf(self, x: Any, index: int, nfiles: int) -> Leaf:
         x = self.obj(x, f"leaves[{index}]")

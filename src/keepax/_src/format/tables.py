@@ -36,6 +36,7 @@ from keepax._src.format.manifest import (
     Layout,
     Manifest,
     TableRef,
+    parse_block_crcs,
     parse_chunk_extras,
 )
 from keepax._src.format.spec import FORMAT_NAME
@@ -312,7 +313,8 @@ def encode_table(
     """Serialises one process's chunk table.
 
     A row is ``[leaf, file, offset, nbytes, crc32c, start, shape]``, followed, for a chunk
-    with a codec, stored size or digest (format 1.2), by an object holding those members.
+    with a codec, stored size, digest or block checksums (format 1.2), by an object holding
+    those members.
 
     Args:
       process: The writing process.
@@ -471,7 +473,12 @@ def _parse_row(
     ) != ref.shared:
         raise _fail(where, name, f"chunk {j} belongs to a cell this table does not hold",
                     leaf.path)
-    chunk = Chunk(file, offset, nbytes, tuple(start), tuple(box), crc, codec, stored, digest)
+    crc_block, crcs = parse_block_crcs(
+        entry[7] if len(entry) == 8 else {}, nbytes, codec,
+        lambda message: _fail(where, name, f"chunk {j}: {message}", leaf.path),
+    )
+    chunk = Chunk(file, offset, nbytes, tuple(start), tuple(box), crc, codec, stored, digest,
+                  crc_block, crcs)
     return leaf_index, chunk
 
 
