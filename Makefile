@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# s3rver (npm), a second S3 implementation the storage tests also run against.
+NODE_BIN := $(CURDIR)/$(VENV)/node/node_modules/.bin
 
 .PHONY: demo test lint bench clean
 
@@ -16,16 +18,15 @@ $(VENV)/.installed-test: $(VENV)/.installed-core
 	$(PIP) install --quiet -e '.[test]'
 	touch $@
 
+$(VENV)/.installed-s3rver: $(VENV)/.installed-core
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/node s3rver@3.7.1
+	touch $@
+
 $(VENV)/.installed-examples: $(VENV)/.installed-core
 	$(PIP) install --quiet -e '.[examples]'
 	touch $@
 
-$(VENV)/.installed-# Lint and types only (make test runs them too).
-lint: $(VENV)/.installed-test
-	$(PY) -m ruff check src tests benchmarks examples
-	$(PY) -m mypy
-
-bench: $(VENV)/.installed-core
+$(VENV)/.installed-bench: $(VENV)/.installed-core
 	$(PIP) install --quiet -e '.[bench]'
 	touch $@
 
@@ -33,10 +34,10 @@ bench: $(VENV)/.installed-core
 demo: $(VENV)/.installed-examples
 	$(PY) examples/demo.py
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(VENV)/.installed-s3rver
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m mypy
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	PATH="$(NODE_BIN):$$PATH" KEEPAX_REQUIRE_S3RVER=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 # Lint and types only (make test runs them too).
 lint: $(VENV)/.installed-test
