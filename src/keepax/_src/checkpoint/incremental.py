@@ -324,7 +324,8 @@ def write_incremental(prepared: PreparedSave, sources: Sequence[ChunkSource], st
         with protocol.staged(storage, prepared.name, prepared.where,
                              replace=prepared.overwrite) as staging:
             new_files, written = datafiles.write_data_files(
-                storage, spec.STORE_DIR, fresh, prefix=f"{uuid.uuid4().hex[:16]}-p00000")
+                storage, spec.STORE_DIR, fresh, prefix=f"{uuid.uuid4().hex[:16]}-p00000",
+                compression=prepared.compression)
             if new_files:
                 storage.sync_dir(STORE_DATA)
             files, chunks = _assemble(planned, new_files, written, fresh)

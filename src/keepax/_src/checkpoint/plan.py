@@ -22,6 +22,7 @@ from keepax._src.format import datafiles as format
 from keepax._src.format import dtypes, tables, tree
 from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import (
+    CODECS_VERSION,
     FORMAT_VERSION,
     TABLES_VERSION,
     ArrayLeaf,
@@ -332,10 +333,12 @@ class LeafPlan:
         created: float,
         tables: Sequence[TableRef] = (),
         layouts: Sequence[Layout] = (),
+        codecs: bool = False,
     ) -> Manifest:
         """The manifest, once the chunks are written (``chunks`` as ``write_data_files``
         returns them; or, in a multi-process save, the chunk ``tables`` of every process and
-        the cell ``layouts``, with no ``files`` or ``chunks``)."""
+        the cell ``layouts``, with no ``files`` or ``chunks``). ``codecs``: the chunks may use
+        codecs (a compressed save), so the manifest is of version 1.2."""
         leaves: list[Any] = list(self.leaves)
         for index, (kind, dtype, shape, extra) in self.arrays.items():
             leaves[index] = ArrayLeaf(
@@ -349,7 +352,7 @@ class LeafPlan:
                 cells=extra.get("cells"),
             )
         return Manifest(
-            version=TABLES_VERSION if tables else FORMAT_VERSION,
+            version=CODECS_VERSION if codecs else TABLES_VERSION if tables else FORMAT_VERSION,
             tree=self.structure.node,
             leaves=tuple(leaves),
             files=tuple(files),

@@ -40,6 +40,7 @@ from keepax._src.commit import protocol
 from keepax._src.commit.coordination import JSON, Coordinator
 from keepax._src.commit.protocol import SaveResult, Staging
 from keepax._src.format import datafiles, tables
+from keepax._src.format.codecs import Compression
 from keepax._src.format.datafiles import ChunkSource, DataFile
 from keepax._src.format.manifest import CellRef, Layout, Manifest, TableRef
 from keepax._src.io import Storage
@@ -72,6 +73,7 @@ class DistributedSave:
       host_local: Every process saves into its own directory.
       timeout: Seconds to wait for the other processes at each stage.
       step: The step, for messages.
+      compression: How this process compresses its chunks (None: not at all).
     """
 
     storage: Storage
@@ -87,6 +89,7 @@ class DistributedSave:
     host_local: bool = False
     timeout: float = SYNC_TIMEOUT
     step: int | None = None
+    compression: Compression | None = None
 
     @property
     def leader(self) -> bool:
@@ -220,7 +223,7 @@ def _write_share(
     table references to report and the bytes written."""
     me = job.coordinator.process_index
     files, chunks = datafiles.write_data_files(
-        job.storage, staging, job.sources, prefix=f"p{me:05d}"
+        job.storage, staging, job.sources, prefix=f"p{me:05d}", compression=job.compression
     )
     private, shared = tables.split_shared(
         job.cells, job.layouts,
