@@ -253,9 +253,10 @@ def _plan(sources: Sequence[ChunkSource], store: ChunkStore, pinned: set[str]
     fresh: list[ChunkSource] = []
     seen: dict[Key, int] = {}
     for s in sources:
-        array = np.ascontiguousarray(s.data())
+        array = s.data()
         if array.shape != s.shape:
             raise ValueError(f"chunk {s.name}: got shape {array.shape}, want {s.shape}")
+        array = np.ascontiguousarray(array).reshape(s.shape)  # (0-d arrays stay 0-d)
         key = (digests.digest(array), s.nbytes, dtypes.dtype_name(s.dtype))
         hit = store.lookup(key, pinned)
         p = _Planned(s, key, hit)

@@ -302,10 +302,10 @@ def _packs(sources: Sequence[ChunkSource]) -> list[list[ChunkSource]]:
 def _encode(source: ChunkSource, compression: Compression, threads: int
             ) -> tuple[memoryview, int, str]:
     """A chunk's stored bytes, their CRC-32C and its codec."""
-    array = np.ascontiguousarray(source.data())
+    array = source.data()
     if array.shape != source.shape:
         raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
-    view = _bytes_view(array)
+    view = _bytes_view(np.ascontiguousarray(array))
     packed = (codecs.compress(view, compression, threads if len(view) >= _THREADED else 0)
               if len(view) else None)
     if packed is None:
