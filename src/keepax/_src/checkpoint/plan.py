@@ -338,7 +338,8 @@ class LeafPlan:
         """The manifest, once the chunks are written (``chunks`` as ``write_data_files``
         returns them; or, in a multi-process save, the chunk ``tables`` of every process and
         the cell ``layouts``, with no ``files`` or ``chunks``). ``codecs``: the chunks may use
-        codecs (a compressed save), so the manifest is of version 1.2."""
+        codecs (a compressed save): the manifest is of version 1.2 if a chunk does (with
+        ``tables``, whose chunks process 0 does not see: always)."""
         leaves: list[Any] = list(self.leaves)
         for index, (kind, dtype, shape, extra) in self.arrays.items():
             leaves[index] = ArrayLeaf(
@@ -352,7 +353,9 @@ class LeafPlan:
                 cells=extra.get("cells"),
             )
         return Manifest(
-            version=CODECS_VERSION if codecs else TABLES_VERSION if tables else FORMAT_VERSION,
+            version=CODECS_VERSION if codecs and (tables or any(
+                c.uses_codecs for pairs in chunks.values() for _, c in pairs))
+            else TABLES_VERSION if tables else FORMAT_VERSION,
             tree=self.structure.node,
             leaves=tuple(leaves),
             files=tuple(files),
