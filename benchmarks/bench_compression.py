@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default="/tmp/keepax-bench-compression")
-    parser.add_argument("--level", type=int, default=3)
+    parser.add_argument("--level", type=int, default=1)
     parser.add_argument("--no-orbax", action="store_true")
     args = parser.parse_args()
     ocp = None

@@ -76,7 +76,7 @@ def save(
         restores onto the same processes and mesh.
       timeout: In a multi-process run, seconds each process waits for the others at each
         stage of the save (the agreement it begins with, the data written, the commit).
-      compression: ``"zstd"`` (level 3) or ``("zstd", level)`` (-7 to 22) compresses each
+      compression: ``"zstd"`` (level 1) or ``("zstd", level)`` (-7 to 22) compresses each
         chunk, in parallel across cores, keeping it raw where that does not make it smaller
         (needs the ``zstandard`` package: ``pip install 'keepax[zstd]'``; so does reading the
         checkpoint). None (the default): chunks are stored as they are.

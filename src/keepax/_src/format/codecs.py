@@ -22,8 +22,9 @@ __all__ = ["Compression", "parse_compression", "compress", "decode_into", "zstan
 
 _LEVELS = range(-7, 23)
 """Zstandard levels accepted: negative (fastest) to 22 (smallest)."""
-DEFAULT_LEVEL = 3
-"""Zstandard's own default: ~350 MB/s per core on float weights, within 1 % of level 9's size."""
+DEFAULT_LEVEL = 1
+"""Level 1: ~650 MB/s per core on float weights, 2-4x level 3's speed for ratios within
+0.2 % of it on float, bf16 and zero-heavy states (BENCHMARKS.md); Orbax's ratios too."""
 INSTALL_HINT = "install it with `pip install 'keepax[zstd]'` (or `pip install zstandard`)"
 
 
@@ -54,7 +55,7 @@ def zstandard() -> Any:
 
 
 def parse_compression(value: Any) -> Compression | None:
-    """Checks a ``compression=`` argument: None (no compression), ``"zstd"`` (level 3) or
+    """Checks a ``compression=`` argument: None (no compression), ``"zstd"`` (level 1) or
     ``("zstd", level)`` with ``-7 <= level <= 22``.
 
     Raises:
