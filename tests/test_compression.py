@@ -204,3 +204,16 @@ def test_manager_option_checked_and_in_the_config(tmp_path) -> None:
     assert config["compression"] == ["zstd", 7]
     with keepax.CheckpointManager.from_config(json.loads(json.dumps(config))) as again:
         assert again.to_config()["compression"] == ["zstd", 7]
+
+
+def test_cp_and_export_of_a_compressed_checkpoint(tmp_path) -> None:
+    from keepax.cli import main  # noqa: PLC0415
+
+    state = {"z": np.zeros((300, 300), np.float32), "w": np.arange(5000.0)}
+    keepax.save(str(tmp_path / "c"), state, compression="zstd")
+    assert main(["cp", str(tmp_path / "c"), str(tmp_path / "c2")]) == 0
+    assert keepax.verify(str(tmp_path / "c2")) == []
+    _assert_equal(keepax.restore(str(tmp_path / "c2")), state)
+    assert main(["export", str(tmp_path / "c"), str(tmp_path / "e.npz"), "-f", "npz"]) == 0
+    with np.load(tmp_path / "e.npz") as npz:
+        assert float(sum(npz[k].sum() for k in npz.files)) == 12497500.0
