@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -168,18 +169,22 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     read once here (unwatched) so that lazy imports and caches are warm."""
     base = tmp_path_factory.mktemp("fuzz-bases")
     keepax.save(str(base / "dir" / "ckpt"), _tree(), metadata={"step": 3})
+    # Compressed (zstd chunks; "zeros" is the last chunk of its data file).
+    keepax.save(str(base / "zdir" / "ckpt"), {**_tree(), "zeros": np.zeros(4096, np.float32)},
+                compression="zstd")
     keepax.save_file(base / "file" / "fit.keepax", _tree(), metadata={"phase": 1})
     (base / "tables").mkdir()
     _build(LocalStorage(str(base / "tables")), "ckpt")  # type: ignore[arg-type]
     for call in _directory_calls(base / "dir" / "ckpt") + _directory_calls(
         base / "tables" / "ckpt"
-    ) + _file_calls(base / "file" / "fit.keepax"):
+    ) + _directory_calls(base / "zdir" / "ckpt") + _file_calls(base / "file" / "fit.keepax"):
         call()
     try:  # warm the error paths too (their messages import nothing later)
         keepax.restore(str(base / "missing"))
     except KeepaxError:
         pass
-    return {"dir": base / "dir", "file": base / "file", "tables": base / "tables"}
+    return {"dir": base / "dir", "file": base / "file", "tables": base / "tables",
+            "zdir": base / "zdir"}
 
 
 @pytest.fixture
@@ -320,9 +325,9 @@ def _write_signed(ckpt: Path, manifest: bytes, *, sign: bool = True) -> None:
 
 
 @_settings(120)
-@given(data=st.data(), sign=st.booleans())
-def test_fuzz_directory_manifest(bases, scratch, data, sign) -> None:
-    root = scratch(bases["dir"])
+@given(data=st.data(), sign=st.booleans(), base=st.sampled_from(["dir", "zdir"]))
+def test_fuzz_directory_manifest(bases, scratch, data, sign, base) -> None:
+    root = scratch(bases[base])
     ckpt = root / "ckpt"
     doc = _mutate(data, json.loads((ckpt / "manifest.json").read_bytes()))
     _write_signed(ckpt, _encode(doc), sign=sign or data.draw(st.booleans(), label="resign"))
@@ -367,6 +372,44 @@ def test_fuzz_directory_bytes(bases, scratch, data, which) -> None:
     ckpt = root / "ckpt"
     target = next((ckpt / "data").iterdir()) if which == "data" else ckpt / which
     target.write_bytes(_damage(data, target.read_bytes()))
+    for call in _directory_calls(ckpt):
+        _check(call, root)
+
+
+@_settings(60)
+@given(data=st.data(), kind=st.sampled_from(["damaged", "bomb", "short", "garbage"]))
+def test_fuzz_compressed_chunk(bases, scratch, data, kind) -> None:
+    """A zstd chunk's stored bytes replaced (damaged, a frame of more or fewer bytes than its
+    logical size, garbage) with the manifest re-signed to match: decoding must refuse it."""
+    root = scratch(bases["zdir"])
+    ckpt = root / "ckpt"
+    doc = json.loads((ckpt / "manifest.json").read_bytes())
+    leaf = next(x for x in doc["leaves"] if x["path"] == "['zeros']")
+    chunk = leaf["chunks"][0]
+    assert chunk["codec"] == "zstd"
+    file = ckpt / doc["files"][chunk["file"]]["name"]
+    raw = file.read_bytes()
+    assert chunk["offset"] + chunk["stored_nbytes"] == len(raw)
+    stored = raw[chunk["offset"]:]
+    if kind == "damaged":
+        new = _damage(data, stored)
+    elif kind == "garbage":
+        new = data.draw(st.binary(min_size=1, max_size=200), label="garbage")
+    else:
+        n = chunk["nbytes"] * data.draw(st.integers(2, 64)) if kind == "bomb" else (
+            data.draw(st.integers(0, chunk["nbytes"] - 1), label="n"))
+        new = zstandard.ZstdCompressor(write_content_size=data.draw(st.booleans())).compress(
+            bytes(n))
+    if not new:
+        new = b"\0"
+    file.write_bytes(raw[: chunk["offset"]] + new)
+    chunk.update(stored_nbytes=len(new), crc32c=crc32c.crc32c(new))
+    doc["files"][chunk["file"]]["nbytes"] = chunk["offset"] + len(new)
+    _write_signed(ckpt, _encode(doc))
+    if kind in ("bomb", "short"):
+        with pytest.raises(CorruptCheckpointError, match="decompresses to") as info:
+            keepax.restore(str(ckpt))
+        assert info.value.leaf == "['zeros']"
     for call in _directory_calls(ckpt):
         _check(call, root)
 

@@ -691,7 +691,9 @@ def test_writers_keep_writing_1_0_without_1_2_members():
 @pytest.mark.parametrize(
     ("extras", "match"),
     [
-        ({"codec": "zstd"}, "unknown codec 'zstd'"),
+        ({"codec": "lz4"}, "unknown codec 'lz4'"),
+        ({"codec": "zstd"}, "zstd chunk needs stored_nbytes >= 1"),
+        ({"codec": "zstd", "stored_nbytes": 0}, "zstd chunk needs stored_nbytes >= 1"),
         ({"codec": 3}, "unknown codec 3"),
         ({"codec": None}, "unknown codec None"),
         ({"codec": "raw", "stored_nbytes": 1}, "stored_nbytes 1 must equal"),
@@ -711,7 +713,7 @@ def test_v12_bad_chunk_members_rejected(extras, match):
 
 
 def test_unknown_codec_in_a_newer_minor_asks_for_a_newer_keepax():
-    doc = _doc_12(codec="zstd", stored_nbytes=7)
+    doc = _doc_12(codec="lz4", stored_nbytes=7)
     doc["version"] = "1.3"
     with pytest.raises(FormatVersionError, match="upgrade keepax") as info:
         _parse(doc)

@@ -779,8 +779,9 @@ def test_encode_table_writes_1_2_only_with_extras() -> None:
 @pytest.mark.parametrize(
     ("edit", "error", "match"),
     [
-        (_with_extras({"codec": "zstd"}), CorruptCheckpointError, "unknown codec 'zstd'"),
-        (_with_extras({"codec": "zstd"}, "1.9"), FormatVersionError, "upgrade keepax"),
+        (_with_extras({"codec": "lz4"}), CorruptCheckpointError, "unknown codec 'lz4'"),
+        (_with_extras({"codec": "lz4"}, "1.9"), FormatVersionError, "upgrade keepax"),
+        (_with_extras({"codec": "zstd"}), CorruptCheckpointError, "stored_nbytes >= 1"),
         (_with_extras({"digest": "md5"}), CorruptCheckpointError, "digest"),
         (_with_extras({"stored_nbytes": 0}), CorruptCheckpointError, "stored_nbytes"),
         (lambda doc: doc["chunks"][0].append([1]), CorruptCheckpointError, "must be"),

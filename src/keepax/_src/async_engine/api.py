@@ -40,6 +40,7 @@ def save_async(
     staging_budget_bytes: int | None = None,
     storage_options: dict[str, Any] | None = None,
     timeout: float = checkpoint.SYNC_TIMEOUT,
+    compression: str | tuple[str, int] | None = None,
 ) -> SaveHandle:
     """Saves a pytree as :func:`keepax.save` does, returning once the state is staged.
 
@@ -60,6 +61,7 @@ def save_async(
       storage_options: For URLs such as ``s3://bucket/ckpt``: as for :func:`keepax.save`.
       timeout: In a multi-process run, seconds each process waits for the others at each
         stage (the agreement made before this call returns, the data written, the commit).
+      compression: ``"zstd"`` or ``("zstd", level)``: as for :func:`keepax.save`.
 
     Returns:
       The save's :class:`SaveHandle`.
@@ -76,7 +78,8 @@ def save_async(
     engine.check_errors()
     return engine.save(
         lambda: checkpoint.prepare_save(path, tree, metadata=metadata, overwrite=overwrite,
-                                        storage_options=storage_options, timeout=timeout),
+                                        storage_options=storage_options, timeout=timeout,
+                                        compression=compression),
         path=str(path),
         max_in_flight=max_in_flight,
         staging_budget_bytes=staging_budget_bytes,

@@ -121,7 +121,7 @@ class Checkpoint:
                 continue
             out.extend(
                 ChunkInfo(entry.path, (tuple(c.start), tuple(c.shape)),
-                          manifest.files[c.file].name, c.offset, c.nbytes, c.crc32c)
+                          manifest.files[c.file].name, c.offset, c.stored, c.crc32c)
                 for c in entry.chunks
             )
         return out

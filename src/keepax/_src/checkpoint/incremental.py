@@ -253,9 +253,10 @@ def _plan(sources: Sequence[ChunkSource], store: ChunkStore, pinned: set[str]
     fresh: list[ChunkSource] = []
     seen: dict[Key, int] = {}
     for s in sources:
-        array = np.ascontiguousarray(s.data())
+        array = s.data()
         if array.shape != s.shape:
             raise ValueError(f"chunk {s.name}: got shape {array.shape}, want {s.shape}")
+        array = np.ascontiguousarray(array).reshape(s.shape)  # (0-d arrays stay 0-d)
         key = (digests.digest(array), s.nbytes, dtypes.dtype_name(s.dtype))
         hit = store.lookup(key, pinned)
         p = _Planned(s, key, hit)
@@ -324,7 +325,8 @@ def write_incremental(prepared: PreparedSave, sources: Sequence[ChunkSource], st
         with protocol.staged(storage, prepared.name, prepared.where,
                              replace=prepared.overwrite) as staging:
             new_files, written = datafiles.write_data_files(
-                storage, spec.STORE_DIR, fresh, prefix=f"{uuid.uuid4().hex[:16]}-p00000")
+                storage, spec.STORE_DIR, fresh, prefix=f"{uuid.uuid4().hex[:16]}-p00000",
+                compression=prepared.compression)
             if new_files:
                 storage.sync_dir(STORE_DATA)
             files, chunks = _assemble(planned, new_files, written, fresh)

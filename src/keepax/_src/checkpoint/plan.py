@@ -346,11 +346,14 @@ class LeafPlan:
         tables: Sequence[TableRef] = (),
         layouts: Sequence[Layout] = (),
         block_crcs: bool = False,
+        codecs: bool = False,
     ) -> Manifest:
         """The manifest, once the chunks are written (``chunks`` as ``write_data_files``
         returns them; or, in a multi-process save, the chunk ``tables`` of every process and
-        the cell ``layouts``, with no ``files`` or ``chunks``; ``block_crcs``: the tables
-        carry block checksums, a format 1.2 member)."""
+        the cell ``layouts``, with no ``files`` or ``chunks``). ``block_crcs``: the tables
+        carry block checksums, a format 1.2 member. ``codecs``: the chunks may use codecs (a
+        compressed save): the manifest is of version 1.2 if a chunk does (with ``tables``,
+        whose chunks process 0 does not see: always)."""
         leaves: list[Any] = list(self.leaves)
         for index, (kind, dtype, shape, extra) in self.arrays.items():
             leaves[index] = ArrayLeaf(
@@ -364,8 +367,9 @@ class LeafPlan:
                 cells=extra.get("cells"),
             )
         return Manifest(
-            version=(CODECS_VERSION if block_crcs else TABLES_VERSION) if tables
-            else FORMAT_VERSION,
+            version=CODECS_VERSION if (tables and block_crcs) or (codecs and (tables or any(
+                c.uses_codecs for pairs in chunks.values() for _, c in pairs)))
+            else TABLES_VERSION if tables else FORMAT_VERSION,
             tree=self.structure.node,
             leaves=tuple(leaves),
             files=tuple(files),

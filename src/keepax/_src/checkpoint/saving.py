@@ -20,8 +20,9 @@ from keepax._src.checkpoint import per_process, stateful
 from keepax._src.checkpoint.plan import LeafPlan, ProcessRows, is_key_array, plan_leaves
 from keepax._src.commit import coordination, distributed, protocol
 from keepax._src.commit.protocol import SaveResult
+from keepax._src.format import codecs, tables, tree
 from keepax._src.format import datafiles as format
-from keepax._src.format import tables, tree
+from keepax._src.format.codecs import Compression
 from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import COMMIT_FILE, MANIFEST_FILE
 from keepax._src.io import Storage, is_hidden_name, split_checkpoint_path
@@ -45,6 +46,7 @@ def save(
     storage_options: dict[str, Any] | None = None,
     host_local: bool = False,
     timeout: float = distributed.SYNC_TIMEOUT,
+    compression: str | tuple[str, int] | None = None,
 ) -> SaveResult:
     """Saves a pytree as a checkpoint, durably and atomically.
 
@@ -74,6 +76,10 @@ def save(
         restores onto the same processes and mesh.
       timeout: In a multi-process run, seconds each process waits for the others at each
         stage of the save (the agreement it begins with, the data written, the commit).
+      compression: ``"zstd"`` (level 1) or ``("zstd", level)`` (-7 to 22) compresses each
+        chunk, in parallel across cores, keeping it raw where that does not make it smaller
+        (needs the ``zstandard`` package: ``pip install 'keepax[zstd]'``; so does reading the
+        checkpoint). None (the default): chunks are stored as they are.
 
     Returns:
       What was written (by this process).
@@ -81,8 +87,9 @@ def save(
     Raises:
       CheckpointExistsError: ``path`` exists and ``overwrite`` is false.
       UnsupportedLeafError: a leaf (named by key path) cannot be stored.
-      KeepaxError: ``metadata`` is not JSON-serialisable; in a multi-process run, a process
-        failed or did not arrive in time (the message names it).
+      KeepaxError: ``metadata`` is not JSON-serialisable; ``compression`` is not one of the
+        values above or ``zstandard`` is missing; in a multi-process run, a process failed or
+        did not arrive in time (the message names it).
       PeerProcessError: In a multi-process run, on every process, before anything is
         written: a process's checks failed, the processes are not making the same save, or a
         value that is not marked :class:`keepax.PerProcess` differs between them.
@@ -90,7 +97,7 @@ def save(
     began = time.perf_counter()
     prepared = prepare_save(path, tree_, metadata=metadata, overwrite=overwrite,
                             storage_options=storage_options, host_local=host_local,
-                            timeout=timeout)
+                            timeout=timeout, compression=compression)
     result = write_prepared(prepared)
     return dataclasses.replace(result, seconds=time.perf_counter() - began)
 
@@ -126,6 +133,8 @@ class PreparedSave:
     save_id: str = ""
     step: int | None = None
     timeout: float = distributed.SYNC_TIMEOUT
+    compression: Compression | None = None
+    """How chunks are compressed (None: stored as they are)."""
     store: Any = None
     """An incremental save's :class:`~keepax._src.checkpoint.incremental.ChunkStore` (a
     manager's, single-process saves only); None writes every chunk into the checkpoint."""
@@ -149,6 +158,7 @@ def prepare_save(
     step: int | None = None,
     timeout: float = distributed.SYNC_TIMEOUT,
     storage_options: dict[str, Any] | None = None,
+    compression: str | tuple[str, int] | None = None,
 ) -> PreparedSave:
     """The checks :func:`save` makes before writing anything, and the tree taken apart.
 
@@ -164,6 +174,7 @@ def prepare_save(
       failed or the processes disagree on what they save.
     """
     _check_timeout(timeout)
+    compressing = codecs.parse_compression(compression)
     coordinator: coordination.Coordinator | None = coordination.current(SAVE_NAMESPACE)
     if coordinator is not None and coordinator.process_count == 1:
         coordinator = None
@@ -172,7 +183,7 @@ def prepare_save(
         tree_, _ = stateful.state_tree(tree_, step)
         tree_, _ = per_process.take_apart(tree_, 0, 1)
         return PreparedSave(storage, name, where, overwrite, checked, plan_leaves(tree_),
-                            step=step)
+                            step=step, compression=compressing)
     where = str(path)
     failure: Exception | None = None
     me, count = coordinator.process_index, coordinator.process_count
@@ -197,6 +208,7 @@ def prepare_save(
     return PreparedSave(
         storage, name, where, overwrite, checked, plan, coordinator=coordinator,
         host_local=host_local, save_id=agreement.save_id, step=step, timeout=timeout,
+        compression=compressing,
     )
 
 
@@ -310,11 +322,13 @@ def write_prepared(
         storage, prepared.name, prepared.where, replace=prepared.overwrite
     ) as staging:
         files, chunks = format.write_data_files(
-            storage, staging.path, chosen, prefix=f"p{jax.process_index():05d}"
+            storage, staging.path, chosen, prefix=f"p{jax.process_index():05d}",
+            compression=prepared.compression,
         )
         if files:
             storage.sync_dir(f"{staging.path}/data")
-        manifest = plan.manifest(files, chunks, prepared.metadata, created=time.time())
+        manifest = plan.manifest(files, chunks, prepared.metadata, created=time.time(),
+                                 codecs=prepared.compression is not None)
         written = protocol.commit(staging, manifest, before_commit=before_commit)
     written += sum(f.nbytes for f in files)
     return SaveResult(prepared.where, written, len(files), time.perf_counter() - began)
@@ -337,6 +351,7 @@ def _distributed_job(
         manifest=lambda refs: plan.manifest(
             (), {}, prepared.metadata, created=time.time(), tables=refs, layouts=plan.layouts,
             block_crcs=not prepared.host_local and plan.block_crcs,
+            codecs=prepared.compression is not None,
         ),
         coordinator=coordinator,
         save_id=prepared.save_id,
@@ -344,6 +359,7 @@ def _distributed_job(
         timeout=prepared.timeout,
         step=prepared.step,
         block_crcs=not prepared.host_local and plan.block_crcs,
+        compression=prepared.compression,
     )
 
 

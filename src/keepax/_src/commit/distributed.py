@@ -40,6 +40,7 @@ from keepax._src.commit import protocol
 from keepax._src.commit.coordination import JSON, Coordinator
 from keepax._src.commit.protocol import SaveResult, Staging
 from keepax._src.format import datafiles, tables
+from keepax._src.format.codecs import Compression
 from keepax._src.format.datafiles import ChunkSource, DataFile
 from keepax._src.format.manifest import CellRef, Layout, Manifest, TableRef
 from keepax._src.io import Storage
@@ -74,6 +75,7 @@ class DistributedSave:
       step: The step, for messages.
       block_crcs: Checksum large chunks block by block too (format 1.2, so that readers
         resharding the checkpoint read only the parts of chunks they need).
+      compression: How this process compresses its chunks (None: not at all).
     """
 
     storage: Storage
@@ -90,6 +92,7 @@ class DistributedSave:
     timeout: float = SYNC_TIMEOUT
     step: int | None = None
     block_crcs: bool = False
+    compression: Compression | None = None
 
     @property
     def leader(self) -> bool:
@@ -223,7 +226,8 @@ def _write_share(
     table references to report and the bytes written."""
     me = job.coordinator.process_index
     files, chunks = datafiles.write_data_files(
-        job.storage, staging, job.sources, prefix=f"p{me:05d}", block_crcs=job.block_crcs
+        job.storage, staging, job.sources, prefix=f"p{me:05d}", block_crcs=job.block_crcs,
+        compression=job.compression,
     )
     private, shared = tables.split_shared(
         job.cells, job.layouts,

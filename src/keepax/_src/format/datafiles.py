@@ -17,6 +17,7 @@ import concurrent.futures
 import dataclasses
 import json
 import math
+import os
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -25,8 +26,9 @@ from typing import Any
 import crc32c as _crc32c
 import numpy as np
 
-from keepax._src.format import blocks, dtypes, spec
+from keepax._src.format import blocks, codecs, dtypes, spec
 from keepax._src.format.boxes import Box, intersect, local_slices
+from keepax._src.format.codecs import Compression
 from keepax._src.format.manifest import ArrayLeaf, Chunk, DataFile, Manifest
 from keepax._src.io.base import Reader, Storage, Writer
 from keepax.errors import CorruptCheckpointError
@@ -107,13 +109,15 @@ def tensor_name(path: str, start: Sequence[int], shape: Sequence[int],
     return f"{name}@{','.join(map(str, start))}"
 
 
-def _entries(tensors: Sequence[tuple[str, np.dtype, Sequence[int], int]]) -> dict[str, Any]:
+def _entries(tensors: Sequence[tuple[str, np.dtype | None, Sequence[int], int]]
+             ) -> dict[str, Any]:
     """Safetensors tensor entries for (name, dtype, shape, nbytes), back to back from 0: a dtype
-    without a safetensors code is declared as a flat ``U8`` byte string."""
+    without a safetensors code (or None: an encoded chunk, §5.4) is declared as a flat ``U8``
+    byte string."""
     entries: dict[str, Any] = {}
     offset = 0
     for name, dtype, shape, nbytes in tensors:
-        code = dtypes.safetensors_code(dtype)
+        code = None if dtype is None else dtypes.safetensors_code(dtype)
         entries[name] = {
             "dtype": code or "U8",
             "shape": list(shape) if code is not None else [nbytes],
@@ -123,11 +127,18 @@ def _entries(tensors: Sequence[tuple[str, np.dtype, Sequence[int], int]]) -> dic
     return entries
 
 
-def header_json(metadata: dict[str, str], sources: Sequence[ChunkSource]) -> bytes:
+def header_json(metadata: dict[str, str], sources: Sequence[ChunkSource],
+                stored: Sequence[int | None] | None = None) -> bytes:
     """The safetensors header JSON (unpadded): ``__metadata__`` first, then one tensor per
-    chunk, in file order. The one writer of safetensors headers (data files, single files)."""
+    chunk, in file order. The one writer of safetensors headers (data files, single files).
+
+    Args:
+      stored: Per source, its stored size when encoded (declared as ``U8``), else None.
+    """
     header: dict[str, Any] = {"__metadata__": metadata}
-    header.update(_entries([(s.name, s.dtype, s.shape, s.nbytes) for s in sources]))
+    sizes = [None] * len(sources) if stored is None else stored
+    header.update(_entries([(s.name, s.dtype, s.shape, s.nbytes) if n is None
+                            else (s.name, None, (n,), n) for s, n in zip(sources, sizes)]))
     return json.dumps(header, separators=(",", ":")).encode("ascii")
 
 
@@ -139,14 +150,16 @@ def pad_header(text: bytes, length: int | None = None) -> bytes:
     return struct.pack("<Q", length) + text + b" " * (length - len(text))
 
 
-def safetensors_header(sources: Sequence[ChunkSource], file_tag: str) -> bytes:
-    """Builds the length-prefixed, 64-byte-aligned safetensors header of a data file."""
+def safetensors_header(sources: Sequence[ChunkSource], file_tag: str,
+                       stored: Sequence[int | None] | None = None) -> bytes:
+    """Builds the length-prefixed, 64-byte-aligned safetensors header of a data file
+    (``stored``: as :func:`header_json`)."""
     metadata = {
         "format": spec.FORMAT_NAME,
         "format_version": spec.version_text(spec.FORMAT_VERSION),
         "file": file_tag,
     }
-    return pad_header(header_json(metadata, sources))
+    return pad_header(header_json(metadata, sources, stored))
 
 
 def _plan_files(sources: Sequence[ChunkSource], max_files: int) -> list[list[ChunkSource]]:
@@ -228,6 +241,7 @@ def write_data_files(
     max_files: int = 4,
     workers: int = 4,
     block_crcs: bool = False,
+    compression: Compression | None = None,
 ) -> tuple[list[DataFile], dict[int, list[tuple[ChunkSource, Chunk]]]]:
     """Writes chunks into a few data files, in parallel, each made durable before returning.
 
@@ -240,11 +254,15 @@ def write_data_files(
       workers: Threads writing files concurrently.
       block_crcs: Also checksum large chunks block by block (format 1.2, docs/FORMAT.md
         §5.4), so that readers needing part of a chunk read only that part.
+      compression: Compress each chunk (in parallel, across cores), keeping it raw where that
+        does not make it smaller; files then hold at most ``_PACK_BYTES`` logical bytes each.
 
     Returns:
       The files written (names relative to the checkpoint) and, per leaf index, its chunks
       with their file index (into the returned list), offset and checksum.
     """
+    if compression is not None:
+        return _write_compressed(storage, directory, sources, prefix, compression)
     groups = _plan_files(sources, max_files)
     names = [f"data/{prefix}-{i:03d}.safetensors" for i in range(len(groups))]
     headers = [safetensors_header(g, f"{prefix}-{i:03d}") for i, g in enumerate(groups)]
@@ -275,6 +293,84 @@ def write_data_files(
             chunks.setdefault(source.leaf, []).append((source, chunk))
             offset += source.nbytes
         files.append(DataFile(names[i], offset))
+    return files, chunks
+
+
+_PACK_BYTES = 64 << 20
+"""Compressed saves: logical bytes per data file (a file's header needs the stored sizes of its
+chunks before they are written, so each file's chunks are compressed, held, then written)."""
+_PACKS_IN_FLIGHT = 2  # compressed data files being compressed or written at once
+_THREADED = 4 << 20  # chunks at least this big are compressed by several threads each
+
+
+def _packs(sources: Sequence[ChunkSource]) -> list[list[ChunkSource]]:
+    """Cuts the chunks, in order, into files of at most ``_PACK_BYTES`` (or one chunk)."""
+    packs: list[list[ChunkSource]] = []
+    size = 0
+    for source in sources:
+        if not packs or (size + source.nbytes > _PACK_BYTES and packs[-1]):
+            packs.append([])
+            size = 0
+        packs[-1].append(source)
+        size += source.nbytes
+    return packs
+
+
+def _encode(source: ChunkSource, compression: Compression, threads: int
+            ) -> tuple[memoryview, int, str]:
+    """A chunk's stored bytes, their CRC-32C and its codec."""
+    array = source.data()
+    if array.shape != source.shape:
+        raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
+    view = _bytes_view(np.ascontiguousarray(array))
+    packed = (codecs.compress(view, compression, threads if len(view) >= _THREADED else 0)
+              if len(view) else None)
+    if packed is None:
+        return view, checksum(view), "raw"
+    out = memoryview(packed)
+    return out, checksum(out), compression.codec
+
+
+def _write_compressed(
+    storage: Storage, directory: str, sources: Sequence[ChunkSource], prefix: str,
+    compression: Compression,
+) -> tuple[list[DataFile], dict[int, list[tuple[ChunkSource, Chunk]]]]:
+    """:func:`write_data_files` with compression: files of at most ``_PACK_BYTES``, each
+    compressed (small chunks side by side, big ones by several threads) then written; at most
+    ``_PACKS_IN_FLIGHT`` files' stored bytes are held at once."""
+    packs = _packs(sources)
+    names = [f"data/{prefix}-{i:03d}.safetensors" for i in range(len(packs))]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+    def write(i: int) -> DataFile:
+        pack = packs[i]
+        encoded = list(pool.map(lambda s: _encode(s, compression, cores), pack))
+        stored = [None if codec == "raw" else len(view) for view, _, codec in encoded]
+        header = safetensors_header(pack, f"{prefix}-{i:03d}", stored)
+        writer = storage.create(f"{directory}/{names[i]}")
+        try:
+            views = [memoryview(header)] + [view for view, _, _ in encoded]
+            for b in range(0, len(views), 1024):
+                writer.writev(views[b : b + 1024])
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        offset = len(header)
+        for source, (view, crc, codec) in zip(pack, encoded):
+            chunk = Chunk(i, offset, source.nbytes, source.start, source.shape, crc, codec,
+                          None if codec == "raw" else len(view))
+            chunks.setdefault(source.leaf, []).append((source, chunk))
+            offset += len(view)
+        return DataFile(names[i], offset)
+
+    chunks: dict[int, list[tuple[ChunkSource, Chunk]]] = {}
+    with concurrent.futures.ThreadPoolExecutor(max(1, cores)) as pool, \
+            concurrent.futures.ThreadPoolExecutor(_PACKS_IN_FLIGHT) as files_pool:
+        files = list(files_pool.map(write, range(len(packs))))
+    for pairs in chunks.values():
+        pairs.sort(key=lambda pair: (pair[1].file, pair[1].offset))
     return files, chunks
 
 
@@ -531,6 +627,23 @@ class _Reading:
         piece.deliver(buffer)
         return sum(end - begin for begin, end in piece.ranges)
 
+    def decode(self, piece: _Piece) -> int:
+        """Reads an encoded chunk's stored bytes, verifies them, and decodes them straight
+        into its output slab (or one buffer of its logical size, to scatter from)."""
+        chunk = piece.chunk
+        stored = memoryview(bytearray(chunk.stored))
+        reader = self.opened.get(chunk.file, self.stats)
+        if reader.read_into(chunk.offset, stored) != chunk.stored:
+            raise CorruptCheckpointError(
+                f"data file {self.files[chunk.file].name} ends inside a chunk", path=self.where,
+                leaf=piece.leaf)
+        _verify(stored, piece, self.files, self.where)
+        landed = piece.landing()
+        landing = landed if landed is not None else memoryview(bytearray(chunk.nbytes))
+        codecs.decode_into(stored, chunk.codec, landing, leaf=piece.leaf, where=self.where)
+        piece.deliver(landing, landed)
+        return chunk.stored
+
     def group(self, group: list[_Piece]) -> int:
         """Reads adjacent small chunks of one file with one request."""
         first, last = group[0].chunk, group[-1].chunk
@@ -555,9 +668,11 @@ def _read_steps(
     """Cuts the pieces into read steps: runs of adjacent small chunks, and runs of
     consecutive big ones (each as (file, offset, function, argument))."""
     steps: list[tuple[int, int, Callable[[Any], int], Any]] = [
-        (p.chunk.file, p.chunk.offset, reading.partial, p) for p in pieces if p.ranges is not None
+        (p.chunk.file, p.chunk.offset, reading.decode if p.chunk.codec != "raw" else
+         reading.partial, p)
+        for p in pieces if p.chunk.codec != "raw" or p.ranges is not None
     ]
-    pieces = [p for p in pieces if p.ranges is None]
+    pieces = [p for p in pieces if p.chunk.codec == "raw" and p.ranges is None]
     small = sorted(
         (p for p in pieces if p.chunk.nbytes < _SMALL), key=lambda p: (p.chunk.file, p.chunk.offset)
     )
@@ -648,7 +763,7 @@ def verify_chunks(
             problems.append(str(e))
             bad_files.add(index)
     opened = _Files(storage, directory, files, where)
-    total = sum(c.nbytes for _, c in pieces)
+    total = sum(c.stored for _, c in pieces)
     done = 0
     buffer = memoryview(bytearray(_BATCH_BYTES))
     try:
@@ -656,7 +771,7 @@ def verify_chunks(
             if chunk.file not in bad_files:
                 # Checked in bounded blocks: a huge chunk never needs a huge buffer.
                 reader = opened.get(chunk.file, RestoreStats())
-                actual, position, end = 0, chunk.offset, chunk.offset + chunk.nbytes
+                actual, position, end = 0, chunk.offset, chunk.offset + chunk.stored
                 while position < end:
                     view = buffer[: min(len(buffer), end - position)]
                     n = reader.read_into(position, view)
@@ -670,7 +785,7 @@ def verify_chunks(
                         f"{chunk.offset}..{end} (chunk starting at {list(chunk.start)}): stored "
                         f"{chunk.crc32c:#010x}, read {actual:#010x}"
                     )
-            done += chunk.nbytes
+            done += chunk.stored
             if progress is not None:
                 progress(done, total)
     finally:
@@ -749,7 +864,8 @@ def check_header(
         if begin != end:
             problems.append(f"{where}: {name} starts at data offset {begin}, expected {end} "
                             "(safetensors needs the tensors back to back)")
-        entry = _entries([(name, dtype, c.shape, c.stored)])[name]
+        entry = _entries([(name, dtype, c.shape, c.stored) if c.codec == "raw"
+                          else (name, None, (c.stored,), c.stored)])[name]
         entry["data_offsets"] = [begin, begin + c.stored]
         if name in expected:
             problems.append(f"{where}: two chunks are named {name}")

@@ -405,8 +405,12 @@ def parse_chunk_extras(
         raise fail(f"unknown codec {codec!r:.40} (format {spec.version_text(version)} knows "
                    f"{', '.join(spec.CODECS)})")
     stored = entry.get("stored_nbytes")
-    if stored is not None and (not _nat(stored) or stored != nbytes):
-        raise fail(f"stored_nbytes {stored!r:.40} must equal nbytes {nbytes} for a raw chunk")
+    if codec == "raw":
+        if stored is not None and (not _nat(stored) or stored != nbytes):
+            raise fail(f"stored_nbytes {stored!r:.40} must equal nbytes {nbytes} for a raw chunk")
+    elif not _nat(stored) or stored == 0 or nbytes == 0:
+        raise fail(f"a {codec} chunk needs stored_nbytes >= 1 (got {stored!r:.40}) and nbytes "
+                   f">= 1 (got {nbytes})")
     digest = entry.get("digest")
     if digest is not None and not (
         isinstance(digest, str) and len(digest) <= 161 and spec.DIGEST_RE.fullmatch(digest)

@@ -58,8 +58,9 @@ MANIFEST_FILE = "manifest.json"
 COMMIT_FILE = "keepax.commit"
 DATA_DIR = "data"
 
-CODECS = ("raw",)
-"""Chunk codecs this keepax reads: ``raw`` (the bytes as they are) only."""
+CODECS = ("raw", "zstd")
+"""Chunk codecs this keepax reads: ``raw`` (the bytes as they are) and ``zstd`` (one
+Zstandard frame of them; reading needs the ``zstandard`` package)."""
 
 DATA_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.safetensors")
 STORE_DIR = ".keepax-store"

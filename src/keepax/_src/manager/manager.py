@@ -141,6 +141,7 @@ class CheckpointManager:
         metadata: dict[str, Any] | None = None,
         keep_previous_temporary: bool = False,
         incremental: bool = False,
+        compression: str | tuple[str, int] | None = None,
     ) -> None:
         self._directory = os.fspath(directory)
         self._opts = Options.build(
@@ -150,7 +151,7 @@ class CheckpointManager:
             max_in_flight=max_in_flight, staging_budget_bytes=staging_budget_bytes,
             storage_options=storage_options, host_local=host_local, sync_timeout=sync_timeout,
             metadata=metadata, keep_previous_temporary=keep_previous_temporary,
-            incremental=incremental,
+            incremental=incremental, compression=compression,
         )
         self._storage = _open_storage(self._directory, self._opts)
         self._where = self._storage.display("")

@@ -22,6 +22,7 @@ import numpy as np
 from keepax import policies
 from keepax._src.async_engine import engine as async_engine
 from keepax._src.checkpoint import check_metadata
+from keepax._src.format import codecs
 from keepax._src.manager.naming import DEFAULT_TEMPLATE, NameTemplate
 from keepax.errors import KeepaxError, PolicyError
 
@@ -33,7 +34,8 @@ DEFAULT_GRACE = 600.0
 
 OPTION_NAMES = ("save_policy", "keep", "best", "template", "preemption", "discard_newer",
                 "staging_grace", "read_only", "clock", "async_save", "max_in_flight",
-                "staging_budget_bytes", "keep_previous_temporary", "incremental")
+                "staging_budget_bytes", "keep_previous_temporary", "incremental",
+                "compression")
 """The constructor options a configuration may hold (besides ``directory``)."""
 
 OVERRIDE_ONLY = ("storage_options", "metadata", "host_local", "sync_timeout")
@@ -220,6 +222,8 @@ class Options:
       incremental: Write only chunks whose bytes no committed step of this directory
         already stores (README, *Incremental saves and compression*); single-process saves
         only (multi-process and ``host_local`` saves are written in full).
+      compression: Compress every chunk its saves write: ``"zstd"`` or ``("zstd", level)``
+        (as :func:`keepax.save`); None stores chunks as they are.
     """
 
     save_policy: policies.SavePolicy | None
@@ -241,6 +245,7 @@ class Options:
     metadata: dict[str, Any] | None
     keep_previous_temporary: bool
     incremental: bool = False
+    compression: str | tuple[str, int] | None = None
 
     @classmethod
     def build(
@@ -264,6 +269,7 @@ class Options:
         metadata: Any = None,
         keep_previous_temporary: bool = False,
         incremental: Any = False,
+        compression: Any = None,
     ) -> Options:
         """Checks every option (nothing is created on storage).
 
@@ -284,6 +290,12 @@ class Options:
                               "(run_metadata() reads what is stored).")
         if not isinstance(incremental, bool):
             raise PolicyError(f"incremental must be True or False, got {incremental!r}.")
+        if isinstance(compression, list):  # as a config holds it
+            compression = tuple(compression)
+        try:
+            codecs.parse_compression(compression)
+        except KeepaxError as e:
+            raise PolicyError(str(e)) from e
         if metadata is not None and not isinstance(metadata, dict):
             raise PolicyError(f"metadata must be a JSON-able dict, got {metadata!r}.")
         return cls(
@@ -296,6 +308,7 @@ class Options:
             host_local=bool(host_local), sync_timeout=timeout,
             metadata=None if metadata is None else check_metadata(metadata, "run metadata"),
             keep_previous_temporary=bool(keep_previous_temporary), incremental=incremental,
+            compression=compression,
         )
 
     def now(self) -> float:
@@ -332,6 +345,8 @@ class Options:
             "staging_budget_bytes": self.staging_budget_bytes,
             "keep_previous_temporary": self.keep_previous_temporary,
             "incremental": self.incremental,
+            "compression": (list(self.compression) if isinstance(self.compression, tuple)
+                            else self.compression),
         }
 
 

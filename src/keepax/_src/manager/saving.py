@@ -177,7 +177,8 @@ class StepSave:
         )
 
     def prepare(self, *, storage_options: dict[str, Any] | None, host_local: bool,
-                timeout: float, store: ChunkStore | None = None) -> checkpoint.PreparedSave:
+                timeout: float, store: ChunkStore | None = None,
+                compression: str | tuple[str, int] | None = None) -> checkpoint.PreparedSave:
         """Prepares the checkpoint's write (in a multi-process run, agreed by all).
 
         Raises:
@@ -193,6 +194,7 @@ class StepSave:
                 # step (some host lacks it: a save that failed on another host) is replaced.
                 overwrite=self.replace or host_local,
                 host_local=host_local, step=self.step, timeout=timeout,
+                compression=compression,
             )
             if store is not None and prepared.coordinator is None:
                 prepared = dataclasses.replace(prepared, store=store)
@@ -311,7 +313,7 @@ class Saver:
             self._engine.save(
                 functools.partial(job.prepare, storage_options=options.storage_options,
                                   host_local=options.host_local, timeout=options.sync_timeout,
-                                  store=self.store),
+                                  store=self.store, compression=options.compression),
                 step=step,
                 path=path,
                 max_in_flight=options.max_in_flight,

@@ -1,0 +1,219 @@
+"""Opt-in zstd compression: round trips, the stored format, resharding, damage, the options."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import crc32c
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import zstandard
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import keepax
+from keepax._src.format import datafiles
+from keepax.errors import CorruptCheckpointError, KeepaxError, PolicyError
+
+
+def _state() -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "f32": (rng.standard_normal((256, 64)) * 0.02).astype(np.float32),
+        "bf16": rng.standard_normal(3000).astype(ml_dtypes.bfloat16),
+        "f8": rng.standard_normal(100).astype(ml_dtypes.float8_e4m3fn),
+        "tokens": rng.integers(0, 50_000, 4096).astype(np.int32),
+        "zeros": np.zeros((128, 128), np.float32),
+        "noise": rng.integers(0, 256, 5000).astype(np.uint8),  # incompressible: stays raw
+        "bool": rng.random(77) < 0.5,
+        "empty": np.zeros((0, 4), np.float32),
+        "scalar": np.float64(2.5),
+        "jax": jnp.arange(1000, dtype=jnp.int32).reshape(10, 100),
+        "py": [1, "two", None],
+    }
+
+
+def _chunks(path) -> dict[str, list[dict]]:
+    doc = json.loads((path / "manifest.json").read_bytes())
+    return {leaf["path"]: leaf.get("chunks", []) for leaf in doc["leaves"]}
+
+
+def _assert_equal(got, want) -> None:
+    for key, value in want.items():
+        if isinstance(value, list):
+            assert list(got[key]) == value
+        else:
+            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(value), err_msg=key)
+            assert np.asarray(got[key]).dtype == np.asarray(value).dtype
+
+
+@pytest.mark.parametrize("compression", ["zstd", ("zstd", 1), ("zstd", 19), ("zstd", -3)])
+def test_round_trip_and_stored_format(tmp_path, compression) -> None:
+    state = _state()
+    path = tmp_path / "ckpt"
+    result = keepax.save(str(path), state, compression=compression)
+    _assert_equal(keepax.restore(str(path)), state)
+    assert keepax.verify(str(path)) == []
+    doc = json.loads((path / "manifest.json").read_bytes())
+    assert doc["version"] == "1.2"
+    chunks = _chunks(path)
+    assert chunks["['zeros']"][0]["codec"] == "zstd"
+    assert chunks["['zeros']"][0]["stored_nbytes"] < 128 * 128 * 4 // 50
+    assert "codec" not in chunks["['noise']"][0]  # not smaller compressed: kept raw
+    # CRC-32C over the stored bytes.
+    data = (path / doc["files"][0]["name"]).read_bytes()
+    z = chunks["['zeros']"][0]
+    assert crc32c.crc32c(data[z["offset"] : z["offset"] + z["stored_nbytes"]]) == z["crc32c"]
+    raw_size = sum(np.asarray(v).nbytes for v in state.values() if not isinstance(v, list))
+    assert result.bytes_written < raw_size
+
+
+def test_data_files_stay_valid_safetensors(tmp_path) -> None:
+    safetensors = pytest.importorskip("safetensors.numpy")
+    path = tmp_path / "ckpt"
+    state = {k: v for k, v in _state().items() if k in ("zeros", "noise", "tokens", "f32")}
+    keepax.save(str(path), state, compression="zstd")
+    doc = json.loads((path / "manifest.json").read_bytes())
+    loaded = safetensors.load_file(str(path / doc["files"][0]["name"]))
+    assert loaded["['zeros']"].dtype == np.uint8  # declared as its stored bytes
+    np.testing.assert_array_equal(loaded["['noise']"], _state()["noise"])
+
+
+def test_restore_onto_other_shardings_and_select(tmp_path) -> None:
+    mesh = Mesh(np.array(jax.devices()[:4]), ("x",))
+    big = jnp.zeros((64, 32), jnp.float32).at[::3].set(1.5)
+    path = tmp_path / "ckpt"
+    keepax.save(str(path), {"a": big, "b": np.arange(10)}, compression="zstd")
+    like = {"a": jax.ShapeDtypeStruct((64, 32), jnp.float32,
+                                      sharding=NamedSharding(mesh, PartitionSpec(None, "x"))),
+            "b": np.zeros(10, np.int64)}
+    out = keepax.restore(str(path), like)
+    np.testing.assert_array_equal(np.asarray(out["a"]), np.asarray(big))
+    assert out["a"].sharding == like["a"].sharding
+    assert list(keepax.restore(str(path), select=["b"])) == ["b"]
+
+
+def test_many_files_when_over_the_pack_size(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(datafiles, "_PACK_BYTES", 64 << 10)
+    state = {f"w{i}": np.full((128, 128), i, np.float32) for i in range(6)}
+    path = tmp_path / "ckpt"
+    keepax.save(str(path), state, compression="zstd")
+    assert len(list((path / "data").iterdir())) == 6
+    _assert_equal(keepax.restore(str(path)), state)
+    assert keepax.verify(str(path)) == []
+
+
+@pytest.mark.parametrize("value", ["lz4", ("zstd", 23), ("zstd", "3"), ("zstd", True), 3,
+                                   ("zstd", 3, 1)])
+def test_bad_compression_values(tmp_path, value) -> None:
+    with pytest.raises(KeepaxError, match="compression must be"):
+        keepax.save(str(tmp_path / "c"), {"a": np.zeros(3)}, compression=value)
+    assert not (tmp_path / "c").exists()
+
+
+def test_missing_zstandard_says_how_to_install(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "ckpt"
+    keepax.save(str(path), {"a": np.zeros(1000)}, compression="zstd")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if not installed
+    with pytest.raises(KeepaxError, match=r"pip install 'keepax\[zstd\]'"):
+        keepax.save(str(tmp_path / "other"), {"a": np.zeros(3)}, compression="zstd")
+    with pytest.raises(KeepaxError, match="zstandard"):
+        keepax.restore(str(path))
+    keepax.save(str(tmp_path / "plain"), {"a": np.zeros(3)})  # no compression: not needed
+    assert keepax.restore(str(tmp_path / "plain"))["a"].shape == (3,)
+
+
+def _replace_stored(path, leaf: str, new: bytes) -> None:
+    """Replaces the stored bytes of ``leaf``'s (only, last-in-file) chunk, re-signing all."""
+    doc = json.loads((path / "manifest.json").read_bytes())
+    chunk = next(x for x in doc["leaves"] if x["path"] == leaf)["chunks"][0]
+    file = path / doc["files"][chunk["file"]]["name"]
+    raw = file.read_bytes()
+    assert chunk["offset"] + chunk["stored_nbytes"] == len(raw)
+    file.write_bytes(raw[: chunk["offset"]] + new)
+    chunk.update(stored_nbytes=len(new), crc32c=crc32c.crc32c(new))
+    doc["files"][chunk["file"]]["nbytes"] = chunk["offset"] + len(new)
+    manifest = json.dumps(doc).encode()
+    (path / "manifest.json").write_bytes(manifest)
+    marker = json.loads((path / "keepax.commit").read_bytes())
+    marker.update(manifest_nbytes=len(manifest), manifest_crc32c=crc32c.crc32c(manifest))
+    (path / "keepax.commit").write_text(json.dumps(marker))
+
+
+@pytest.mark.parametrize(("n", "content_size"), [(4096 * 4 * 100, True), (4096 * 4 * 100, False),
+                                                 (4096 * 4 + 1, False), (100, True), (0, True)])
+def test_frames_of_another_size_are_refused(tmp_path, n, content_size) -> None:
+    path = tmp_path / "ckpt"
+    keepax.save(str(path), {"z": np.zeros(4096, np.float32)}, compression="zstd")
+    bomb = zstandard.ZstdCompressor(write_content_size=content_size).compress(bytes(n))
+    _replace_stored(path, "['z']", bomb)
+    with pytest.raises(CorruptCheckpointError, match="decompresses to") as info:
+        keepax.restore(str(path))
+    assert info.value.leaf == "['z']"
+
+
+def test_garbage_with_a_matching_checksum_is_refused(tmp_path) -> None:
+    path = tmp_path / "ckpt"
+    keepax.save(str(path), {"z": np.zeros(4096, np.float32)}, compression="zstd")
+    _replace_stored(path, "['z']", b"not a zstd frame at all")
+    with pytest.raises(CorruptCheckpointError, match="does not decompress") as info:
+        keepax.restore(str(path))
+    assert info.value.leaf == "['z']"
+
+
+def test_damaged_stored_bytes_fail_the_checksum_and_verify(tmp_path) -> None:
+    path = tmp_path / "ckpt"
+    keepax.save(str(path), {"z": np.zeros(4096, np.float32)}, compression="zstd")
+    file = next((path / "data").iterdir())
+    raw = bytearray(file.read_bytes())
+    raw[-3] ^= 0xFF
+    file.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
+        keepax.restore(str(path))
+    assert any("checksum mismatch" in p for p in keepax.verify(str(path)))
+
+
+def test_save_async_and_manager(tmp_path) -> None:
+    state = _state()
+    handle = keepax.save_async(str(tmp_path / "async"), state, compression=("zstd", 5))
+    handle.wait()
+    assert _chunks(tmp_path / "async")["['zeros']"][0]["codec"] == "zstd"
+    _assert_equal(keepax.restore(str(tmp_path / "async")), state)
+    for incremental in (False, True):
+        directory = tmp_path / f"run-{incremental}"
+        with keepax.CheckpointManager(directory, compression="zstd",
+                                      incremental=incremental) as mgr:
+            mgr.save(1, state)
+            mgr.save(2, {**state, "f32": state["f32"] + 1})
+            mgr.wait_until_finished()
+            _assert_equal(mgr.restore(2), {**state, "f32": state["f32"] + 1})
+            _assert_equal(mgr.restore(1), state)
+        step = next(p for p in directory.iterdir() if p.name.endswith("2"))
+        assert _chunks(step)["['zeros']"][0]["codec"] == "zstd"
+        assert keepax.verify(str(step)) == []
+
+
+def test_manager_option_checked_and_in_the_config(tmp_path) -> None:
+    with pytest.raises(PolicyError, match="compression must be"):
+        keepax.CheckpointManager(tmp_path / "bad", compression="gzip")
+    with keepax.CheckpointManager(tmp_path / "run", compression=("zstd", 7)) as mgr:
+        config = mgr.to_config()
+    assert config["compression"] == ["zstd", 7]
+    with keepax.CheckpointManager.from_config(json.loads(json.dumps(config))) as again:
+        assert again.to_config()["compression"] == ["zstd", 7]
+
+
+def test_cp_and_export_of_a_compressed_checkpoint(tmp_path) -> None:
+    from keepax.cli import main  # noqa: PLC0415
+
+    state = {"z": np.zeros((300, 300), np.float32), "w": np.arange(5000.0)}
+    keepax.save(str(tmp_path / "c"), state, compression="zstd")
+    assert main(["cp", str(tmp_path / "c"), str(tmp_path / "c2")]) == 0
+    assert keepax.verify(str(tmp_path / "c2")) == []
+    _assert_equal(keepax.restore(str(tmp_path / "c2")), state)
+    assert main(["export", str(tmp_path / "c"), str(tmp_path / "e.npz"), "-f", "npz"]) == 0
+    with np.load(tmp_path / "e.npz") as npz:
+        assert float(sum(npz[k].sum() for k in npz.files)) == 12497500.0
