@@ -16,9 +16,10 @@ import jax
 import numpy as np
 
 from keepax._src import checkpoint
+from keepax._src.checkpoint.per_process import PerProcessChoice
 from keepax.errors import KeepaxError, TreeMismatchError, UnsupportedLeafError
 
-__all__ = ["is_stateful", "item_names", "restore_tree", "state_tree"]
+__all__ = ["is_stateful", "item_names", "restore_step", "restore_tree", "state_tree"]
 
 
 def is_stateful(x: Any) -> bool:
@@ -173,6 +174,21 @@ def _pick_items(like: Any, names: list[str], where: str) -> dict[str, Any]:
     return {n: like[n] for n in names}
 
 
+def restore_step(path: str, step: int, storage_options: dict[str, Any] | None, like: Any,
+                 items: Any, partial: bool, dtype: Any, stats: checkpoint.RestoreStats | None,
+                 per_process: PerProcessChoice) -> Any:
+    """Opens step ``step`` at ``path`` (its manifest is read once) and restores it as
+    :meth:`CheckpointManager.restore` says; an error raised names the step."""
+    try:
+        opened = checkpoint.open_checkpoint(path, storage_options=storage_options)
+        names = item_names(opened.info, items)
+        return restore_tree(opened, like, names, partial, dtype, stats, per_process)
+    except KeepaxError as e:
+        if e.step is None:
+            e.step = step
+        raise
+
+
 def restore_tree(
     opened: checkpoint.Checkpoint,
     like: Any,
@@ -180,22 +196,34 @@ def restore_tree(
     partial: bool,
     dtype: Any,
     stats: checkpoint.RestoreStats | None,
+    per_process: PerProcessChoice = None,
 ) -> Any:
     """Restores a step from its opened checkpoint (its manifest is not read again).
 
     Stateful objects in ``like`` get ``set_state`` with their saved state, exactly as stored
-    (never cast); everything else is restored as :func:`keepax.restore` does.
+    (never cast); everything else is restored as :func:`keepax.restore` does. ``per_process``
+    picks the copy of per-process values (stateful objects' states included) as for
+    :func:`keepax.restore`.
     """
     info = opened.info
     select = [(n,) for n in items] if items is not None else None
     if like is None:
-        return opened.restore(select=select, dtype=dtype, stats=stats)
+        return opened.restore(select=select, dtype=dtype, stats=stats, per_process=per_process)
     if items is not None:
         like = _pick_items(like, items, info.path)
     found = [p for p, x in jax.tree_util.tree_flatten_with_path(like, is_leaf=is_stateful)[0]
              if is_stateful(x)]
     if not found:
-        return opened.restore(like, select=select, partial=partial, dtype=dtype, stats=stats)
+        return opened.restore(like, select=select, partial=partial, dtype=dtype, stats=stats,
+                              per_process=per_process)
+    if per_process == "all":
+        raise KeepaxError(
+            "per_process='all' restores a list of every process's copy, but like holds "
+            f"objects with set_state() (at {jax.tree_util.keystr(tuple(found[0]))}), which "
+            "take one state: pass per_process=k for process k's, or restore without like "
+            "(their saved states come back as lists)",
+            path=info.path, leaf=jax.tree_util.keystr(tuple(found[0])),
+        )
     # Everything but the stateful objects, checked strictly here (the checkpoint is told
     # partial=True because the objects' saved states are not in this like).
     plain_like = jax.tree_util.tree_map(
@@ -205,13 +233,14 @@ def restore_tree(
         _check_no_extra(info, plain_like, found, items)
     main = plain_like
     if jax.tree_util.tree_leaves(plain_like):
-        main = opened.restore(plain_like, select=select, partial=True, dtype=dtype, stats=stats)
+        main = opened.restore(plain_like, select=select, partial=True, dtype=dtype, stats=stats,
+                              per_process=per_process)
     state_like = jax.tree_util.tree_map_with_path(
         lambda p, x: _state_like(info, p) if is_stateful(x) else None, like, is_leaf=is_stateful
     )
     states = state_like
     if jax.tree_util.tree_leaves(state_like):
-        states = opened.restore(state_like, partial=True, stats=stats)
+        states = opened.restore(state_like, partial=True, stats=stats, per_process=per_process)
 
     def put(_: Any, x: Any, value: Any, state: Any) -> Any:
         if is_stateful(x):
