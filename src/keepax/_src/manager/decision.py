@@ -94,7 +94,13 @@ class SaveDecider:
     def would_write(self, step: int, event: str | None) -> bool:
         """Whether ``save(step)`` (or ``event(event, step)``, its occurrence not counted yet)
         would write now, by this process's decision: never for a step below the latest or
-        already saved (unless a temporary becomes permanent)."""
+        already saved (unless a temporary becomes permanent).
+
+        Raises:
+          PolicyError: An unknown event name.
+        """
+        if event is not None:
+            check_event(event)
         decision = self.decide(step, event, upcoming=True)
         try:
             action = plan_action(step, decision, self._index.view(), force=False,

@@ -110,6 +110,7 @@ class CheckpointManager:
       DirectoryLockedError: Another manager holds the directory (the message names its host
         and PID).
       CheckpointNotFoundError: ``read_only=True`` and the local directory does not exist.
+      KeepaxError: The directory holds Orbax checkpoints and no keepax steps (import them).
     """
 
     def __init__(
@@ -233,10 +234,7 @@ class CheckpointManager:
         Raises:
           PolicyError: ``step`` is not a non-negative int, or an unknown event name.
         """
-        step = check_step(step)
-        if event is not None:
-            check_event(event)
-        return self._parts.decider.would_write(step, event)
+        return self._parts.decider.would_write(check_step(step), event)
 
     def run_metadata(self) -> dict[str, Any]:
         """The run-level metadata kept with the directory (``metadata=`` when a manager was
