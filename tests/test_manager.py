@@ -1009,3 +1009,50 @@ def test_config_of_a_custom_policy(directory: str) -> None:
         assert [s for s in range(5) if mngr.save(s, {"x": np.int32(s)})] == [1, 3]
         with pytest.raises(PolicyError, match="no to_config"):
             mngr.to_config()
+
+
+# ---------------------------------------------------------------------------------------------
+# Unfinished multipart uploads of killed S3 saves (moto on loopback).
+
+
+def _upload_ids(s3) -> set[str]:
+    uploads = s3.client().list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
+    return {u["UploadId"] for u in uploads}
+
+
+def test_a_manager_start_aborts_the_uploads_a_killed_save_left(s3) -> None:
+    run = f"{s3.url}/run"
+    with keepax.CheckpointManager(run, storage_options=s3.options, async_save=False) as mngr:
+        mngr.save(1, {"w": np.ones(4, np.float32)})
+    client = s3.client()
+    # What a save killed mid-file leaves: an upload with a part, never completed.
+    dead = client.create_multipart_upload(
+        Bucket=s3.bucket, Key="run/00000002/data/p00000-000.safetensors")["UploadId"]
+    client.upload_part(Bucket=s3.bucket, Key="run/00000002/data/p00000-000.safetensors",
+                       UploadId=dead, PartNumber=1, Body=b"x" * 1024)
+    other = client.create_multipart_upload(Bucket=s3.bucket, Key="elsewhere/p0")["UploadId"]
+    with keepax.CheckpointManager(run, storage_options=s3.options, read_only=True) as mngr:
+        assert mngr.all_steps() == [1]
+    assert _upload_ids(s3) == {dead, other}  # a reader aborts nothing
+    # (moto dates every upload 2010-11-10: a grace longer than that keeps it.)
+    keepax.CheckpointManager(run, storage_options=s3.options, staging_grace=10**10).close()
+    assert _upload_ids(s3) == {dead, other}
+    with keepax.CheckpointManager(run, storage_options=s3.options) as mngr:
+        assert mngr.all_steps() == [1]
+    assert _upload_ids(s3) == {other}  # only those under the manager's prefix
+
+
+def test_a_failure_to_list_uploads_is_a_warning(s3) -> None:
+    from test_s3 import _FaultProxy  # the loopback fault proxy of the S3 tests
+
+    run = f"{s3.url}/run"
+    keepax.CheckpointManager(run, storage_options=s3.options).close()
+    proxy = _FaultProxy(s3.endpoint, lambda n, method, path: 403 if "uploads" in path else None)
+    try:
+        with pytest.warns(keepax.KeepaxWarning, match="could not abort the unfinished uploads"):
+            with keepax.CheckpointManager(run, storage_options=proxy.options()) as mngr:
+                mngr.save(1, {"w": np.ones(2)})
+    finally:
+        proxy.close()
+    with keepax.CheckpointManager(run, storage_options=s3.options, read_only=True) as mngr:
+        assert mngr.all_steps() == [1]

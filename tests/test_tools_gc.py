@@ -90,3 +90,58 @@ def test_config_file_and_cli_json(tmp_path, capsys):
     assert "removed" in capsys.readouterr().out
     with keepax.CheckpointManager(run, read_only=True) as mngr:
         assert mngr.all_steps() == [5]
+
+
+def test_unreferenced_chunk_store_files_are_listed_then_removed(tmp_path):
+    run = str(tmp_path / "run")
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(4096).astype(np.float32)
+    with keepax.CheckpointManager(run, incremental=True, async_save=False) as mngr:
+        for step in (1, 2):
+            mngr.save(step, {"base": base, "head": np.full(8, step, np.float32)})
+    data = tmp_path / "run" / ".keepax-store" / "data"
+    live = sorted(p.name for p in data.iterdir())
+    assert live
+    old = data / "orphan-old.safetensors"  # what a save killed after writing it leaves
+    old.write_bytes(b"x" * 64)
+    _age(old, 3600)
+    young = data / "orphan-young.safetensors"
+    young.write_bytes(b"y" * 64)
+
+    dry = gc(run)
+    stored = {i.name: i for i in dry.remove + dry.left if i.kind == "store"}
+    assert sorted(stored) == [f".keepax-store/data/{n}" for n in (old.name, young.name)]
+    assert stored[f".keepax-store/data/{old.name}"] in dry.remove
+    assert stored[f".keepax-store/data/{young.name}"] in dry.left
+    assert old.exists()
+
+    done = gc(run, apply=True)
+    assert [i.name for i in done.remove] == [f".keepax-store/data/{old.name}"]
+    assert not old.exists() and young.exists()
+    assert sorted(p.name for p in data.iterdir()) == sorted([*live, young.name])
+    with keepax.CheckpointManager(run, read_only=True) as mngr:
+        np.testing.assert_array_equal(mngr.restore(1)["base"], base)
+
+
+def test_unfinished_uploads_are_listed_then_aborted(s3):
+    run = f"{s3.url}/run"
+    with keepax.CheckpointManager(run, storage_options=s3.options, async_save=False) as mngr:
+        mngr.save(1, {"w": np.ones(4, np.float32)})
+    client = s3.client()
+    key = "run/00000002/data/p00000-000.safetensors"
+    dead = client.create_multipart_upload(Bucket=s3.bucket, Key=key)["UploadId"]
+
+    def uploads():
+        return [u["UploadId"] for u in
+                client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])]
+
+    # (moto dates every upload 2010-11-10: a grace longer than that leaves it.)
+    young = gc(run, storage_options=s3.options, grace=10**10)
+    assert [(i.kind, i.name) for i in young.left] == [("upload", key[len("run/"):])]
+    assert young.remove == ()
+    dry = gc(run, storage_options=s3.options)
+    assert [(i.kind, i.name) for i in dry.remove] == [("upload", key[len("run/"):])]
+    assert uploads() == [dead]  # a dry run aborts nothing
+    done = gc(run, storage_options=s3.options, apply=True)
+    assert done.applied and [i.kind for i in done.remove] == ["upload"]
+    assert uploads() == []

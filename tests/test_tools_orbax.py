@@ -238,3 +238,50 @@ def test_memory_bounded(tmp_path):
     assert extra < (64 << 20) + 4 * leaf, extra
     got = keepax.restore(str(tmp_path / "k"), select="w15")
     assert float(got["w15"][0]) == 15.0
+
+
+def _listing(root):
+    return sorted(os.path.relpath(os.path.join(b, n), root)
+                  for b, dirs, files in os.walk(root) for n in dirs + files)
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_manager_on_an_orbax_run_refuses_and_names_the_import(tmp_path, read_only):
+    src = str(tmp_path / "orbax_run")
+    _orbax_run(src)
+    before = _listing(src)
+    extra = {} if read_only else {"metadata": {"run": 1}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", keepax.KeepaxWarning)  # no per-step warnings
+        with pytest.raises(KeepaxError, match="holds Orbax checkpoints and no keepax steps") as e:
+            keepax.CheckpointManager(src, read_only=read_only, **extra)
+    assert f"keepax import-orbax {src} NEW_DIR" in str(e.value) and e.value.path == src
+    assert _listing(src) == before  # no lock file, no run metadata left behind
+
+
+def test_a_manager_on_one_orbax_checkpoint_refuses_too(tmp_path):
+    src = str(tmp_path / "orbax")
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(src, {"w": jnp.ones(3)})
+    with pytest.raises(KeepaxError, match="keepax import-orbax"):
+        keepax.CheckpointManager(src)
+
+
+def test_orbax_steps_beside_keepax_steps_are_only_skipped(tmp_path):
+    orbax_dir = str(tmp_path / "orbax_run")
+    _orbax_run(orbax_dir)
+    run = str(tmp_path / "run")
+    with keepax.CheckpointManager(run, async_save=False) as mngr:
+        mngr.save(5, {"w": np.ones(2)})
+    os.rename(os.path.join(orbax_dir, "10"), os.path.join(run, "10"))
+    with pytest.warns(keepax.KeepaxWarning, match="10: not a step of this manager"):
+        with keepax.CheckpointManager(run) as mngr:
+            assert mngr.all_steps() == [5]
+    assert os.path.isdir(os.path.join(run, "10"))
+
+
+def test_an_empty_or_foreign_directory_is_no_orbax_run(tmp_path):
+    (tmp_path / "notes").mkdir()
+    with pytest.warns(keepax.KeepaxWarning, match="notes: not a step"):
+        with keepax.CheckpointManager(str(tmp_path)) as mngr:
+            assert mngr.all_steps() == []

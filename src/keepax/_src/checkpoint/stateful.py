@@ -17,7 +17,7 @@ import numpy as np
 
 from keepax._src.checkpoint.inspection import CheckpointInfo, LeafInfo
 from keepax._src.checkpoint.per_process import PerProcess
-from keepax.errors import TreeMismatchError, UnsupportedLeafError
+from keepax.errors import KeepaxError, TreeMismatchError, UnsupportedLeafError
 
 __all__ = ["has_objects", "is_stateful", "restore_objects", "state_tree"]
 
@@ -157,6 +157,14 @@ def restore_objects(
     """
     found = [p for p, x in jax.tree_util.tree_flatten_with_path(like, is_leaf=is_stateful)[0]
              if is_stateful(x)]
+    if options.get("per_process") == "all":
+        where = jax.tree_util.keystr(tuple(found[0]))
+        raise KeepaxError(
+            "per_process='all' restores a list of every process's copy, but like holds "
+            f"objects with set_state() (at {where}), which take one state: pass "
+            "per_process=k for process k's, or restore without like (their saved states come "
+            "back as lists)", path=info.path, leaf=where,
+        )
     # Everything but the objects, checked strictly here (the checkpoint is told partial=True
     # because the objects' saved states are not in this like).
     plain_like = jax.tree_util.tree_map(

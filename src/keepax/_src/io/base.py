@@ -20,6 +20,7 @@ Names containing :data:`STAGING_TAG` are reserved for temporaries (staging and t
 from __future__ import annotations
 
 import abc
+import builtins
 import errno
 import uuid
 
@@ -192,6 +193,13 @@ class Storage(abc.ABC):
         """The newest modification time (Unix seconds) of ``path`` and what lies under it, or
         None where the backend keeps no times or nothing is there."""
         return None
+
+    def uploads(self, path: str = "") -> builtins.list[tuple[str, float | None]]:
+        """The unfinished uploads under a directory (those :meth:`abort_uploads` aborts):
+        ``(name, started)``, the name relative to the storage's root and the start as Unix
+        time (None: unknown). Backends without such uploads have none."""
+        del path
+        return []
 
     def abort_uploads(self, path: str = "", *, older_than: float = 0.0) -> int:
         """Aborts unfinished uploads under a directory that started at least ``older_than``

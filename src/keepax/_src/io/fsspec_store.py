@@ -375,6 +375,15 @@ class FsspecStorage(Storage):
         except OSError:
             pass  # optional clean-up; the parts stay invisible
 
+    def uploads(self, path: str = "") -> builtins.list[tuple[str, float | None]]:
+        """The unfinished multipart uploads under ``path`` (S3): ``(name, started)``. Other
+        file systems have none."""
+        if self._s3 is None:
+            return []
+        skip = len(self._prefix)
+        return [(key[skip:], started)
+                for key, _, started in self._s3.list_uploads(self._dir_key(path))]
+
     def abort_uploads(self, path: str = "", *, older_than: float = 0.0) -> int:
         """Aborts the multipart uploads under ``path`` (S3) that started at least
         ``older_than`` seconds ago, e.g. those of a killed save; returns how many. Other file

@@ -313,9 +313,9 @@ class S3Transport:
                 f"s3://{self.bucket}/{keys[0]}",
             )
 
-    def abort_uploads(self, prefix: str, older_than: float) -> int:
-        """Aborts the unfinished multipart uploads under ``prefix`` initiated at least
-        ``older_than`` seconds ago; returns how many. Stores without the listing call: 0."""
+    def list_uploads(self, prefix: str) -> builtins.list[tuple[str, str, float | None]]:
+        """The unfinished multipart uploads under ``prefix``: ``(key, upload id, initiated)``.
+        Stores without the listing call: none."""
 
         async def uploads() -> builtins.list[tuple[str, str, float | None]]:
             client = await self._client()
@@ -331,12 +331,18 @@ class S3Transport:
                 kwargs["UploadIdMarker"] = page.get("NextUploadIdMarker")
 
         try:
-            pending = self.run(uploads())
+            found: builtins.list[tuple[str, str, float | None]] = self.run(uploads())
         except Exception as e:
             status, code = _status_and_code(e)
             if code in _UNSUPPORTED_CODES or status in (405, 501):
-                return 0
+                return []
             raise self._fail(e, prefix, "listing unfinished uploads") from e
+        return found
+
+    def abort_uploads(self, prefix: str, older_than: float) -> int:
+        """Aborts the unfinished multipart uploads under ``prefix`` initiated at least
+        ``older_than`` seconds ago; returns how many. Stores without the listing call: 0."""
+        pending = self.list_uploads(prefix)
         cutoff = time.time() - older_than
         stale = [(k, u) for k, u, started in pending if started is None or started <= cutoff]
         futures = [

@@ -15,9 +15,18 @@ from keepax._src.manager.index import StepIndex, StepInfo
 from keepax._src.manager.options import Options
 from keepax._src.manager.preemption import Preemption
 from keepax._src.manager.processes import Processes
-from keepax.errors import CheckpointExistsError, StepOrderError
+from keepax.errors import CheckpointExistsError, PolicyError, StepOrderError
 
-__all__ = ["SaveDecider", "plan_action"]
+__all__ = ["SaveDecider", "check_event", "plan_action"]
+
+
+def check_event(name: str) -> None:
+    """PolicyError unless ``name`` is one of :data:`keepax.policies.LIFECYCLE_EVENTS`."""
+    if name not in policies.LIFECYCLE_EVENTS:
+        raise PolicyError(
+            f"unknown event {name!r}; the lifecycle events are: "
+            f"{', '.join(sorted(policies.LIFECYCLE_EVENTS))}."
+        )
 
 
 class SaveDecider:
@@ -85,7 +94,13 @@ class SaveDecider:
     def would_write(self, step: int, event: str | None) -> bool:
         """Whether ``save(step)`` (or ``event(event, step)``, its occurrence not counted yet)
         would write now, by this process's decision: never for a step below the latest or
-        already saved (unless a temporary becomes permanent)."""
+        already saved (unless a temporary becomes permanent).
+
+        Raises:
+          PolicyError: An unknown event name.
+        """
+        if event is not None:
+            check_event(event)
         decision = self.decide(step, event, upcoming=True)
         try:
             action = plan_action(step, decision, self._index.view(), force=False,

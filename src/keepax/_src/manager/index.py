@@ -18,7 +18,7 @@ import math
 import threading
 import types
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from keepax import policies
@@ -254,8 +254,10 @@ class StepIndex:
 
     # -- reading the directory ---------------------------------------------------------------
 
-    def open(self, name: str) -> StepInfo | None:
-        """Reads one entry of the directory as a step; None (with a warning) if it is not."""
+    def open(self, name: str, skipped: list[tuple[str, str]] | None = None
+             ) -> StepInfo | None:
+        """Reads one entry of the directory as a step; None if it is not (with a warning, or
+        with ``(name, reason)`` added to ``skipped`` for the caller to warn about)."""
         path = self._storage.display(name)
         try:
             handle = checkpoint.open_checkpoint(path, storage_options=self._storage_options)
@@ -267,24 +269,36 @@ class StepIndex:
         if not self._storage.exists(name):
             return None  # Deleted or renamed since it was listed (another process's retention).
         if self._skipped.get(name) != reason:
-            self._skipped[name] = reason
-            warnings.warn(
-                f"{path}: not a step of this manager, skipped and left alone (retention never "
-                f"deletes it): {reason}",
-                KeepaxWarning,
-                stacklevel=5,
-            )
+            if skipped is None:
+                self._warn_skipped(name, reason)
+            else:
+                skipped.append((name, reason))
         return None
 
-    def scan(self) -> dict[int, StepInfo]:
+    def _warn_skipped(self, name: str, reason: str) -> None:
+        self._skipped[name] = reason
+        warnings.warn(
+            f"{self._storage.display(name)}: not a step of this manager, skipped and left alone "
+            f"(retention never deletes it): {reason}",
+            KeepaxWarning,
+            stacklevel=5,
+        )
+
+    def scan(self, refuse: Callable[[], None] | None = None) -> dict[int, StepInfo]:
         """Lists the directory and reads the steps not read before; returns them by step
-        (the index is unchanged until :meth:`reset`)."""
+        (the index is unchanged until :meth:`reset`).
+
+        Args:
+          refuse: Called (to raise) when the directory holds entries but no step, before
+            any entry is warned about (e.g. an Orbax directory: :mod:`.foreign`).
+        """
         known = {r.name: r for r in self.held().values()}
         found: dict[int, StepInfo] = {}
+        skipped: list[tuple[str, str]] = []
         for name in self._storage.list(""):
             if is_hidden_name(name) or name == RUN_METADATA_NAME:
                 continue
-            record = known.get(name) or self.open(name)
+            record = known.get(name) or self.open(name, skipped)
             if record is None:
                 continue
             other = found.get(record.step)
@@ -297,6 +311,10 @@ class StepIndex:
                 )
                 continue
             found[record.step] = record
+        if refuse is not None and skipped and not found:
+            refuse()
+        for name, reason in skipped:
+            self._warn_skipped(name, reason)
         return found
 
     def records(self, steps: Iterable[int]) -> list[StepInfo]:

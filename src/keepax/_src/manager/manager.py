@@ -5,6 +5,7 @@ manager's directory, named from a template; the manager's facts about it live in
 (:mod:`.index`). :class:`CheckpointManager` is a facade over these parts:
 
 - :mod:`.options`: the options, checked, and the configuration round trip;
+- :mod:`.parts`: opening the directory (lock, leftovers, first scan) and closing it;
 - :mod:`.index`: the step index (the directory's steps, read from their manifests);
 - :mod:`.decision`: the save decision, asking the pure :mod:`keepax.policies`;
 - :mod:`.saving`: the write path (decide, capture the state, stage, commit, record, prune);
@@ -12,7 +13,8 @@ manager's directory, named from a template; the manager's facts about it live in
 - :mod:`.retention`: deletion (keep policies, hiding, background removal, leftovers);
 - :mod:`.processes`: what the processes of a multi-process run agree on;
 - :mod:`.run_metadata`: the run-level metadata file;
-- :mod:`.preemption`: the SIGTERM/SIGINT flag.
+- :mod:`.preemption`: the SIGTERM/SIGINT flag;
+- :mod:`.foreign`: directories holding Orbax checkpoints instead of keepax steps.
 
 **Saving.** ``save(step, state)`` writes the step when the save policy says so, with
 ``force=True``, or at the first call after a preemption signal, and returns whether it wrote.
@@ -43,27 +45,20 @@ every process follows (README, *Many processes*).
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from keepax import policies
 from keepax._src import checkpoint
 from keepax._src.async_engine import engine as async_engine
-from keepax._src.checkpoint.incremental import ChunkStore
-from keepax._src.format.spec import STORE_DIR
-from keepax._src.io import LocalStorage, Storage, open_root
-from keepax._src.io.lock import DirectoryLock
+from keepax._src.checkpoint.per_process import PerProcessChoice
 from keepax._src.manager import run_metadata, stateful
-from keepax._src.manager.decision import SaveDecider
-from keepax._src.manager.index import MANAGER_KEY, StepIndex, StepInfo, no_best_error
+from keepax._src.manager.decision import check_event
+from keepax._src.manager.index import MANAGER_KEY, StepInfo, no_best_error
 from keepax._src.manager.naming import DEFAULT_TEMPLATE
 from keepax._src.manager.options import DEFAULT_GRACE, Options, args_from_config, check_step
-from keepax._src.manager.preemption import Preemption
-from keepax._src.manager.processes import Processes
-from keepax._src.manager.retention import Background, Retention
-from keepax._src.manager.saving import CommitCallback, Saver, SaveRequest
-from keepax.errors import CheckpointNotFoundError, KeepaxError, ManagerClosedError, PolicyError
+from keepax._src.manager.parts import Parts
+from keepax._src.manager.saving import CommitCallback, SaveRequest
 
 __all__ = ["CheckpointManager", "StepInfo", "MANAGER_KEY"]
 
@@ -104,11 +99,9 @@ class CheckpointManager:
       storage_options: fsspec/s3fs and ``keepax_*`` options for a directory URL.
       host_local: Each process of a multi-process run saves into its own directory.
       sync_timeout: Seconds a process waits for the others (multi-process runs).
-      metadata: Run-level metadata (JSON-able dict) kept with the directory
-        (:meth:`run_metadata`); None keeps what is stored, a different one replaces it.
+      metadata: Run-level metadata (a JSON-able dict) kept with the directory.
       keep_previous_temporary: Keep the temporaries a previous run left, as permanent steps.
-      incremental: Write only the chunks no committed step of this directory already stores
-        (single-process saves); steps then refer to the directory's chunk store.
+      incremental: Write only the chunks no committed step here already stores.
 
       Each option in full: :class:`keepax._src.manager.options.Options`.
 
@@ -117,6 +110,7 @@ class CheckpointManager:
       DirectoryLockedError: Another manager holds the directory (the message names its host
         and PID).
       CheckpointNotFoundError: ``read_only=True`` and the local directory does not exist.
+      KeepaxError: The directory holds Orbax checkpoints and no keepax steps (import them).
     """
 
     def __init__(
@@ -153,51 +147,8 @@ class CheckpointManager:
             metadata=metadata, keep_previous_temporary=keep_previous_temporary,
             incremental=incremental, compression=compression,
         )
-        self._storage = _open_storage(self._directory, self._opts)
-        self._where = self._storage.display("")
-        self._processes = Processes(host_local=self._opts.host_local,
-                                    timeout=self._opts.sync_timeout, where=self._where)
-        self._key = _storage_key(self._storage, self._where)
-        self._index = StepIndex(self._storage, self._opts.storage_options)
-        self._engine = async_engine.SaveEngine(
-            os.path.basename(self._directory.rstrip("/")) or "root", key=self._key
-        )
-        self._background = Background()
-        self._retention = Retention(self._storage, self._index, self._background,
-                                    self._opts.keep, leader=self._processes.leader)
-        self._preemption = Preemption()
-        self._closed = False
-        self._lock = DirectoryLock(self._storage)
-        writer = not self._opts.read_only and self._processes.leader
-        if writer:
-            self._lock.acquire()
-        self._finalizer = weakref.finalize(self, _release, self._lock, self._preemption)
-        try:
-            # Saves this process still has in flight into the directory (from a manager
-            # dropped unclosed) finish first.
-            async_engine.wait_for(self._key)
-            if writer:
-                self._retention.remove_leftovers(self._opts.staging_grace)
-                if self._opts.metadata is not None:
-                    run_metadata.store(self._storage, self._opts.metadata)
-            self._processes.barrier("manager.open")
-            self._store = self._open_store(writer)
-            self._scan()
-            if self._store is not None:
-                self._store.collect(self._opts.staging_grace)
-            if self._opts.keep_previous_temporary:
-                self._retention.keep_temporaries(self._index.held().values())
-            self._decider = SaveDecider(self._opts, self._index, self._preemption,
-                                        self._processes)
-            self._saver = Saver(self._opts, self._storage, self._index, self._decider,
-                                self._preemption, self._engine, self._background,
-                                self._retention)
-            self._saver.store = self._store if self._opts.incremental else None
-            if self._opts.preemption:
-                self._preemption.install()
-        except BaseException:
-            self._finalizer()
-            raise
+        parts = self._parts = Parts(self, self._directory, self._opts)
+        self._index, self._engine, self._background = parts.index, parts.engine, parts.background
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -227,12 +178,12 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         """Every step held (committed, readable), ascending; temporaries included. Waits for
         saves in flight first."""
-        self._settle()
+        self._engine.wait()
         return sorted(self._index.held())
 
     def latest_step(self) -> int | None:
         """The highest step held, or None. Waits for saves in flight first."""
-        self._settle()
+        self._engine.wait()
         return max(self._index.held(), default=None)
 
     @property
@@ -251,27 +202,28 @@ class CheckpointManager:
         """
         if self._opts.best is None:
             raise no_best_error()
-        self._settle()
+        self._engine.wait()
         return self._index.best_step(*self._opts.best)
 
     def metrics(self, step: int) -> dict[str, float]:
         """The metrics saved with ``step``."""
-        self._settle()
+        self._engine.wait()
         return dict(self._index.get(step).metrics)
 
     def metadata(self, step: int) -> StepInfo:
         """What is known about ``step`` without reading arrays: user metadata, time, duration,
         size, temporary, metrics, name and path."""
-        self._settle()
+        self._engine.wait()
         return self._index.get(step)
 
     def item_metadata(self, step: int | str | None = None) -> Any:
         """The structure of a step's state, with a :class:`keepax.LeafInfo` (type, shape, dtype,
         size) at each leaf; no array data is read."""
-        self._check_open()
-        self._settle()
+        self._parts.check_open()
+        self._engine.wait()
         record = self._index.resolve(step, self._opts.best)
-        return self._open(record).info.tree
+        return checkpoint.open_checkpoint(record.path, storage_options=self._opts.storage_options
+                                          ).info.tree
 
     def should_save(self, step: int, *, event: str | None = None) -> bool:
         """Whether ``save(step, ...)`` would write now (by policy or a pending preemption), so
@@ -283,10 +235,7 @@ class CheckpointManager:
         Raises:
           PolicyError: ``step`` is not a non-negative int, or an unknown event name.
         """
-        step = check_step(step)
-        if event is not None:
-            _check_event(event)
-        return self._decider.would_write(step, event)
+        return self._parts.decider.would_write(check_step(step), event)
 
     def run_metadata(self) -> dict[str, Any]:
         """The run-level metadata kept with the directory (``metadata=`` when a manager was
@@ -295,31 +244,31 @@ class CheckpointManager:
         Raises:
           CorruptCheckpointError: The stored file is not a run metadata file.
         """
-        self._check_open()
-        stored = run_metadata.read(self._storage)
+        self._parts.check_open()
+        stored = run_metadata.read(self._parts.storage)
         return {} if stored is None else stored
 
     def plan_deletions(self) -> policies.RetentionPlan:
         """What the keep policies would delete now (a dry run): ``plan.delete``, ``plan.keep``,
         and ``print(plan.describe())`` for the reasons. Waits for saves in flight first."""
-        self._settle()
-        return self._retention.plan()
+        self._engine.wait()
+        return self._parts.retention.plan()
 
     def reached_preemption(self, step: int) -> bool:
         """Whether a preemption signal arrived and a save at ``step`` or before has run since:
         the loop should exit now."""
-        saved_at = self._preemption.saved_at
+        saved_at = self._parts.preemption.saved_at
         return saved_at is not None and check_step(step) >= saved_at
 
     def notify_preemption(self) -> None:
         """Acts as if SIGTERM had arrived (for your own signal handling, and for tests)."""
-        self._preemption.notify()
+        self._parts.preemption.notify()
 
     def reload(self) -> None:
         """Re-reads the directory (another process may have written or deleted steps)."""
-        self._check_open()
-        self._settle()
-        self._scan()
+        self._parts.check_open()
+        self._engine.wait()
+        self._parts.scan()
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -370,8 +319,8 @@ class CheckpointManager:
             this save is not made), or the manager is read-only.
           PolicyError: Missing or unknown placeholders.
         """
-        self._check_writable("save")
-        return self._saver.save(SaveRequest(step, state, None, metrics, metadata, force,
+        self._parts.check_writable("save")
+        return self._parts.saver.save(SaveRequest(step, state, None, metrics, metadata, force,
                                             overwrite, placeholders, dtype, on_commit))
 
     def event(
@@ -397,15 +346,11 @@ class CheckpointManager:
         Raises:
           PolicyError: An unknown event name.
         """
-        _check_event(name)
-        self._check_writable("event")
-        self._decider.count_event(name)
-        return self._saver.save(SaveRequest(step, state, name, metrics, metadata, force,
+        check_event(name)
+        self._parts.check_writable("event")
+        self._parts.decider.count_event(name)
+        return self._parts.saver.save(SaveRequest(step, state, name, metrics, metadata, force,
                                             overwrite, placeholders, dtype, on_commit))
-
-    def _settle(self) -> None:
-        """Waits for saves in flight (their errors are raised by the calls that raise)."""
-        self._engine.wait()
 
     # -- restoring ---------------------------------------------------------------------------
 
@@ -419,6 +364,7 @@ class CheckpointManager:
         dtype: Any = None,
         discard_newer: bool | None = None,
         stats: checkpoint.RestoreStats | None = None,
+        per_process: PerProcessChoice = None,
     ) -> Any:
         """Restores a step (its manifest is read once).
 
@@ -437,30 +383,27 @@ class CheckpointManager:
           discard_newer: Delete the steps after this one once it is restored, so training can
             continue from it (default: the manager's ``discard_newer``).
           stats: Filled with what was read (bytes, chunks, files).
+          per_process: Which copy of per-process values (a multi-process run's iterator
+            states) to restore: None, ``k`` or ``"all"``, as for :func:`keepax.restore`.
 
         Raises:
           CheckpointNotFoundError: No such step (the message lists those held).
           TreeMismatchError: ``like`` does not match the step.
           ManagerClosedError: The manager is closed.
+          KeepaxError: A per-process value saved by another number of processes, and
+            ``per_process`` does not say which copy to take (the error names the leaf).
         """
-        self._check_open()
-        self._settle()
+        self._parts.check_open()
+        self._engine.wait()
         if discard_newer is None:
             discard_newer = self._opts.discard_newer
         if discard_newer:
-            self._check_writable("restore(discard_newer=True)")
+            self._parts.check_writable("restore(discard_newer=True)")
         record = self._index.resolve(step, self._opts.best)
-        try:
-            opened = self._open(record)
-            names = stateful.item_names(opened.info, items)
-            result = stateful.restore_tree(opened, like, names, partial, dtype, stats)
-        except KeepaxError as e:
-            if e.step is None:
-                e.step = record.step
-            raise
+        result = stateful.restore_step(record.path, record.step, self._opts.storage_options, like,
+                                       items, partial, dtype, stats, per_process)
         if discard_newer:
-            newer = [r for s, r in sorted(self._index.held().items()) if s > record.step]
-            self._retention.discard(newer, raise_now=True)
+            self._parts.discard_after(record.step)
         return result
 
     def restore_or_initialize(self, init_state: Any, *, partial: bool = False,
@@ -476,22 +419,19 @@ class CheckpointManager:
             return init_state, None
         return self.restore(latest, init_state, partial=partial, dtype=dtype), latest
 
-    def _open(self, record: StepInfo) -> checkpoint.Checkpoint:
-        return checkpoint.open_checkpoint(record.path, storage_options=self._opts.storage_options)
-
     # -- deleting, background work and lifetime ----------------------------------------------
 
     def delete(self, step: int) -> None:
         """Deletes a step (its files are removed in the background; see
         :meth:`wait_until_finished`)."""
-        self._check_writable("delete")
-        self._settle()
-        self._retention.discard([self._index.get(step)], raise_now=True)
+        self._parts.check_writable("delete")
+        self._engine.wait()
+        self._parts.retention.discard([self._index.get(step)], raise_now=True)
 
     def wait_until_finished(self) -> None:
         """Waits for saves in flight to be committed and for background deletions; raises the
         errors of background work."""
-        self._settle()
+        self._engine.wait()
         self._background.wait()
         self.check_for_errors()
 
@@ -507,108 +447,16 @@ class CheckpointManager:
     def close(self) -> None:
         """Waits for saves in flight and background deletions, releases the directory lock
         and the signal handlers, then raises any background error. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._settle()
-            self._background.wait()
-            self._background.shutdown()
-        finally:
-            self._finalizer()
-        self.check_for_errors()
+        self._parts.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception as error:  # noqa: BLE001 - attached to the exception in flight
-            exc.add_note(f"and closing the CheckpointManager failed too: {error!r}")
+        self._parts.close(exc)
 
     def __repr__(self) -> str:
         steps = self.all_steps()
         shown = f"{len(steps)} steps" + (f", latest {steps[-1]}" if steps else "")
         mode = ", read_only" if self._opts.read_only else ""
         return f"CheckpointManager({self._directory!r}: {shown}{mode})"
-
-    # -- internals ---------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ManagerClosedError("this CheckpointManager is closed; build a new one",
-                                     path=self._where)
-
-    def _check_writable(self, what: str) -> None:
-        self._check_open()
-        if self._opts.read_only:
-            raise KeepaxError(f"{what} needs a writable manager; this one was opened with "
-                              "read_only=True", path=self._where)
-
-    def _scan(self) -> None:
-        """Lists the directory and reads the steps not read before (after the saves this
-        process has in flight into it, by this manager or another)."""
-        async_engine.wait_for(self._key)
-        found, newer = self._processes.committed_everywhere(self._index.scan())
-        self._retention.discard_newer(newer, delete=self._opts.discard_newer
-                                      and not self._opts.read_only)
-        self._index.reset(found)
-        if getattr(self, "_store", None) is not None:
-            for name in sorted({r.name for r in found.values()} - self._tracked):
-                self._store.track(name)  # type: ignore[union-attr]
-                self._tracked.add(name)
-
-    def _open_store(self, writer: bool) -> ChunkStore | None:
-        """The chunk store's bookkeeping, where this process manages one: a single-process
-        writer, with ``incremental`` or a store already in the directory (whose references
-        retention must then respect)."""
-        self._tracked: set[str] = set()
-        if not writer or self._processes.multi or self._opts.host_local:
-            return None
-        if not (self._opts.incremental or self._storage.exists(STORE_DIR)):
-            return None
-        store = ChunkStore(self._storage)
-        self._retention.store = store
-        return store
-
-
-def _check_event(name: str) -> None:
-    if name not in policies.LIFECYCLE_EVENTS:
-        raise PolicyError(
-            f"unknown event {name!r}; the lifecycle events are: "
-            f"{', '.join(sorted(policies.LIFECYCLE_EVENTS))}."
-        )
-
-
-def _open_storage(directory: str, options: Options) -> Storage:
-    """The manager directory's storage; a local directory is created if missing."""
-    try:
-        storage = open_root(directory, options.storage_options)
-    except ValueError as e:
-        raise PolicyError(str(e)) from None
-    if isinstance(storage, LocalStorage) and not storage.is_dir(""):
-        if options.read_only:
-            raise CheckpointNotFoundError("the manager directory does not exist",
-                                          path=storage.display(""))
-        # Storage has no "make directory" (object stores and memory need none); a local
-        # manager directory is made here, so that its lock file can be created in it.
-        os.makedirs(storage.root, exist_ok=True)
-    return storage
-
-
-def _storage_key(storage: Storage, where: str) -> str:
-    """What the async engine knows the directory by (its real path, for a local one)."""
-    root = getattr(storage, "root", None)
-    return os.path.realpath(root) if isinstance(root, str) else where
-
-
-def _release(lock: DirectoryLock, preemption: Preemption) -> None:
-    """Releases what a manager holds (also when it is garbage-collected unclosed)."""
-    try:
-        preemption.uninstall()
-    finally:
-        lock.release()

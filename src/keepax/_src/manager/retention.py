@@ -205,8 +205,15 @@ class Retention:
     def remove_leftovers(self, grace: float) -> None:
         """Removes what interrupted saves and deletions left, once nothing in it has changed
         for ``grace`` seconds: staging and trash directories (``*.keepax-*``) and, on object
-        stores (marker commits), step directories without a commit marker. Storages that keep
-        no modification times (in-memory) are left as they are."""
+        stores (marker commits), step directories without a commit marker and multipart
+        uploads that a killed save left unfinished under the directory (started ``grace``
+        seconds ago or more). Storages that keep no modification times (in-memory) are left
+        as they are. A failure to remove is a warning."""
+        try:
+            self._storage.abort_uploads("", older_than=grace)
+        except OSError as e:
+            warnings.warn(f"could not abort the unfinished uploads under "
+                          f"{self._storage.display('')}: {e}", KeepaxWarning, stacklevel=5)
         now = time.time()
         marker = not self._storage.atomic_rename
         for name in self._storage.list(""):
@@ -222,4 +229,4 @@ class Retention:
                 self._storage.delete(name)
             except OSError as e:
                 warnings.warn(f"could not remove the leftover {self._storage.display(name)}: {e}",
-                              KeepaxWarning, stacklevel=3)
+                              KeepaxWarning, stacklevel=5)

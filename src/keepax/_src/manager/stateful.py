@@ -9,10 +9,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from keepax._src import checkpoint
+from keepax._src.checkpoint.per_process import PerProcessChoice
 from keepax._src.checkpoint.stateful import is_stateful, state_tree
 from keepax.errors import KeepaxError
 
-__all__ = ["is_stateful", "item_names", "restore_tree", "state_tree"]
+__all__ = ["is_stateful", "item_names", "restore_step", "restore_tree", "state_tree"]
 
 
 def item_names(info: checkpoint.CheckpointInfo, items: Any) -> list[str] | None:
@@ -54,6 +55,21 @@ def _pick_items(like: Any, names: list[str], where: str) -> dict[str, Any]:
     return {n: like[n] for n in names}
 
 
+def restore_step(path: str, step: int, storage_options: dict[str, Any] | None, like: Any,
+                 items: Any, partial: bool, dtype: Any, stats: checkpoint.RestoreStats | None,
+                 per_process: PerProcessChoice) -> Any:
+    """Opens step ``step`` at ``path`` (its manifest is read once) and restores it as
+    :meth:`CheckpointManager.restore` says; an error raised names the step."""
+    try:
+        opened = checkpoint.open_checkpoint(path, storage_options=storage_options)
+        names = item_names(opened.info, items)
+        return restore_tree(opened, like, names, partial, dtype, stats, per_process)
+    except KeepaxError as e:
+        if e.step is None:
+            e.step = step
+        raise
+
+
 def restore_tree(
     opened: checkpoint.Checkpoint,
     like: Any,
@@ -61,16 +77,20 @@ def restore_tree(
     partial: bool,
     dtype: Any,
     stats: checkpoint.RestoreStats | None,
+    per_process: PerProcessChoice = None,
 ) -> Any:
     """Restores a step from its opened checkpoint (its manifest is not read again), the
     ``items`` it names only.
 
     Stateful objects in ``like`` get ``set_state`` with their saved state, exactly as stored
-    (never cast); everything else is restored as :func:`keepax.restore` does.
+    (never cast); everything else is restored as :func:`keepax.restore` does. ``per_process``
+    picks the copy of per-process values (stateful objects' states included) as for
+    :func:`keepax.restore`.
     """
     select = [(n,) for n in items] if items is not None else None
     if like is None:
-        return opened.restore(select=select, dtype=dtype, stats=stats)
+        return opened.restore(select=select, dtype=dtype, stats=stats, per_process=per_process)
     if items is not None:
         like = _pick_items(like, items, opened.info.path)
-    return opened.restore(like, select=select, partial=partial, dtype=dtype, stats=stats)
+    return opened.restore(like, select=select, partial=partial, dtype=dtype, stats=stats,
+                          per_process=per_process)

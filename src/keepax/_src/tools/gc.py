@@ -7,7 +7,11 @@ Two kinds of things go:
   them changed for the grace period (younger ones may belong to a save in progress; storages
   that keep no times, such as ``memory://``, are never judged old);
 - *steps* that the keep policies no longer keep (``policies.plan``: the newest committed step
-  is always kept, superseded temporaries go).
+  is always kept, superseded temporaries go);
+- *uploads*: on S3, multipart uploads that a killed save left unfinished under the directory
+  (invisible but stored and billed), started at least the grace period ago;
+- *store* files: files of the chunk store of incremental saves that no readable step refers
+  to, unchanged for the grace period.
 
 Steps a manager cannot read (foreign files, damaged steps) are listed and never touched. keepax
 does not store a directory's keep policies with it: pass the ones the run uses (``keep=``, or
@@ -29,9 +33,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from keepax import policies
+from keepax._src.checkpoint.incremental import STORE_DATA, ChunkStore
 from keepax._src.commit import protocol
 from keepax._src.format.spec import STORE_DIR
-from keepax._src.io import is_hidden_name, open_root
+from keepax._src.io import Storage, is_hidden_name, open_root
 from keepax._src.io.lock import LOCK_NAME
 from keepax._src.manager.manager import CheckpointManager
 from keepax._src.tools import _common
@@ -48,7 +53,8 @@ class GcItem:
 
     Attributes:
       name: Its name in the directory.
-      kind: ``leftover`` (staging/trash/unfinished), ``step`` or ``unreadable``.
+      kind: ``leftover`` (staging/trash/unfinished), ``step``, ``upload`` (an unfinished
+        multipart upload), ``store`` (an unreferenced chunk store file) or ``unreadable``.
       step: The step, for steps.
       reason: Why it goes (or stays).
       age: Seconds since anything in it changed, where the storage keeps times.
@@ -93,7 +99,8 @@ def _leftovers(directory: str, grace: float, now: float,
                options: dict[str, Any] | None) -> tuple[list[GcItem], list[GcItem]]:
     """(old leftovers to remove, young or undated ones to leave)."""
     storage = open_root(directory, options)
-    remove, left = [], []
+    remove: list[GcItem] = []
+    left: list[GcItem] = []
     marker = not storage.atomic_rename
     for name in storage.list(""):
         if name.startswith(LOCK_NAME) or name == STORE_DIR:
@@ -102,17 +109,46 @@ def _leftovers(directory: str, grace: float, now: float,
         if not (is_hidden_name(name) or unfinished):
             continue
         what = "unfinished save (no commit marker)" if unfinished else "staging or trash"
-        modified = storage.modified(name)
-        if modified is None:
-            left.append(GcItem(name, "leftover", None, f"{what}; age unknown on this storage"))
-            continue
-        age = max(0.0, now - modified)
-        if age < grace:
-            left.append(GcItem(name, "leftover", None,
-                               f"{what}, changed {age:.0f} s ago (grace {grace:.0f} s)", age))
-        else:
-            remove.append(GcItem(name, "leftover", None, f"{what}, unchanged for {age:.0f} s",
-                                 age))
+        _aged(name, "leftover", what, storage.modified(name), grace, now, remove, left)
+    return remove, left
+
+
+def _aged(name: str, kind: str, what: str, modified: float | None, grace: float, now: float,
+          remove: list[GcItem], left: list[GcItem], *, unknown_goes: bool = False) -> None:
+    """Files ``name`` under ``remove`` if unchanged for ``grace`` seconds, else under ``left``
+    (of unknown age: ``remove`` if ``unknown_goes``)."""
+    if modified is None:
+        (remove if unknown_goes else left).append(
+            GcItem(name, kind, None, f"{what}; age unknown on this storage"))
+        return
+    age = max(0.0, now - modified)
+    if age < grace:
+        left.append(GcItem(name, kind, None,
+                           f"{what}, changed {age:.0f} s ago (grace {grace:.0f} s)", age))
+    else:
+        remove.append(GcItem(name, kind, None, f"{what}, unchanged for {age:.0f} s", age))
+
+
+def _uploads_and_store(storage: Storage, steps: Iterable[str], grace: float, now: float
+                       ) -> tuple[list[GcItem], list[GcItem]]:
+    """(unfinished uploads and unreferenced store files to remove, those to leave): what a
+    manager start aborts (uploads of unknown age too) and collects."""
+    remove: list[GcItem] = []
+    left: list[GcItem] = []
+    for name, started in storage.uploads(""):
+        _aged(name, "upload", "unfinished multipart upload", started, grace, now, remove,
+              left, unknown_goes=True)
+    if not storage.exists(STORE_DATA):
+        return remove, left
+    store = ChunkStore(storage)
+    for name in steps:
+        store.track(name)
+    live = store.referenced()
+    for base in storage.list(STORE_DATA):
+        name = f"{STORE_DATA}/{base}"
+        if name not in live:
+            _aged(name, "store", "chunk store file no step refers to", storage.modified(name),
+                  grace, now, remove, left)
     return remove, left
 
 
@@ -162,7 +198,8 @@ def gc(
     policies_ = _keep_policies(keep, config)
     if not (isinstance(grace, int | float) and grace >= 0):
         raise PolicyError(f"grace must be a non-negative number of seconds, got {grace!r}")
-    remove, left = _leftovers(directory, grace, time.time(), storage_options)
+    now = time.time()
+    remove, left = _leftovers(directory, grace, now, storage_options)
     with warnings.catch_warnings():
         # Entries that are not readable steps are reported below, not warned about.
         warnings.simplefilter("ignore")
@@ -176,7 +213,10 @@ def gc(
         if name not in seen and not name.startswith(LOCK_NAME) and name != STORE_DIR:
             left.append(GcItem(name, "unreadable", None,
                                "not a readable step of a manager; never removed"))
-    remove += [GcItem(names[s], "step", s, "not kept by the keep policies") for s in plan.delete]
+    more, young = _uploads_and_store(storage, names.values(), grace, now)
+    remove += more + [GcItem(names[s], "step", s, "not kept by the keep policies")
+                      for s in plan.delete]
+    left += young
     keep_reasons = {s: plan.reasons[s] for s in plan.keep}
     if apply and remove:
         _apply(directory, policies_, grace, [i.step for i in remove if i.kind == "step"],
@@ -187,8 +227,9 @@ def gc(
 
 def _apply(directory: str, keep: Sequence[Any], grace: float, steps: Sequence[int | None],
            storage_options: dict[str, Any] | None) -> None:
-    """Removes through a manager: its construction removes leftovers older than ``grace``;
-    steps are deleted only if the keep policies still drop them."""
+    """Removes through a manager: its construction removes leftovers, unfinished uploads and
+    unreferenced store files older than ``grace``; steps are deleted only if the keep policies
+    still drop them."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with CheckpointManager(directory, keep=keep, staging_grace=grace, async_save=False,
@@ -218,9 +259,10 @@ def add_gc_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Adds ``keepax gc DIR [--apply] [--keep-last N] [--keep-every K] [--keep-best ...]``."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "gc", help="show (or --apply) what a manager would clean in a run directory",
-        description="Dry run by default: list leftovers of interrupted saves older than the "
-                    "grace period and steps the keep policies drop; --apply removes them. The "
-                    "newest step and unreadable entries are never removed.")
+        description="Dry run by default: list leftovers of interrupted saves (staging, "
+                    "unfinished multipart uploads, unreferenced chunk store files) older than "
+                    "the grace period and steps the keep policies drop; --apply removes them. "
+                    "The newest step and unreadable entries are never removed.")
     parser.add_argument("directory", help="manager directory or URL")
     parser.add_argument("--apply", action="store_true", help="remove (default: dry run)")
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE,

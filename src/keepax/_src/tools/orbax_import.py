@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,17 +35,19 @@ from typing import Any
 import numpy as np
 
 from keepax._src import checkpoint
-from keepax._src.io import Storage, is_hidden_name, open_root
+from keepax._src.io import open_root
+from keepax._src.manager.foreign import (
+    ORBAX_STEP_RE,
+    ORBAX_TMP_TAG,
+    looks_like_orbax_dir,
+    orbax_directory_error,
+)
 from keepax._src.tools import _common
 from keepax.errors import CheckpointExistsError, KeepaxError
 
 __all__ = ["import_orbax", "ImportResult", "looks_like_orbax_dir", "orbax_directory_error",
            "add_import_orbax_parser", "run_import_orbax"]
 
-_ORBAX_FILES = frozenset({"_CHECKPOINT_METADATA", "_METADATA", "commit_success.txt",
-                          "manifest.ocdbt"})
-_STEP_RE = re.compile(r"^(?:.*_)?(\d+)$")
-_TMP_TAG = ".orbax-checkpoint-tmp"
 _METRICS_ITEM = "metrics"
 _BATCH_BYTES = 16 << 20
 _TRIM_BYTES = 1 << 20
@@ -60,56 +61,6 @@ def _orbax() -> Any:
             "importing Orbax checkpoints needs orbax-checkpoint: pip install keepax[orbax]"
         ) from e
     return ocp
-
-
-# ---------------------------------------------------------------------------------------------
-# Recognising Orbax directories (no Orbax needed).
-
-
-def looks_like_orbax_dir(where: Storage | str, storage_options: dict[str, Any] | None = None
-                         ) -> bool:
-    """Whether a directory holds Orbax checkpoints: is one, or has Orbax step directories.
-
-    Cheap (a listing and at most three step directories) and needs no Orbax, so a
-    ``CheckpointManager`` that finds no keepax steps can call it to explain why.
-
-    Args:
-      where: A storage rooted at the directory, or its path or URL.
-      storage_options: For a URL, as for :func:`keepax.save`.
-    """
-    storage = where if isinstance(where, Storage) else open_root(where, storage_options)
-    try:
-        names = storage.list("")
-    except OSError:
-        return False
-    if _ORBAX_FILES & set(names):
-        return True
-    checked = 0
-    for name in names:
-        if is_hidden_name(name) or _TMP_TAG in name or not _STEP_RE.match(name):
-            continue
-        try:
-            if not storage.is_dir(name):
-                continue
-            entries = storage.list(name)
-            if _ORBAX_FILES & set(entries) or any(
-                    storage.exists(f"{name}/{e}/_METADATA") for e in entries[:8]):
-                return True
-        except OSError:
-            pass
-        checked += 1
-        if checked >= 3:
-            break
-    return False
-
-
-def orbax_directory_error(where: str) -> KeepaxError:
-    """The error a manager raises on a directory holding Orbax steps and no keepax steps."""
-    return KeepaxError(
-        "this directory holds Orbax checkpoints and no keepax steps; import them first with "
-        f"`keepax import-orbax {where} NEW_DIR` (or keepax.import_orbax), then open NEW_DIR",
-        path=where,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +291,7 @@ def _step_items(ocp: Any, directory: str) -> tuple[dict[str, _Item], dict[str, A
     plain: dict[str, Any] = {}
     for name in sorted(os.listdir(directory)):
         sub = os.path.join(directory, name)
-        if not os.path.isdir(sub) or name == _METRICS_ITEM or _TMP_TAG in name:
+        if not os.path.isdir(sub) or name == _METRICS_ITEM or ORBAX_TMP_TAG in name:
             continue
         if _is_pytree(sub):
             pytrees[name] = _Item(ocp, sub)
@@ -368,9 +319,9 @@ def _metrics(directory: str) -> dict[str, Any]:
 def _orbax_steps(directory: str) -> dict[int, str]:
     steps: dict[int, str] = {}
     for name in os.listdir(directory):
-        match = _STEP_RE.match(name)
+        match = ORBAX_STEP_RE.match(name)
         full = os.path.join(directory, name)
-        if match and _TMP_TAG not in name and os.path.isdir(full) and not _is_pytree(full):
+        if match and ORBAX_TMP_TAG not in name and os.path.isdir(full) and not _is_pytree(full):
             steps.setdefault(int(match.group(1)), full)
     return steps
 
