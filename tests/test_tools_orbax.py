@@ -173,6 +173,39 @@ def test_not_orbax(tmp_path):
         import_orbax(str(tmp_path), str(tmp_path / "out"))
 
 
+def test_orbax_cannot_read_s3(tmp_path, s3, monkeypatch):
+    """Orbax itself cannot restore a checkpoint from S3 (why import-orbax wants local disk):
+    should a later Orbax read s3://, this fails and import-orbax can take URLs."""
+    src = str(tmp_path / "orbax")
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(src, {"a": np.arange(4.0)})
+    client = s3.client()
+    for base, _, names in os.walk(src):
+        for name in names:
+            full = os.path.join(base, name)
+            client.upload_file(full, s3.bucket, "ck/" + os.path.relpath(full, src))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    with pytest.raises(ValueError, match="absolute|local file"):
+        ocp.PyTreeCheckpointer().restore(f"{s3.url}/ck")
+
+
+def test_remote_source_says_copy_locally(tmp_path, capsys):
+    import argparse
+
+    from keepax._src.tools.orbax_import import add_import_orbax_parser
+
+    with pytest.raises(KeepaxError, match=r"cannot read s3://.*aws s3 cp --recursive"):
+        import_orbax("s3://bucket/orbax/10", str(tmp_path / "k"))
+    with pytest.raises(KeepaxError, match="local disk only"):
+        import_orbax("gs://bucket/orbax", str(tmp_path / "k"))
+    parser = argparse.ArgumentParser()
+    add_import_orbax_parser(parser.add_subparsers())
+    args = parser.parse_args(["import-orbax", "s3://bucket/run", str(tmp_path / "k")])
+    assert args.run(args) == 2
+    err = capsys.readouterr().err
+    assert "copy the Orbax checkpoint to local disk first" in err and "s3://bucket/run" in err
+
+
 def test_without_orbax_installed(tmp_path):
     code = textwrap.dedent(f"""
         import sys

@@ -461,6 +461,18 @@ def _split_metrics(raw: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+def _remote_source_error(src: str) -> KeepaxError:
+    """Why an Orbax checkpoint at a URL is not imported, and what to do instead."""
+    if src.split("://", 1)[0] in ("s3", "s3a"):
+        why = ("orbax-checkpoint 0.12 cannot read s3:// checkpoints (it opens their arrays "
+               "with tensorstore's local file driver, and cannot write them either)")
+        how = f"`aws s3 cp --recursive {src} LOCAL_DIR`"
+    else:
+        why, how = "keepax imports Orbax checkpoints from local disk only", "rclone or gsutil"
+    return KeepaxError(f"{why}; copy the Orbax checkpoint to local disk first ({how}), then run "
+                       "`keepax import-orbax LOCAL_DIR DST` (DST may be a URL)", path=src)
+
+
 def import_orbax(
     src: str,
     dst: str,
@@ -475,7 +487,8 @@ def import_orbax(
     """Imports an Orbax checkpoint or Orbax ``CheckpointManager`` directory (module docs).
 
     Args:
-      src: A local Orbax checkpoint, manager step, or manager directory.
+      src: A local Orbax checkpoint, manager step, or manager directory (not a URL: Orbax
+        0.12 cannot read s3://, so copy such a checkpoint to local disk first).
       dst: The keepax checkpoint to write (for a checkpoint or a step), or the keepax manager
         directory to fill (for a manager directory); any path or URL keepax saves to.
       steps: Manager directories: import only these steps.
@@ -491,14 +504,17 @@ def import_orbax(
 
     Raises:
       KeepaxError: Orbax is not installed (the message says ``pip install keepax[orbax]``),
-        ``src`` is not an Orbax checkpoint, or an item is of a kind keepax cannot import.
+        ``src`` is a URL (copy it to local disk first) or not an Orbax checkpoint, or an item
+        is of a kind keepax cannot import.
       CheckpointExistsError: a destination checkpoint exists and ``overwrite`` is false.
     """
-    ocp = _orbax()
     src = os.fspath(src).removeprefix("file://")
+    if "://" in src:
+        raise _remote_source_error(src)
+    ocp = _orbax()
     if not os.path.isdir(src):
-        raise KeepaxError("not a local directory; import Orbax checkpoints from local disk (copy "
-                          "them first)", path=src)
+        raise KeepaxError("not a local directory; import Orbax checkpoints from local disk",
+                          path=src)
     info = {"source": os.path.abspath(src)}
     if _is_pytree(src):
         item = _Item(ocp, src)
@@ -625,7 +641,8 @@ def add_import_orbax_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Import an Orbax checkpoint (into a keepax checkpoint) or a whole Orbax "
                     "CheckpointManager directory (into a keepax manager directory with the "
                     "same steps and metrics). Needs pip install keepax[orbax].")
-    parser.add_argument("src", help="local Orbax checkpoint or manager directory")
+    parser.add_argument("src", help="local Orbax checkpoint or manager directory (copy one "
+                                    "on S3 to local disk first: Orbax cannot read s3://)")
     parser.add_argument("dst", help="keepax checkpoint, or manager directory (path or URL)")
     parser.add_argument("--step", type=int, action="append", dest="steps", metavar="N",
                         help="import only step N (repeatable)")
