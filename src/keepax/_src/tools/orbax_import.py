@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -244,7 +245,7 @@ class _Loader:
 
     def _batch(self, first: int) -> list[int]:
         out, size = [first], self.leaves[first].nbytes
-        for j in self.order[self.position[first] + 1:]:
+        for j in itertools.islice(self.order, self.position[first] + 1, None):
             nbytes = self.leaves[j].nbytes
             if self.leaves[j].item != self.leaves[first].item or size + nbytes > self.batch_bytes:
                 break
