@@ -166,6 +166,17 @@ def test_single_step_and_selected_steps(tmp_path):
         import_orbax(os.path.join(src, "10"), str(tmp_path / "one"))
 
 
+def test_relative_source_path(tmp_path, monkeypatch):
+    """Orbax reads no metadata through a relative path: the import must not come out empty."""
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(str(tmp_path / "orbax"), {"w": np.arange(6.0).reshape(2, 3)})
+    monkeypatch.chdir(tmp_path)
+    result = import_orbax("orbax", "k")
+    assert result.nbytes == 48
+    np.testing.assert_array_equal(keepax.restore(str(tmp_path / "k"))["w"],
+                                  np.arange(6.0).reshape(2, 3))
+
+
 def test_not_orbax(tmp_path):
     keepax.save(str(tmp_path / "k"), {"a": np.ones(2)})
     assert not looks_like_orbax_dir(str(tmp_path))

@@ -147,6 +147,9 @@ class _Item:
         metadata = self.checkpointer.metadata(directory)
         tree = getattr(metadata, "item_metadata", metadata)
         tree = getattr(tree, "tree", tree)
+        if tree is None:
+            raise KeepaxError("Orbax finds no tree metadata in this checkpoint (written by an "
+                              "Orbax too old to record it?); nothing imported", path=directory)
         self.metas, self.treedef = jax.tree_util.tree_flatten(tree)
 
     def is_array(self, i: int) -> bool:
@@ -516,6 +519,7 @@ def import_orbax(
     if not os.path.isdir(src):
         raise KeepaxError("not a local directory; import Orbax checkpoints from local disk",
                           path=src)
+    src = os.path.abspath(src)  # Orbax reads no metadata through a relative path
     info = {"source": os.path.abspath(src)}
     if _is_pytree(src):
         item = _Item(ocp, src)
