@@ -100,8 +100,8 @@ class Progress:
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm  # noqa: PLC0415 - only on a terminal
 
-            scaled = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
-            self._bar = tqdm(total=0, unit=unit, desc=description, file=sys.stderr, **scaled)
+            self._bar = tqdm(total=0, unit=unit, desc=description, file=sys.stderr,
+                             unit_scale=unit == "B", unit_divisor=1024)
 
     def __call__(self, done: int, total: int) -> None:
         if self._bar is None:
