@@ -4,7 +4,8 @@ restore and ``safetensors.numpy.save_file`` of the same state.
 
 For a train-state-like tree of float32 arrays (``--gib`` in all, leaves of 1-32 MiB), each run
 happens in a fresh process that reports its wall time and its peak extra resident memory
-(``VmHWM`` minus the resident size just before the timed work):
+(``VmHWM`` minus the resident size just before the timed work, the peak reset there by writing
+5 to ``/proc/self/clear_refs``):
 
 - ``orbax restore``: ``StandardCheckpointer().restore`` of the Orbax checkpoint (as NumPy);
 - ``keepax import-orbax``: ``import_orbax`` of the same checkpoint into a new keepax one;
@@ -49,12 +50,18 @@ _CHILD = textwrap.dedent("""
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) * 1024
 
+    def start():
+        # The resident size now, and the peak reset to it: what came before is not counted.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return psutil.Process().memory_info().rss
+
     if mode == "orbax_restore":
         import orbax.checkpoint as ocp
         ck = ocp.StandardCheckpointer()
         meta = ck.metadata(src).item_metadata.tree
         args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in meta}
-        base = psutil.Process().memory_info().rss
+        base = start()
         began = time.perf_counter()
         out = ocp.PyTreeCheckpointer().restore(
             src, args=ocp.args.PyTreeRestore(restore_args=args))
@@ -62,7 +69,7 @@ _CHILD = textwrap.dedent("""
     elif mode == "keepax_import":
         import orbax.checkpoint
         from keepax._src.tools.orbax_import import import_orbax
-        base = psutil.Process().memory_info().rss
+        base = start()
         began = time.perf_counter()
         import_orbax(src, dst)
         seconds = time.perf_counter() - began
@@ -70,13 +77,13 @@ _CHILD = textwrap.dedent("""
         import keepax
         from safetensors.numpy import save_file
         state = keepax.restore(src)
-        base = psutil.Process().memory_info().rss
+        base = start()
         began = time.perf_counter()
         save_file(state, os.path.join(dst, "model.safetensors"))
         seconds = time.perf_counter() - began
     elif mode == "keepax_export":
         from keepax._src.tools.export import export
-        base = psutil.Process().memory_info().rss
+        base = start()
         began = time.perf_counter()
         export(src, dst)
         seconds = time.perf_counter() - began
@@ -107,8 +114,10 @@ def make_state(gib: float) -> dict[str, Any]:
     return state
 
 
-def run_child(mode: str, src: str, dst: str) -> dict[str, float]:
+def run_child(mode: str, src: str, dst: str, mmap_threshold: int | None) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "src"), "JAX_PLATFORMS": "cpu"}
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     proc = subprocess.run([sys.executable, "-c", _CHILD, mode, src, dst], capture_output=True,
                           text=True, env=env, timeout=1800)
     if proc.returncode != 0:
@@ -121,6 +130,10 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0, help="state size in GiB")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", help="work directory (default: a temporary one)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
+                        help="set glibc's MALLOC_MMAP_THRESHOLD_ in the measured processes "
+                             "(e.g. 1048576): freed leaves go back to the system at once, so "
+                             "the peak shows what is held rather than what malloc keeps")
     args = parser.parse_args()
     work = args.dir or tempfile.mkdtemp(prefix="keepax-bench-tools-")
     os.makedirs(work, exist_ok=True)
@@ -132,11 +145,14 @@ def main() -> None:
     state = make_state(args.gib)
     nbytes = sum(v.nbytes for v in state.values())
     orbax_path, keepax_path = os.path.join(work, "orbax"), os.path.join(work, "keepax")
-    for path in (orbax_path, keepax_path):
-        shutil.rmtree(path, ignore_errors=True)
-    with ocp.StandardCheckpointer() as ck:
-        ck.save(orbax_path, state)
-    keepax.save(keepax_path, state)
+    if not args.dir:
+        for path in (orbax_path, keepax_path):
+            shutil.rmtree(path, ignore_errors=True)
+    if not os.path.exists(os.path.join(orbax_path, "_CHECKPOINT_METADATA")):
+        with ocp.StandardCheckpointer() as ck:
+            ck.save(orbax_path, state)
+    if not os.path.exists(keepax_path):
+        keepax.save(keepax_path, state)
     del state
     results: dict[str, list[dict[str, float]]] = {m: [] for m in SYSTEMS}
     modes = list(SYSTEMS)
@@ -147,7 +163,7 @@ def main() -> None:
             if mode == "safetensors_save":
                 os.makedirs(dst)
             src = orbax_path if mode in ("orbax_restore", "keepax_import") else keepax_path
-            results[mode].append(run_child(mode, src, dst))
+            results[mode].append(run_child(mode, src, dst, args.malloc_mmap_threshold))
             shutil.rmtree(dst, ignore_errors=True)
     summary = {
         mode: {"seconds": statistics.median(r["seconds"] for r in runs),
@@ -156,7 +172,8 @@ def main() -> None:
                "runs": runs}
         for mode, runs in results.items()
     }
-    doc = {"state_bytes": nbytes, "repeats": args.repeats, "results": summary}
+    doc = {"state_bytes": nbytes, "repeats": args.repeats,
+           "malloc_mmap_threshold": args.malloc_mmap_threshold, "results": summary}
     with open(os.path.join(work, "tools.json"), "w") as f:
         json.dump(doc, f, indent=2)
     print(json.dumps(doc, indent=2))

@@ -88,24 +88,28 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
 
 
 class Progress:
-    """A tqdm byte counter on a terminal (stderr), nothing on a pipe or with ``quiet``.
+    """A tqdm bar on a terminal (stderr), nothing on a pipe or with ``quiet``.
 
-    Use as a context manager; call it with ``(done, total)``, as ``Checkpoint.verify`` calls
-    its ``progress`` argument.
+    Counts bytes by default, or other things (``unit="leaf"``). Use as a context manager;
+    call it with ``(done, total)``, as ``Checkpoint.verify`` calls its ``progress``
+    argument. A ``done`` below the last one (the next of several checkpoints) starts over.
     """
 
-    def __init__(self, description: str, *, quiet: bool = False) -> None:
+    def __init__(self, description: str, *, quiet: bool = False, unit: str = "B") -> None:
         self._bar: Any = None
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm  # noqa: PLC0415 - only on a terminal
 
-            self._bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=description, file=sys.stderr)
+            self._bar = tqdm(total=0, unit=unit, desc=description, file=sys.stderr,
+                             unit_scale=unit == "B", unit_divisor=1024)
 
     def __call__(self, done: int, total: int) -> None:
-        if self._bar is not None:
-            self._bar.total = total
-            self._bar.update(done - self._bar.n)
+        if self._bar is None:
+            return
+        if done < self._bar.n:
+            self._bar.reset(total=total)
+        self._bar.total = total
+        self._bar.update(done - self._bar.n)
 
     def __enter__(self) -> Progress:
         return self

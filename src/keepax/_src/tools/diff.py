@@ -282,6 +282,8 @@ def diff(a: str, b: str, *, values: bool = False, progress: Any = None,
     for path, lb in leaves_b.items():
         if path not in leaves_a:
             out.append(LeafDiff(path, "added", b=_describe(lb)))
+            if progress is not None:
+                progress(len(out), total)
     return DiffResult(ck_a.path, ck_b.path, tuple(out), ck_a.metadata != ck_b.metadata)
 
 
@@ -329,7 +331,7 @@ def run_diff(args: argparse.Namespace) -> int:
     """Runs ``keepax diff``; exit 0 identical, 1 different, 2 error."""
 
     def body() -> int:
-        with _common.Progress("diff", quiet=args.quiet) as bar:
+        with _common.Progress("diff", quiet=args.quiet, unit="leaf") as bar:
             result = diff(args.a, args.b, values=args.values, progress=bar,
                           storage_options=_common.storage_options(args))
         if args.json:

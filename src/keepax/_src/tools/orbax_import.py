@@ -13,9 +13,10 @@ Sources:
 
 Values are read through Orbax's own restore (numpy arrays, bit-exact), a few leaves at a time
 (a batch of at most ``batch_bytes``, or one larger leaf), while the keepax checkpoint is being
-written: memory holds the leaves being written (at most one per writer thread) rather than the
-state. Dtypes come as Orbax stores them (bfloat16, int4, float8, ...; Orbax stores PRNG keys as
-their ``uint32`` key data). The saved named shardings are recorded in the keepax manifest.
+written, one data file after the other: memory holds the leaves of one batch (or one leaf) and
+at most one chunk (64 MiB) of the leaf before, rather than the state. Dtypes come as Orbax
+stores them (bfloat16, int4, float8, ...; Orbax stores PRNG keys as their ``uint32`` key data).
+The saved named shardings are recorded in the keepax manifest.
 
 Orbax is an optional extra: ``pip install keepax[orbax]``.
 """
@@ -25,16 +26,20 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import itertools
 import json
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from keepax._src import checkpoint
+from keepax._src.commit import protocol
+from keepax._src.format import datafiles
 from keepax._src.io import open_root
 from keepax._src.manager.foreign import (
     ORBAX_STEP_RE,
@@ -93,10 +98,19 @@ class _Item:
         metadata = self.checkpointer.metadata(directory)
         tree = getattr(metadata, "item_metadata", metadata)
         tree = getattr(tree, "tree", tree)
+        if tree is None:
+            raise KeepaxError("Orbax finds no tree metadata in this checkpoint (written by an "
+                              "Orbax too old to record it?); nothing imported", path=directory)
         self.metas, self.treedef = jax.tree_util.tree_flatten(tree)
 
     def is_array(self, i: int) -> bool:
         return type(self.metas[i]).__name__ == "ArrayMetadata"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the item's arrays, from its metadata."""
+        return sum(math.prod(int(d) for d in m.shape) * np.dtype(m.dtype).itemsize
+                   for i, m in enumerate(self.metas) if self.is_array(i))
 
     def restore(self, indices: Sequence[int]) -> dict[int, Any]:
         """Restores the given leaves (arrays as NumPy) with Orbax; the rest are skipped."""
@@ -162,67 +176,109 @@ _TRIM: Any = None
 
 
 class _Loader:
-    """Restores Orbax leaves on demand for the writer threads, a batch at a time, and forgets
-    each leaf once all its chunks were handed out."""
+    """Restores Orbax leaves for a writer that takes the chunks in their planned order.
 
-    def __init__(self, items: list[_Item], leaves: list[_Leaf], chunks: dict[int, int],
-                 batch_bytes: int) -> None:
-        self.items, self.leaves, self.batch_bytes = items, leaves, batch_bytes
-        self.left = dict(chunks)  # leaf -> chunks not yet handed out
+    Consecutive leaves of one item are restored together (a batch of at most ``batch_bytes``,
+    or one larger leaf) and forgotten once their last chunk was handed out. The last chunk of
+    a leaf cut into several chunks is handed out as a copy, so that the leaf itself is freed
+    then: while the next batch is restored, the writer holds at most that one chunk
+    (``CHUNK_BYTES``, 64 MiB) of what came before.
+    """
+
+    def __init__(self, items: list[_Item], leaves: list[_Leaf], sequence: Sequence[int],
+                 batch_bytes: int, report: Callable[[int], None]) -> None:
+        self.items, self.leaves, self.batch_bytes, self.report = items, leaves, batch_bytes, report
+        self.left: dict[int, int] = {}  # leaf -> chunks not yet handed out
+        for k in sequence:
+            self.left[k] = self.left.get(k, 0) + 1
+        self.order = list(self.left)  # leaves in the order their first chunk is written
+        self.position = {k: i for i, k in enumerate(self.order)}
         self.cache: dict[int, np.ndarray] = {}
-        self.lock = threading.Lock()
-        self.restoring = threading.Lock()  # one Orbax restore at a time
-        self.released: list[np.ndarray] = []
+        self.lock = threading.Lock()  # one caller at a time (a multi-process save's threads)
+        self.freed = 0
 
     def _batch(self, first: int) -> list[int]:
         out, size = [first], self.leaves[first].nbytes
-        j = first + 1
-        while j < len(self.leaves) and self.leaves[j].item == self.leaves[first].item:
+        for j in itertools.islice(self.order, self.position[first] + 1, None):
             nbytes = self.leaves[j].nbytes
-            if size + nbytes > self.batch_bytes:
+            if self.leaves[j].item != self.leaves[first].item or size + nbytes > self.batch_bytes:
                 break
-            if j not in self.cache and self.left.get(j):
+            if j not in self.cache:
                 out.append(j)
                 size += nbytes
-            j += 1
         return out
 
     def chunk(self, k: int, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
-        with self.restoring:
-            with self.lock:
-                array = self.cache.get(k)
-            if self.released:
-                self.released.clear()
-                _release_memory()
-            if array is None:
-                batch = self._batch(k)
-                leaf = self.leaves[k]
-                got = self.items[leaf.item].restore([self.leaves[j].index for j in batch])
-                with self.lock:
-                    for j in batch:
-                        self.cache[j] = np.asarray(got[self.leaves[j].index])
-                    array = self.cache[k]
-                del got
         with self.lock:
+            array = self.cache.get(k)
+            if array is None:
+                if self.freed >= _TRIM_BYTES:
+                    _release_memory()
+                    self.freed = 0
+                batch = self._batch(k)
+                got = self.items[self.leaves[k].item].restore(
+                    [self.leaves[j].index for j in batch])
+                for j in batch:
+                    self.cache[j] = np.asarray(got[self.leaves[j].index])
+                del got
+                array = self.cache[k]
+            leaf = self.leaves[k]
+            if array.shape != leaf.shape or array.dtype != leaf.dtype:
+                raise KeepaxError(f"Orbax restored {array.dtype}{list(array.shape)} where its "
+                                  f"metadata says {leaf.dtype}{list(leaf.shape)}",
+                                  path=self.items[leaf.item].directory)
             self.left[k] -= 1
-            done = self.left[k] <= 0
-            if done:
-                self.cache.pop(k, None)
-        leaf = self.leaves[k]
-        if done and leaf.nbytes >= _TRIM_BYTES:
-            self.released.append(array)  # trimmed once the writer let go of it
-        if array.shape != leaf.shape or array.dtype != leaf.dtype:
-            raise KeepaxError(f"Orbax restored {array.dtype}{list(array.shape)} where its "
-                              f"metadata says {leaf.dtype}{list(leaf.shape)}",
-                              path=self.items[leaf.item].directory)
-        return array[tuple(slice(s, s + n) for s, n in zip(start, shape))]
+            box = array[tuple(slice(s, s + n) for s, n in zip(start, shape))]
+            if self.left[k] <= 0:
+                del self.cache[k]
+                self.freed += leaf.nbytes
+                if box.shape != array.shape:
+                    box = box.copy()  # frees the whole leaf now, not when the next is read
+            del array
+        self.report(box.nbytes)
+        return box
+
+
+def _file_groups(sources: Sequence[Any]) -> list[list[Any]]:
+    """The chunks cut into at most 4 runs of consecutive chunks of about equal size (a data
+    file each, as a save writes them), so that writing one file after the other reads the
+    leaves in order."""
+    total = sum(s.nbytes for s in sources)
+    count = max(1, min(4, len(sources), math.ceil(total / datafiles.CHUNK_BYTES)))
+    groups: list[list[Any]] = [[] for _ in range(count)]
+    before = 0
+    for source in sources:
+        groups[min(count - 1, before * count // max(1, total))].append(source)
+        before += source.nbytes
+    return [g for g in groups if g]
+
+
+def _write_sequentially(prepared: Any, sources: list[Any]) -> None:
+    """Writes a prepared single-process save one data file after the other, on this thread
+    (``write_prepared`` writes files in parallel, each thread holding the leaf it writes)."""
+    storage = prepared.storage
+    with protocol.staged(storage, prepared.name, prepared.where,
+                         replace=prepared.overwrite) as staging:
+        files: list[Any] = []
+        chunks: dict[int, list[Any]] = {}
+        for g, group in enumerate(_file_groups(sources)):
+            got, placed = datafiles.write_data_files(storage, staging.path, group,
+                                                     prefix=f"p00000-{g}", max_files=1)
+            for leaf, pairs in placed.items():
+                chunks.setdefault(leaf, []).extend(
+                    (s, dataclasses.replace(c, file=c.file + len(files))) for s, c in pairs)
+            files += got
+        if files:
+            storage.sync_dir(f"{staging.path}/data")
+        manifest = prepared.plan.manifest(files, chunks, prepared.metadata, created=time.time())
+        protocol.commit(staging, manifest)
 
 
 def _write(path: str, items: dict[str, _Item], unwrap: bool, extra: dict[str, Any],
            metadata: dict[str, Any], overwrite: bool, batch_bytes: int,
-           storage_options: dict[str, Any] | None) -> int:
+           storage_options: dict[str, Any] | None, report: Callable[[int], None]) -> int:
     """Writes one keepax checkpoint from Orbax items (and ``extra`` plain values); returns
-    the bytes of array data."""
+    the bytes of array data. ``report`` is called with the bytes of each chunk read."""
     import jax  # noqa: PLC0415
 
     item_list = list(items.values())
@@ -255,17 +311,19 @@ def _write(path: str, items: dict[str, _Item], unwrap: bool, extra: dict[str, An
     for k, (_, _, _, fields) in plan.arrays.items():
         if k in by_index and leaves[by_index[k]].sharding:
             fields["sharding"] = leaves[by_index[k]].sharding
-    counts: dict[int, int] = {}
-    for source in plan.sources:
-        counts[by_index[source.leaf]] = counts.get(by_index[source.leaf], 0) + 1
-    loader = _Loader(item_list, leaves, counts, batch_bytes)
+    groups = _file_groups(plan.sources)
+    sequence = [by_index[s.leaf] for group in groups for s in group]
+    loader = _Loader(item_list, leaves, sequence, batch_bytes, report)
 
     def lazy(source: Any) -> Callable[[], np.ndarray]:
         leaf = by_index[source.leaf]
         return lambda: loader.chunk(leaf, source.start, source.shape)
 
     sources = [dataclasses.replace(s, data=lazy(s)) for s in plan.sources]
-    checkpoint.write_prepared(prepared, sources)
+    if prepared.coordinator is None and prepared.store is None:
+        _write_sequentially(prepared, sources)
+    else:  # a multi-process run: written as any save (its threads take turns in the loader)
+        checkpoint.write_prepared(prepared, sources)
     return sum(leaf.nbytes for leaf in leaves)
 
 
@@ -358,6 +416,18 @@ def _split_metrics(raw: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+def _remote_source_error(src: str) -> KeepaxError:
+    """Why an Orbax checkpoint at a URL is not imported, and what to do instead."""
+    if src.split("://", 1)[0] in ("s3", "s3a"):
+        why = ("orbax-checkpoint 0.12 cannot read s3:// checkpoints (it opens their arrays "
+               "with tensorstore's local file driver, and cannot write them either)")
+        how = f"`aws s3 cp --recursive {src} LOCAL_DIR`"
+    else:
+        why, how = "keepax imports Orbax checkpoints from local disk only", "rclone or gsutil"
+    return KeepaxError(f"{why}; copy the Orbax checkpoint to local disk first ({how}), then run "
+                       "`keepax import-orbax LOCAL_DIR DST` (DST may be a URL)", path=src)
+
+
 def import_orbax(
     src: str,
     dst: str,
@@ -372,7 +442,8 @@ def import_orbax(
     """Imports an Orbax checkpoint or Orbax ``CheckpointManager`` directory (module docs).
 
     Args:
-      src: A local Orbax checkpoint, manager step, or manager directory.
+      src: A local Orbax checkpoint, manager step, or manager directory (not a URL: Orbax
+        0.12 cannot read s3://, so copy such a checkpoint to local disk first).
       dst: The keepax checkpoint to write (for a checkpoint or a step), or the keepax manager
         directory to fill (for a manager directory); any path or URL keepax saves to.
       steps: Manager directories: import only these steps.
@@ -380,7 +451,7 @@ def import_orbax(
         its ``best_fn`` in code, not on disk) and record it in each step's metadata.
       overwrite: Replace existing keepax checkpoints at the destination.
       batch_bytes: Most bytes of small leaves restored by one Orbax call.
-      progress: Called with (steps done, steps) for manager directories.
+      progress: Called with (bytes of arrays read, bytes to import) as the import goes.
       storage_options: For a destination URL, as for :func:`keepax.save`.
 
     Returns:
@@ -388,21 +459,27 @@ def import_orbax(
 
     Raises:
       KeepaxError: Orbax is not installed (the message says ``pip install keepax[orbax]``),
-        ``src`` is not an Orbax checkpoint, or an item is of a kind keepax cannot import.
+        ``src`` is a URL (copy it to local disk first) or not an Orbax checkpoint, or an item
+        is of a kind keepax cannot import.
       CheckpointExistsError: a destination checkpoint exists and ``overwrite`` is false.
     """
-    ocp = _orbax()
     src = os.fspath(src).removeprefix("file://")
+    if "://" in src:
+        raise _remote_source_error(src)
+    ocp = _orbax()
     if not os.path.isdir(src):
-        raise KeepaxError("not a local directory; import Orbax checkpoints from local disk (copy "
-                          "them first)", path=src)
+        raise KeepaxError("not a local directory; import Orbax checkpoints from local disk",
+                          path=src)
+    src = os.path.abspath(src)  # Orbax reads no metadata through a relative path
     info = {"source": os.path.abspath(src)}
     if _is_pytree(src):
-        n = _write(dst, {"default": _Item(ocp, src)}, True, {}, {"orbax": info}, overwrite,
-                   batch_bytes, storage_options)
+        item = _Item(ocp, src)
+        n = _write(dst, {"default": item}, True, {}, {"orbax": info}, overwrite, batch_bytes,
+                   storage_options, _Counter(progress, item.nbytes))
         return ImportResult("checkpoint", (dst,), nbytes=n)
     if os.path.isfile(os.path.join(src, "_CHECKPOINT_METADATA")):
-        return _import_step_dir(ocp, src, dst, info, overwrite, batch_bytes, storage_options)
+        return _import_step_dir(ocp, src, dst, info, overwrite, batch_bytes, progress,
+                                storage_options)
     found = _orbax_steps(src)
     if not found:
         raise KeepaxError("not an Orbax checkpoint or CheckpointManager directory (no _METADATA, "
@@ -411,13 +488,30 @@ def import_orbax(
                            storage_options)
 
 
+class _Counter:
+    """Adds up the bytes read for a ``progress(done, total)`` callback."""
+
+    def __init__(self, progress: Callable[[int, int], None] | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+        if progress is not None:
+            progress(0, total)
+
+    def __call__(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
 def _import_step_dir(ocp: Any, src: str, dst: str, info: dict[str, Any], overwrite: bool,
-                     batch_bytes: int, storage_options: dict[str, Any] | None) -> ImportResult:
+                     batch_bytes: int, progress: Callable[[int, int], None] | None,
+                     storage_options: dict[str, Any] | None) -> ImportResult:
     pytrees, plain = _step_items(ocp, src)
     unwrap = list(pytrees) == ["default"] and not plain
     raw = _metrics(src)
     meta = {"orbax": {**info, "items": sorted([*pytrees, *plain]), "metrics": raw}}
-    n = _write(dst, pytrees, unwrap, plain, meta, overwrite, batch_bytes, storage_options)
+    counter = _Counter(progress, sum(item.nbytes for item in pytrees.values()))
+    n = _write(dst, pytrees, unwrap, plain, meta, overwrite, batch_bytes, storage_options,
+               counter)
     return ImportResult("checkpoint", (dst,), nbytes=n)
 
 
@@ -441,9 +535,9 @@ def _import_manager(ocp: Any, src: str, dst: str, found: dict[int, str],
                                           async_save=False) as manager:
         held = set(manager.all_steps())
         storage = open_root(dst, storage_options)
-        for done, step in enumerate(wanted):
-            raw = _metrics(found[step])
-            metrics_of[step] = _split_metrics(raw)
+        todo: dict[int, tuple[dict[str, _Item], dict[str, Any]]] = {}
+        for step in wanted:
+            metrics_of[step] = _split_metrics(_metrics(found[step]))
             if step in held and not overwrite:
                 skipped.append(step)
                 continue
@@ -451,7 +545,12 @@ def _import_manager(ocp: Any, src: str, dst: str, found: dict[int, str],
             if step not in held and storage.exists(name) and not overwrite:
                 raise CheckpointExistsError("the step's name is taken by something else",
                                             path=storage.display(name), step=step)
-            pytrees, plain = _step_items(ocp, found[step])
+            todo[step] = _step_items(ocp, found[step])
+        counter = _Counter(progress, sum(item.nbytes for pytrees, _ in todo.values()
+                                         for item in pytrees.values()))
+        for step, (pytrees, plain) in todo.items():
+            raw = _metrics(found[step])
+            name = names.format(step, {})
             unwrap = list(pytrees) == ["default"] and not plain
             facts = {"version": 1, "step": step, "temporary": False, "time": _time(found[step]),
                      "started": _time(found[step]), "metrics": metrics_of[step],
@@ -460,10 +559,8 @@ def _import_manager(ocp: Any, src: str, dst: str, found: dict[int, str],
                               "metrics": raw, **({"best": list(best)} if best else {})}}
             metadata = {keepax_index.MANAGER_KEY: facts, keepax_index.USER_KEY: user}
             nbytes += _write(storage.display(name), pytrees, unwrap, plain, metadata,
-                             overwrite and step in held, batch_bytes, storage_options)
+                             overwrite and step in held, batch_bytes, storage_options, counter)
             written.append(storage.display(name))
-            if progress is not None:
-                progress(done + 1, len(wanted))
         manager.reload()
         imported = set(manager.all_steps())
     lost = [s for s in wanted if s not in imported]
@@ -500,7 +597,8 @@ def add_import_orbax_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Import an Orbax checkpoint (into a keepax checkpoint) or a whole Orbax "
                     "CheckpointManager directory (into a keepax manager directory with the "
                     "same steps and metrics). Needs pip install keepax[orbax].")
-    parser.add_argument("src", help="local Orbax checkpoint or manager directory")
+    parser.add_argument("src", help="local Orbax checkpoint or manager directory (copy one "
+                                    "on S3 to local disk first: Orbax cannot read s3://)")
     parser.add_argument("dst", help="keepax checkpoint, or manager directory (path or URL)")
     parser.add_argument("--step", type=int, action="append", dest="steps", metavar="N",
                         help="import only step N (repeatable)")
