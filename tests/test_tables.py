@@ -33,7 +33,7 @@ from multiproc import SCRIPTS_DIR, run_processes
 
 import keepax
 from keepax._src.format import datafiles as fmt
-from keepax._src.format import tables
+from keepax._src.format import reading, tables
 from keepax._src.format.manifest import (
     ArrayLeaf,
     CellRef,
@@ -832,8 +832,8 @@ def _written(storage: MemoryStorage, arrays: list[np.ndarray], block_crcs: bool)
 
 def _read(storage: MemoryStorage, files: Any, chunk: Any, box: Any, dtype: Any) -> Any:
     out = np.empty(box[1], dtype)
-    stats = fmt.read_requests(storage, "ck", files, [fmt.ReadRequest("a", [chunk], box, out)],
-                              where="ck")
+    request = reading.ReadRequest("a", [chunk], box, out)
+    stats = reading.read_requests(storage, "ck", files, [request], where="ck")
     return out, stats.bytes_read
 
 
@@ -867,9 +867,9 @@ def test_gap_merging_reads_at_most_a_sixteenth_more(store: Any) -> None:
     files, chunks = _written(storage, arrays, block_crcs=False)
     wanted = [(c, a) for i, (c, a) in enumerate(zip(chunks, arrays)) if i % 5 != 2]
     outs = [np.empty(a.shape, a.dtype) for _, a in wanted]
-    requests = [fmt.ReadRequest("a", [c], ((0,), a.shape), out)
+    requests = [reading.ReadRequest("a", [c], ((0,), a.shape), out)
                 for (c, a), out in zip(wanted, outs)]
-    stats = fmt.read_requests(storage, "ck", files, requests, where="ck")
+    stats = reading.read_requests(storage, "ck", files, requests, where="ck")
     for (_, a), out in zip(wanted, outs):
         np.testing.assert_array_equal(out, a)
     needed = sum(a.nbytes for _, a in wanted)

@@ -13,8 +13,8 @@ from keepax._src.checkpoint.inspection import CheckpointInfo, LeafInfo
 from keepax._src.checkpoint.opening import Opened, open_path
 from keepax._src.checkpoint.per_process import PerProcessChoice
 from keepax._src.checkpoint.templates import Shardings
-from keepax._src.format.datafiles import RestoreStats
 from keepax._src.format.manifest import ArrayLeaf, Manifest
+from keepax._src.format.reading import RestoreStats
 
 __all__ = ["Checkpoint", "ChunkInfo", "open_checkpoint", "restore"]
 

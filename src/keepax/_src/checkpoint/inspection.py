@@ -10,7 +10,7 @@ from typing import Any
 
 from keepax._src.checkpoint.opening import Opened, decode_value, is_gone, open_path, vanishing
 from keepax._src.format import datafiles as format
-from keepax._src.format import tables, tree
+from keepax._src.format import reading, tables, tree
 from keepax._src.format.manifest import ArrayLeaf, Manifest
 from keepax.errors import CheckpointNotFoundError, KeepaxError
 
@@ -188,7 +188,7 @@ def verify_opened(
         (leaf.path, c) for leaf in m.leaves if isinstance(leaf, ArrayLeaf) for c in leaf.chunks
     ]
     with vanishing(opened):
-        problems = format.verify_chunks(
+        problems = reading.verify_chunks(
             opened.storage, opened.name, m.files, pieces, where=opened.where, progress=progress
         )
         # Each data file must stay a valid safetensors file naming what the manifest says.

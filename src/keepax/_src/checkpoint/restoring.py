@@ -32,10 +32,9 @@ from keepax._src.checkpoint.opening import (
 from keepax._src.checkpoint.per_process import PerProcessChoice
 from keepax._src.checkpoint.templates import Shardings, node_builder, placement_targets
 from keepax._src.format import boxes as sharding
-from keepax._src.format import datafiles as format
-from keepax._src.format import dtypes, tables, tree
-from keepax._src.format.datafiles import ReadRequest, RestoreStats
+from keepax._src.format import dtypes, reading, tables, tree
 from keepax._src.format.manifest import ArrayLeaf, Manifest, ValueLeaf
+from keepax._src.format.reading import ReadRequest, RestoreStats
 from keepax._src.io import Storage
 from keepax.errors import CorruptCheckpointError, KeepaxError
 
@@ -181,7 +180,7 @@ def _read_leaves(
             c.file for leaf in map(manifest.leaves.__getitem__, boxes_of)
             if isinstance(leaf, ArrayLeaf) for c in leaf.chunks
         }
-        format.check_sizes(opened.storage, opened.name, files, needed, opened.where)
+        reading.check_sizes(opened.storage, opened.name, files, needed, opened.where)
         values: dict[int, Any] = {}
         requests: list[ReadRequest] = []
         finishers: list[tuple[int, ArrayLeaf, _Parts]] = []
@@ -199,7 +198,7 @@ def _read_leaves(
                 parts[box] = (devices, arena.empty(box[1], dtypes.dtype_from_name(leaf.dtype)))
                 requests.append(ReadRequest(leaf.path, leaf.chunks, box, parts[box][1]))
             finishers.append((index, leaf, parts))
-        read = format.read_requests(opened.storage, opened.name, files, requests,
+        read = reading.read_requests(opened.storage, opened.name, files, requests,
                                     where=opened.where)
     if stats is not None:
         stats.bytes_read += read.bytes_read
