@@ -334,3 +334,24 @@ def test_restores_read_little_more_than_each_process_needs(tmp_path: Path) -> No
     out = keepax.restore(str(path), select="s001", stats=stats)
     assert out["s001"].shape == (24, 16) and stats.bytes_read == 24 * 16 * 4
     assert keepax.verify(str(path)) == []
+
+
+ASYNC = SCRIPTS_DIR / "async_checks.py"
+
+
+def test_a_staging_failure_on_one_process_fails_save_async_everywhere_at_once(
+    tmp_path: Path,
+) -> None:
+    # The harness's limit (40 s) is below the save's timeout (60 s): waiting for the timeout
+    # anywhere fails the test.
+    results = run_processes(ASYNC, 2, tmp_path=tmp_path,
+                            args=["staging_failure", str(tmp_path)], timeout=40)
+    first, second = (r.result for r in results)
+    assert second["error"].startswith("MemoryError: cannot allocate the staging copy")
+    assert first["processes"] == [1] and "PeerProcessError" in first["error"]
+    assert "process 1: StagingFailed" in first["error"] and "MemoryError" in first["error"]
+    for r in results:
+        assert r.result["seconds"] < r.result["timeout"]
+        assert r.result["exists"] is False  # nothing committed
+        # Still in step: the next save succeeded on both and restores.
+        assert r.result["after"] == [2, [2] * 5] and r.result["verify"] == []
