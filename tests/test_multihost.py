@@ -355,3 +355,15 @@ def test_a_staging_failure_on_one_process_fails_save_async_everywhere_at_once(
         assert r.result["exists"] is False  # nothing committed
         # Still in step: the next save succeeded on both and restores.
         assert r.result["after"] == [2, [2] * 5] and r.result["verify"] == []
+
+
+def test_host_local_restart_with_one_host_behind_saves_the_next_step(tmp_path: Path) -> None:
+    run_processes(MANAGER, 2, tmp_path=tmp_path, args=["host_local_save", str(tmp_path)],
+                  timeout=120)  # process 1 then lacks step 3
+    results = run_processes(MANAGER, 2, tmp_path=tmp_path,
+                            args=["host_local_behind", str(tmp_path)], timeout=120)
+    for r in results:
+        assert r.result["steps"] == [1, 2]  # the partial step 3 is not listed
+        assert r.result["after"] == [1, 2, 3]
+        # Replaced in place: no staging directory or other leftover.
+        assert r.result["left"] == ["00000001", "00000002", "00000003"]
