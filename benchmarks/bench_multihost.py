@@ -32,6 +32,11 @@ Usage::
 
     .venv/bin/python benchmarks/bench_multihost.py --reads --mib 64
 
+``--collectives`` times each collective of a save (the agreement and the three after it) at 2,
+4 and 8 processes (``benchmarks/multihost_collectives.py``)::
+
+    .venv/bin/python benchmarks/bench_multihost.py --collectives --repeats 5
+
 Prints a JSON document (also ``<dir>/multihost.json``) then a Markdown summary
 (``<dir>/multihost.md``).
 """
@@ -710,6 +715,10 @@ def main(argv: list[str] | None = None) -> int:
         import multihost_reads
 
         return multihost_reads.main([a for a in argv if a != "--reads"])
+    if "--collectives" in argv:
+        import multihost_collectives
+
+        return multihost_collectives.main([a for a in argv if a != "--collectives"])
     args = parse_args(argv)
     if args.child:
         return child_main(args)

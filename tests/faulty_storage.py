@@ -2,9 +2,9 @@
 
 :class:`Faults` says what goes wrong: file creations held until :meth:`Faults.release`, the
 k-th matching creation failing, writes failing once a file has N bytes, directory renames
-(the commit of rename backends) failing. It acts on the :class:`Storage` interface only
-(``create``, the returned :class:`Writer`, ``rename_dir``), never on a backend's private
-classes.
+(the commit of rename backends) failing, openings for reading held. It acts on the
+:class:`Storage` interface only (``create``, the returned :class:`Writer`, ``rename_dir``,
+``open``), never on a backend's private classes.
 
 Two ways to apply it:
 
@@ -50,6 +50,8 @@ class Faults:
         bytes (0: every write fails).
       write_error: Makes the error of a failing write (default: a full disk).
       fail_rename: Raised by every directory rename (a rename backend's commit).
+      hold_reads: Opening a matching file for reading waits until :meth:`release` (at most
+        ``hold_seconds``), as a stalled network mount or object store would.
       entered: Set when a matching creation is reached (held or not).
       creates: How many matching creations were reached.
     """
@@ -62,6 +64,7 @@ class Faults:
     fail_write_after: int | None = None
     write_error: Callable[[], BaseException] = disk_full
     fail_rename: BaseException | None = None
+    hold_reads: bool = False
     entered: threading.Event = dataclasses.field(default_factory=threading.Event)
     creates: int = 0
     _released: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -88,6 +91,13 @@ class Faults:
             return writer
         return FaultyWriter(writer, self.fail_write_after, self.write_error)
 
+    def open(self, path: str, make: Callable[[], Reader]) -> Reader:
+        """An opening of ``path`` for reading by ``make()``, held if asked."""
+        if self.hold_reads and self.matches(path):
+            self.entered.set()
+            self._released.wait(self.hold_seconds)
+        return make()
+
     def rename(self, rename: Callable[[], None]) -> None:
         """A directory rename, failing if asked."""
         if self.fail_rename is not None:
@@ -98,7 +108,7 @@ class Faults:
         """Applies the faults to every storage of these backend classes until the test ends
         (``monkeypatch.undo()`` removes them sooner)."""
         for cls in classes:
-            create, rename_dir = cls.create, cls.rename_dir
+            create, rename_dir, open_ = cls.create, cls.rename_dir, cls.open
 
             def faulty_create(storage: Storage, path: str, _create: Any = create) -> Writer:
                 return self.create(path, lambda: _create(storage, path))
@@ -107,6 +117,10 @@ class Faults:
                               exchange: bool = False, _rename: Any = rename_dir) -> None:
                 self.rename(lambda: _rename(storage, source, target, exchange=exchange))
 
+            def faulty_open(storage: Storage, path: str, _open: Any = open_) -> Reader:
+                return self.open(path, lambda: _open(storage, path))
+
+            monkeypatch.setattr(cls, "open", faulty_open)
             monkeypatch.setattr(cls, "create", faulty_create)
             monkeypatch.setattr(cls, "rename_dir", faulty_rename)
         return self
@@ -161,7 +175,7 @@ class FaultyStorage(Storage):
         self.faults.rename(lambda: self.inner.rename_dir(source, target, exchange=exchange))
 
     def open(self, path: str) -> Reader:
-        return self.inner.open(path)
+        return self.faults.open(path, lambda: self.inner.open(path))
 
     def exists(self, path: str) -> bool:
         return self.inner.exists(path)

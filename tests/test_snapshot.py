@@ -322,3 +322,33 @@ def test_file_urls(tmp_path) -> None:
     keepax.save(f"file://{tmp_path}/ckpt", {"a": np.arange(3)})
     assert (tmp_path / "ckpt" / "manifest.json").exists()
     assert list(keepax.restore(f"file://{tmp_path}/ckpt")["a"]) == [0, 1, 2]
+
+
+def test_restore_timeout_bounds_a_stalled_storage(tmp_path, monkeypatch) -> None:
+    from faulty_storage import Faults
+
+    from keepax._src.io.local import LocalStorage
+
+    path = str(tmp_path / "ckpt")
+    w = np.arange(1000, dtype=np.float32)
+    keepax.save(path, {"w": w, "step": 3})
+    with pytest.raises(errors.KeepaxError, match="timeout"):
+        keepax.restore(path, timeout=0)
+    faults = Faults(hold_reads=True).install(monkeypatch, LocalStorage)  # data files stall
+    try:
+        with pytest.raises(errors.KeepaxError) as caught:
+            keepax.restore(path, timeout=0.5)
+        assert faults.entered.is_set()
+        message = str(caught.value)
+        assert "did not finish finding the data (chunk tables, file sizes) within " \
+            "timeout=0.5 s" in message
+        assert path in message and "Nothing was restored" in message
+        # The manifest read first, then the handle's own deadline, which the stall also hits.
+        with pytest.raises(errors.KeepaxError, match=r"finding the data .* timeout=0.2 s"):
+            keepax.open(path).restore(timeout=0.2)
+    finally:
+        faults.release()
+    monkeypatch.undo()
+    out = keepax.restore(path, {"w": np.zeros_like(w), "step": 0}, timeout=60)
+    np.testing.assert_array_equal(out["w"], w)
+    assert out["step"] == 3

@@ -2,7 +2,10 @@
 
 Usage:
   ``kill_during_save.py stall DIR STAGE VICTIM``: saves step 1, then step 2, during which
-  process VICTIM prints ``STALLED <stage>`` at STAGE and sleeps until the test kills it.
+  process VICTIM prints ``STALLED <stage>`` at STAGE (``agreement``: before it joins the
+  agreement every save begins with; ``before-data``, ``during-data``, ``after-data``,
+  ``commit``) and sleeps until the test kills it. A survivor whose save raises prints
+  ``FAILED <error>`` at once (the runtime aborts it soon after).
   ``kill_during_save.py recover DIR``: a new manager (all processes) must see step 1 only,
   restore it bit-exactly, have removed the leftovers of step 2, and save step 2 again.
 """
@@ -21,6 +24,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P
 
 import keepax  # noqa: E402
+from keepax._src.commit import distributed  # noqa: E402
 from keepax._src.format import datafiles as keepax_format  # noqa: E402
 from keepax._src.format import tables  # noqa: E402
 from keepax._src.io import local  # noqa: E402
@@ -61,6 +65,12 @@ def install(stage: str, victim: int) -> None:
     real_write_one = keepax_format._write_one
     real_encode = tables.encode_table
     real_commit = local.LocalStorage.commit
+    real_agree = distributed.agree
+
+    def agree(*args, **kwargs):
+        if armed["on"] and stage == "agreement":
+            stall(stage)  # before joining: the others wait in the agreement
+        return real_agree(*args, **kwargs)
 
     def write_files(*args, **kwargs):
         if armed["on"] and stage == "before-data":
@@ -87,6 +97,7 @@ def install(stage: str, victim: int) -> None:
     keepax_format._write_one = write_one
     tables.encode_table = encode
     local.LocalStorage.commit = commit
+    distributed.agree = agree
     return armed
 
 
@@ -100,8 +111,12 @@ if command == "stall":
     print("SAVED 1", flush=True)
     if armed is not None:
         armed["on"] = True
-    manager.save(2, state(2))
-    print("SAVED 2 (unexpected)", flush=True)
+    try:
+        manager.save(2, state(2))
+        print("SAVED 2 (unexpected)", flush=True)
+    except keepax.KeepaxError as e:  # printed at once: the runtime aborts survivors soon
+        print(f"FAILED {type(e).__name__}: {e}", flush=True)
+        raise
 elif command == "recover":
     manager = keepax.CheckpointManager(directory, async_save=False, staging_grace=0)
     result["steps"] = manager.all_steps()

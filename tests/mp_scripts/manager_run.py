@@ -185,6 +185,20 @@ elif scenario == "host_local_restore":
     result["left"] = sorted(n for n in os.listdir(mine) if not n.startswith("."))
     manager.close()
 
+elif scenario == "host_local_behind":
+    # A restart after host_local_save (process 1 lacks step 3), without discard_newer: step 3
+    # is no step, and saving step 3 again on every host replaces process 0's partial copy.
+    import os
+
+    mine = f"{directory}/host{index}"
+    manager = keepax.CheckpointManager(mine, host_local=True, async_save=False, sync_timeout=60)
+    result["steps"] = manager.all_steps()
+    manager.save(3, state(3))
+    result["after"] = manager.all_steps()
+    check(manager.restore(like=like()), 3)
+    result["left"] = sorted(os.listdir(mine))
+    manager.close()
+
 else:
     raise SystemExit(f"unknown scenario {scenario}")
 mp_prelude.report(result)

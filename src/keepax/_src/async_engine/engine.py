@@ -134,10 +134,17 @@ class SaveEngine:
         """Queues ``job`` for the writer and stages its arrays while the writer starts on
         them; returns (bytes copied, seconds waited for the budget)."""
         with no_gc():
-            job.stage_sources()
-            with self._cond:
-                self._queue.append(job)
-                self._start_writer()
+            try:
+                job.stage_sources()
+            except BaseException as e:
+                job.aborted = e
+                raise
+            finally:
+                # Queued even when staging failed: the writer then reports the failure (in a
+                # multi-process save, to every process at once) and frees the slot.
+                with self._cond:
+                    self._queue.append(job)
+                    self._start_writer()
             try:
                 return stage(job, job.prepared.plan.buffers, self.budget, limit)
             except BaseException as e:

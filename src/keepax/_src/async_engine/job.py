@@ -37,8 +37,11 @@ class JobOwner(Protocol):
         ...
 
 
-class _Aborted(Exception):
-    """Staging failed in the caller's thread; the writer gives up (the caller has the error)."""
+class StagingFailed(Exception):
+    """Staging failed in the caller's thread; the writer gives up (the caller has the error).
+
+    In a multi-process save the writer still joins the save's collectives and reports this
+    error (its text names the cause), so that every process fails at once."""
 
 
 class Job:
@@ -116,9 +119,9 @@ class Job:
 
     def _check_not_aborted(self) -> None:
         if self.aborted is not None:
-            raise _Aborted("staging failed in the caller; nothing is committed") from (
-                self.aborted
-            )
+            cause = self.aborted
+            raise StagingFailed(f"staging the state on this process failed "
+                                f"({type(cause).__name__}: {cause})") from cause
 
     def _consumed(self, slot: Slot | None) -> None:
         if slot is None:
@@ -164,9 +167,12 @@ class Job:
         began = time.perf_counter()
         committed = False
         error: BaseException | None = None
+        sources = self.sources
+        if sources is None and self.aborted is not None:
+            sources = []  # never staged: nothing to write, only the failure to report
         try:
             result = checkpoint.write_prepared(
-                self.prepared, self.sources, before_commit=self._check_not_aborted
+                self.prepared, sources, before_commit=self._check_not_aborted
             )
             committed = True
             self.record_fields["bytes_written"] = result.bytes_written

@@ -7,7 +7,7 @@ import dataclasses
 import threading
 
 from keepax._src.util import format_bytes
-from keepax.errors import KeepaxError
+from keepax.errors import KeepaxError, PeerProcessError
 
 __all__ = ["SaveRecord", "SaveHandle", "background_error"]
 
@@ -153,5 +153,7 @@ def background_error(e: BaseException, path: str, step: int | None, committed: b
         error = cls(message, path=path, step=step, leaf=getattr(e, "leaf", None))
     except TypeError:  # a subclass with another constructor
         error = KeepaxError(message, path=path, step=step)
+    if isinstance(e, PeerProcessError) and isinstance(error, PeerProcessError):
+        error.processes = e.processes
     error.__cause__ = e
     return error

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from keepax._src.checkpoint import inspection, restoring, stateful
+from keepax._src.checkpoint.deadline import Deadline
 from keepax._src.checkpoint.inspection import CheckpointInfo, LeafInfo
 from keepax._src.checkpoint.opening import Opened, open_path
 from keepax._src.checkpoint.per_process import PerProcessChoice
@@ -83,10 +84,19 @@ class Checkpoint:
         types: Sequence[type] = (),
         per_process: Any = None,
         stats: RestoreStats | None = None,
+        timeout: float | None = None,
     ) -> Any:
-        """Restores the checkpoint; arguments as for :func:`keepax.restore`."""
-        options = dict(select=select, dtype=dtype, transform=transform, shardings=shardings,
-                       types=types, per_process=per_process, stats=stats)
+        """Restores the checkpoint; arguments as for :func:`keepax.restore` (``timeout``
+        bounds the reads from now on: the manifest was read when the handle was made)."""
+        return self._restore_within(
+            Deadline(timeout, self.path), like, select=select, partial=partial, dtype=dtype,
+            transform=transform, shardings=shardings, types=types, per_process=per_process,
+            stats=stats)
+
+    def _restore_within(self, deadline: Deadline, like: Any, *, partial: bool,
+                       **options: Any) -> Any:
+        """:meth:`restore` with its storage reads bounded by ``deadline``."""
+        options["deadline"] = deadline
         if like is not None and stateful.has_objects(like):
             return stateful.restore_objects(self.info, like, self._restore, partial=partial,
                                             **options)
@@ -167,6 +177,7 @@ def restore(
     per_process: PerProcessChoice = None,
     stats: RestoreStats | None = None,
     storage_options: dict[str, Any] | None = None,
+    timeout: float | None = None,
 ) -> Any:
     """Restores a checkpoint.
 
@@ -211,6 +222,11 @@ def restore(
       stats: If given, filled with what was read.
       storage_options: For URLs (``s3://...``): fsspec options and keepax's ``keepax_*``
         transfer options, as for :func:`save`.
+      timeout: Seconds the whole restore may wait for storage (None: no limit). A restore
+        waits for no other process (each reads what it needs on its own), so its only
+        unbounded waits are storage reads, e.g. of a stalled network mount or object store;
+        past the deadline it raises instead of hanging, and the reads under way are
+        abandoned (README, *Many processes*).
 
     Returns:
       The restored tree.
@@ -220,9 +236,12 @@ def restore(
         the checkpoint is missing, incomplete, damaged or too new.
       TreeMismatchError: ``like`` does not match; the message lists every offending leaf.
       KeepaxError: a per-process value was saved by another number of processes and
-        ``per_process`` does not say which copy to take (the message names the leaf).
+        ``per_process`` does not say which copy to take (the message names the leaf); or the
+        restore did not finish within ``timeout`` (the message names the phase).
     """
-    return open_checkpoint(path, storage_options=storage_options).restore(
-        like, select=select, partial=partial, dtype=dtype, transform=transform,
+    deadline = Deadline(timeout, str(path))
+    opened = deadline.run("reading the manifest", lambda: open_path(path, storage_options))
+    return Checkpoint(opened)._restore_within(
+        deadline, like, select=select, partial=partial, dtype=dtype, transform=transform,
         shardings=shardings, types=types, per_process=per_process, stats=stats,
     )

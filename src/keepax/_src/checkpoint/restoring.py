@@ -13,6 +13,7 @@ import numpy as np
 
 from keepax._src.checkpoint import container
 from keepax._src.checkpoint import per_process as per_process_
+from keepax._src.checkpoint.deadline import Deadline
 from keepax._src.checkpoint.matching import (
     VALUE_KINDS,
     Target,
@@ -89,8 +90,10 @@ def restore_opened(
     types: Sequence[type] = (),
     per_process: PerProcessChoice = None,
     stats: RestoreStats | None = None,
+    deadline: Deadline | None = None,
 ) -> Any:
-    """Restores from an opened checkpoint; arguments as for :func:`restore`."""
+    """Restores from an opened checkpoint; arguments as for :func:`restore` (``deadline``
+    bounds the storage reads)."""
     cast = resolve_cast(dtype)
     wanted = selected_indices(opened, select)
     if like is not None:
@@ -100,10 +103,11 @@ def restore_opened(
         like_leaves, like_def = jax.tree_util.tree_flatten_with_path(like)
         targets, like_order = match_like(opened, wanted, like_leaves, partial, cast)
         values = _read_leaves(opened, sorted(targets), targets, cast, stats, transform,
-                              per_process)
+                              per_process, deadline)
         return jax.tree_util.tree_unflatten(like_def, [values[i] for i in like_order])
     targets = placement_targets(opened, wanted, shardings, cast)
-    values = _read_leaves(opened, wanted, targets, cast, stats, transform, per_process)
+    values = _read_leaves(opened, wanted, targets, cast, stats, transform, per_process,
+                          deadline)
     selectors = _normalize_select(select)
     keep = None
     if selectors is not None:
@@ -154,9 +158,11 @@ def _read_leaves(
     stats: RestoreStats | None,
     transform: Transform | None,
     per_process: PerProcessChoice = None,
+    deadline: Deadline | None = None,
 ) -> dict[int, Any]:
     """Reads the given leaves (verified) and makes each the value its target asks for,
-    applying ``transform`` to each as it is made."""
+    applying ``transform`` to each as it is made (the storage reads within ``deadline``)."""
+    deadline = deadline or Deadline(None, opened.where)
     boxes_of: dict[int, dict[Any, Any]] = {}
     for index in indices:
         leaf = opened.manifest.leaves[index]
@@ -167,20 +173,11 @@ def _read_leaves(
         elif isinstance(leaf, ArrayLeaf):
             boxes_of[index] = _target_boxes(leaf, targets.get(index))
     with vanishing(opened):
-        manifest = opened.manifest
-        if manifest.tables:
-            manifest, table_bytes = tables.resolve(
-                opened.storage, opened.name, opened.where, manifest,
-                {i: list(b) for i, b in boxes_of.items()},
-            )
-            if stats is not None:
-                stats.table_bytes_read += table_bytes
+        manifest, table_bytes = deadline.run("finding the data (chunk tables, file sizes)",
+                                             lambda: _resolve_tables(opened, boxes_of))
+        if stats is not None:
+            stats.table_bytes_read += table_bytes
         files = manifest.files
-        needed = {
-            c.file for leaf in map(manifest.leaves.__getitem__, boxes_of)
-            if isinstance(leaf, ArrayLeaf) for c in leaf.chunks
-        }
-        reading.check_sizes(opened.storage, opened.name, files, needed, opened.where)
         values: dict[int, Any] = {}
         requests: list[ReadRequest] = []
         finishers: list[tuple[int, ArrayLeaf, _Parts]] = []
@@ -198,8 +195,8 @@ def _read_leaves(
                 parts[box] = (devices, arena.empty(box[1], dtypes.dtype_from_name(leaf.dtype)))
                 requests.append(ReadRequest(leaf.path, leaf.chunks, box, parts[box][1]))
             finishers.append((index, leaf, parts))
-        read = reading.read_requests(opened.storage, opened.name, files, requests,
-                                    where=opened.where)
+        read = deadline.run("reading the data", lambda: reading.read_requests(
+            opened.storage, opened.name, files, requests, where=opened.where))
     if stats is not None:
         stats.bytes_read += read.bytes_read
         stats.chunks_read += read.chunks_read
@@ -216,6 +213,23 @@ def _read_leaves(
         if transform is not None:
             values[index] = transform(manifest.leaves[index].path, values[index])
     return values
+
+
+def _resolve_tables(opened: Opened, boxes_of: dict[int, dict[Any, Any]]) -> tuple[Manifest, int]:
+    """The manifest with the chunks of the leaves to read (from the chunk tables, if any),
+    its needed data files' sizes checked; and the table bytes read."""
+    manifest, table_bytes = opened.manifest, 0
+    if manifest.tables:
+        manifest, table_bytes = tables.resolve(
+            opened.storage, opened.name, opened.where, manifest,
+            {i: list(b) for i, b in boxes_of.items()},
+        )
+    needed = {
+        c.file for leaf in map(manifest.leaves.__getitem__, boxes_of)
+        if isinstance(leaf, ArrayLeaf) for c in leaf.chunks
+    }
+    reading.check_sizes(opened.storage, opened.name, manifest.files, needed, opened.where)
+    return manifest, table_bytes
 
 
 def _target_boxes(leaf: ArrayLeaf, target: Target | None) -> dict[Any, Any]:

@@ -181,7 +181,8 @@ def restore_objects(
     states = state_like
     if jax.tree_util.tree_leaves(state_like):
         states = restore(state_like, partial=True, stats=options.get("stats"),
-                         per_process=options.get("per_process"))
+                         per_process=options.get("per_process"),
+                         deadline=options.get("deadline"))
 
     def put(_: Any, x: Any, value: Any, state: Any) -> Any:
         if is_stateful(x):

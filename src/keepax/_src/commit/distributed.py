@@ -123,7 +123,8 @@ def _raise_reports(
 ) -> None:
     """Raises on every process if any process reported an error (``me``: with
     ``host_local``, after the commit, this process's index, whose own copy may be
-    committed)."""
+    committed): :class:`PeerProcessError` naming the failed processes, or
+    :class:`CheckpointExistsError` if they all failed because the checkpoint exists."""
     rows = [cast("dict[str, Any]", r) for r in reports]
     failed = [(i, r["error"]) for i, r in enumerate(rows) if r.get("error")]
     if not failed:
@@ -131,7 +132,6 @@ def _raise_reports(
     lines = "; ".join(f"process {i}: {text}" for i, text in failed[:8])
     more = f"; and {len(failed) - 8} more" if len(failed) > 8 else ""
     exists = all(rows[i].get("exists") for i, _ in failed)
-    cls = CheckpointExistsError if exists else KeepaxError
     outcome = "nothing was committed"
     if me is not None and not rows[me].get("error"):
         outcome = ("this process committed its own copy, but the others named did not, so it "
@@ -142,9 +142,13 @@ def _raise_reports(
         outcome = "this process committed nothing" + (
             f"; processes {done} committed their own copies, which are no complete checkpoint "
             "and which saving again on every process replaces" if done else "")
-    raise cls(f"the save failed while {what} on {len(failed)} of {len(reports)} processes "
-              f"({lines}{more}); {outcome}: fix the cause on the named processes "
-              "(their logs have the details) and save again", path=where, step=step)
+    message = (f"the save failed while {what} on {len(failed)} of {len(reports)} processes "
+               f"({lines}{more}); {outcome}: fix the cause on the named processes "
+               "(their logs have the details) and save again")
+    if exists:
+        raise CheckpointExistsError(message, path=where, step=step)
+    raise PeerProcessError(message, processes=tuple(i for i, _ in failed), path=where,
+                           step=step)
 
 
 def write_distributed(
