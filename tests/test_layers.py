@@ -40,25 +40,11 @@ def _layer(module: str) -> int:
     return level
 
 
-def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every node of a module except those under ``if TYPE_CHECKING:`` (type-only imports
-    never run)."""
-    out: list[ast.AST] = []
-    todo = [tree]
-    while todo:
-        node = todo.pop()
-        out.append(node)
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            todo.extend(node.orelse)
-            continue
-        todo.extend(ast.iter_child_nodes(node))
-    return out
-
-
 def _imports(path: pathlib.Path) -> set[str]:
-    """Every keepax module a file imports when it runs, at module level or in functions."""
+    """Every keepax module a file imports: at module level, in functions, and for type
+    checking only (a cycle through type-only imports is still a knot in the design)."""
     found = set()
-    for node in _runtime_nodes(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("keepax"):
             # ``from keepax._src import checkpoint`` imports the submodule, not the package.
             for alias in node.names:

@@ -24,7 +24,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -36,8 +36,31 @@ from keepax._src.format.manifest import MANIFEST_FILE, ArrayLeaf, Chunk, DataFil
 from keepax._src.io import Storage
 from keepax.errors import KeepaxError, KeepaxWarning
 
-if TYPE_CHECKING:
-    from keepax._src.checkpoint.saving import PreparedSave
+
+class PreparedSave(Protocol):
+    """What :func:`write_incremental` reads of a prepared save (``saving.PreparedSave``,
+    which imports this module)."""
+
+    @property
+    def storage(self) -> Storage: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def where(self) -> str: ...
+
+    @property
+    def overwrite(self) -> bool: ...
+
+    @property
+    def compression(self) -> Any: ...
+
+    @property
+    def metadata(self) -> dict[str, Any]: ...
+
+    @property
+    def plan(self) -> Any: ...
 
 __all__ = ["ChunkStore", "StoredChunk", "write_incremental", "STORE_DATA", "store_files"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from keepax._src.checkpoint import per_process, stateful
+from keepax._src.checkpoint import incremental, per_process, stateful
 from keepax._src.checkpoint.plan import LeafPlan, ProcessRows, is_key_array, plan_leaves
 from keepax._src.commit import coordination, distributed, protocol
 from keepax._src.commit.protocol import SaveResult
@@ -312,8 +312,6 @@ def write_prepared(
             _distributed_job(prepared, prepared.coordinator, chosen), before_commit=before_commit
         )
     if prepared.store is not None:
-        from keepax._src.checkpoint import incremental  # noqa: PLC0415 - imports this module
-
         return incremental.write_incremental(prepared, chosen, prepared.store,
                                              before_commit=before_commit)
     began = time.perf_counter()

@@ -26,13 +26,11 @@ import errno
 import threading
 import time
 from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from keepax._src.io.base import Reader, Writer
+from keepax._src.io.options import TransferOptions
 from keepax.errors import CheckpointNotFoundError
-
-if TYPE_CHECKING:
-    from keepax._src.io.fsspec_store import TransferOptions
 
 __all__ = ["EndpointTimeoutError", "NoBucketError", "S3Transport", "S3Writer", "S3Reader", "epoch"]
 
