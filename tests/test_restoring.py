@@ -193,3 +193,16 @@ def test_plain_save_and_restore_take_objects_with_get_state(tmp_path) -> None:
     np.testing.assert_array_equal(back["w"], np.ones(3))
     with pytest.raises(TreeMismatchError, match="not in like"):
         keepax.restore(tmp_path / "a", like={"data": _Cursor()})
+
+
+def test_save_casts_floating_point_leaves_when_asked(tmp_path) -> None:
+    tree = {"w": jnp.arange(4.0), "h": np.ones(2, np.float64), "n": jnp.arange(3),
+            "data": _Cursor()}
+    keepax.save(tmp_path / "a", tree, dtype=jnp.bfloat16)
+    info = {leaf.path: leaf.dtype for leaf in keepax.inspect(tmp_path / "a").leaves}
+    assert info["['w']"] == "bfloat16" and info["['h']"] == "bfloat16"
+    assert info["['n']"] == "int32" and tree["w"].dtype == jnp.float32  # caller's tree intact
+    keepax.save_async(tmp_path / "b", {"w": jnp.ones(2)}, dtype=jnp.float16).wait()
+    assert keepax.inspect(tmp_path / "b").leaves[0].dtype == "float16"
+    with pytest.raises(KeepaxError, match="floating"):
+        keepax.save(tmp_path / "c", tree, dtype=jnp.int32)

@@ -41,6 +41,7 @@ def save_async(
     storage_options: dict[str, Any] | None = None,
     timeout: float = checkpoint.SYNC_TIMEOUT,
     compression: str | tuple[str, int] | None = None,
+    dtype: Any = None,
 ) -> SaveHandle:
     """Saves a pytree as :func:`keepax.save` does, returning once the state is staged.
 
@@ -62,6 +63,7 @@ def save_async(
       timeout: In a multi-process run, seconds each process waits for the others at each
         stage (the agreement made before this call returns, the data written, the commit).
       compression: ``"zstd"`` or ``("zstd", level)``: as for :func:`keepax.save`.
+      dtype: Store floating-point arrays as this dtype: as for :func:`keepax.save`.
 
     Returns:
       The save's :class:`SaveHandle`.
@@ -79,7 +81,7 @@ def save_async(
     return engine.save(
         lambda: checkpoint.prepare_save(path, tree, metadata=metadata, overwrite=overwrite,
                                         storage_options=storage_options, timeout=timeout,
-                                        compression=compression),
+                                        compression=compression, dtype=dtype),
         path=str(path),
         max_in_flight=max_in_flight,
         staging_budget_bytes=staging_budget_bytes,

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from keepax._src.checkpoint import incremental, per_process, stateful
+from keepax._src.checkpoint import casting, incremental, per_process, stateful
 from keepax._src.checkpoint.plan import LeafPlan, ProcessRows, is_key_array, plan_leaves
 from keepax._src.commit import coordination, distributed, protocol
 from keepax._src.commit.protocol import SaveResult
@@ -47,6 +47,7 @@ def save(
     host_local: bool = False,
     timeout: float = distributed.SYNC_TIMEOUT,
     compression: str | tuple[str, int] | None = None,
+    dtype: Any = None,
 ) -> SaveResult:
     """Saves a pytree as a checkpoint, durably and atomically.
 
@@ -80,6 +81,9 @@ def save(
         chunk, in parallel across cores, keeping it raw where that does not make it smaller
         (needs the ``zstandard`` package: ``pip install 'keepax[zstd]'``; so does reading the
         checkpoint). None (the default): chunks are stored as they are.
+      dtype: Store each floating-point array (``jax.Array`` or NumPy, on its sharding) as
+        this floating-point dtype, e.g. ``jnp.bfloat16``; integers, Python values and
+        ``get_state()`` states are stored as they are, and the caller's tree is not changed.
 
     Returns:
       What was written (by this process).
@@ -88,8 +92,9 @@ def save(
       CheckpointExistsError: ``path`` exists and ``overwrite`` is false.
       UnsupportedLeafError: a leaf (named by key path) cannot be stored.
       KeepaxError: ``metadata`` is not JSON-serialisable; ``compression`` is not one of the
-        values above or ``zstandard`` is missing; in a multi-process run, a process failed or
-        did not arrive in time (the message names it).
+        values above or ``zstandard`` is missing; ``dtype`` is not a floating-point dtype;
+        in a multi-process run, a process failed or did not arrive in time (the message
+        names it).
       PeerProcessError: In a multi-process run, on every process, before anything is
         written: a process's checks failed, the processes are not making the same save, or a
         value that is not marked :class:`keepax.PerProcess` differs between them.
@@ -97,7 +102,7 @@ def save(
     began = time.perf_counter()
     prepared = prepare_save(path, tree_, metadata=metadata, overwrite=overwrite,
                             storage_options=storage_options, host_local=host_local,
-                            timeout=timeout, compression=compression)
+                            timeout=timeout, compression=compression, dtype=dtype)
     result = write_prepared(prepared)
     return dataclasses.replace(result, seconds=time.perf_counter() - began)
 
@@ -159,6 +164,7 @@ def prepare_save(
     timeout: float = distributed.SYNC_TIMEOUT,
     storage_options: dict[str, Any] | None = None,
     compression: str | tuple[str, int] | None = None,
+    dtype: Any = None,
 ) -> PreparedSave:
     """The checks :func:`save` makes before writing anything, and the tree taken apart.
 
@@ -175,6 +181,8 @@ def prepare_save(
     """
     _check_timeout(timeout)
     compressing = codecs.parse_compression(compression)
+    if dtype is not None:  # before objects give their states: those are stored as they are
+        tree_ = casting.cast_floating(tree_, dtype, is_leaf=stateful.is_stateful)
     coordinator: coordination.Coordinator | None = coordination.current(SAVE_NAMESPACE)
     if coordinator is not None and coordinator.process_count == 1:
         coordinator = None
