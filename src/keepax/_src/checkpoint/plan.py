@@ -32,6 +32,7 @@ from keepax._src.format.manifest import (
     TableRef,
     ValueLeaf,
 )
+from keepax._src.util import gc_paused
 from keepax.errors import UnsupportedLeafError
 
 __all__ = ["LeafPlan", "ProcessRows", "SourceBuffer", "chunk_view", "is_key_array",
@@ -323,6 +324,7 @@ class LeafPlan:
     buffers: list[SourceBuffer] = dataclasses.field(default_factory=list)
     layouts: list[Layout] = dataclasses.field(default_factory=list)
 
+    @gc_paused()
     def manifest(
         self,
         files: Sequence[DataFile],

@@ -37,6 +37,7 @@ from keepax._src.format import dtypes, tables, tree
 from keepax._src.format.datafiles import ReadRequest, RestoreStats
 from keepax._src.format.manifest import ArrayLeaf, Manifest, ValueLeaf
 from keepax._src.io import Storage
+from keepax._src.util import gc_paused
 from keepax.errors import CorruptCheckpointError, KeepaxError
 
 __all__ = [
@@ -65,6 +66,7 @@ Select = str | Sequence[str | tuple[Any, ...]] | None
 Transform = Callable[[str, Any], Any]
 
 
+@gc_paused()
 def restore(
     path: str,
     like: Any = None,
@@ -152,6 +154,7 @@ def restore_manifest(
     return restore_opened(opened_manifest(storage, name, where, manifest), like, **kwargs)
 
 
+@gc_paused()
 def restore_opened(
     opened: Opened,
     like: Any = None,

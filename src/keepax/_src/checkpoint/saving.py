@@ -25,6 +25,7 @@ from keepax._src.format import tables, tree
 from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import COMMIT_FILE, MANIFEST_FILE
 from keepax._src.io import Storage, is_hidden_name, split_checkpoint_path
+from keepax._src.util import gc_paused
 from keepax.errors import CheckpointExistsError, KeepaxError
 
 SYNC_TIMEOUT = distributed.SYNC_TIMEOUT
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 
+@gc_paused()
 def save(
     path: str,
     tree_: Any,
@@ -136,6 +138,7 @@ AGREE_NAMESPACE = "keepax-agree"
 caller's thread, when the save is prepared)."""
 
 
+@gc_paused()
 def prepare_save(
     path: str,
     tree_: Any,

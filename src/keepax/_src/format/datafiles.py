@@ -29,6 +29,7 @@ from keepax._src.format import dtypes, spec
 from keepax._src.format.boxes import Box, intersect, local_slices
 from keepax._src.format.manifest import ArrayLeaf, Chunk, DataFile, Manifest
 from keepax._src.io.base import Reader, Storage, Writer
+from keepax._src.util import gc_paused
 from keepax.errors import CorruptCheckpointError
 
 __all__ = [
@@ -138,6 +139,7 @@ def pad_header(text: bytes, length: int | None = None) -> bytes:
     return struct.pack("<Q", length) + text + b" " * (length - len(text))
 
 
+@gc_paused()
 def safetensors_header(sources: Sequence[ChunkSource], file_tag: str) -> bytes:
     """Builds the length-prefixed, 64-byte-aligned safetensors header of a data file."""
     metadata = {

@@ -25,6 +25,7 @@ from keepax._src.format.spec import (
     MANIFEST_FILE,
     TABLES_VERSION,
 )
+from keepax._src.util import gc_paused
 from keepax.errors import CorruptCheckpointError, FormatVersionError
 
 __all__ = [
@@ -220,6 +221,7 @@ class Manifest:
     tables: tuple[TableRef, ...] = ()
     layouts: tuple[Layout, ...] = ()
 
+    @gc_paused()
     def to_json(self) -> bytes:
         """Serialises the manifest (UTF-8 JSON)."""
         leaves = []
@@ -285,6 +287,7 @@ class Manifest:
         return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
+    @gc_paused()
     def from_json(cls, data: bytes, *, where: str) -> Manifest:
         """Parses and validates an untrusted manifest.
 
