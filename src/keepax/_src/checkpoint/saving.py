@@ -21,7 +21,7 @@ from keepax._src.checkpoint.plan import LeafPlan, ProcessRows, is_key_array, pla
 from keepax._src.commit import coordination, distributed, protocol
 from keepax._src.commit.protocol import SaveResult
 from keepax._src.format import datafiles as format
-from keepax._src.format import tables, tree
+from keepax._src.format import tables
 from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import COMMIT_FILE, MANIFEST_FILE
 from keepax._src.io import Storage, is_hidden_name, split_checkpoint_path
@@ -265,7 +265,7 @@ def _proposal(
                 jax.random.key_data(value) if is_key_array(value) else value))
             head = f"{array.dtype.str}{array.shape}".encode()
             crc = format.checksum(array.reshape(-1).view(np.uint8).data, format.checksum(head))
-            values[tree.keystr(plan.structure.paths[index])] = f"{crc:08x}"
+            values[plan.structure.names[index]] = f"{crc:08x}"
     return distributed.Proposal(
         where, step, host_local, structure=f"{format.checksum(structure):08x}", values=values,
         lengths={leaf: len(data) for leaf, data in copies.items()},
