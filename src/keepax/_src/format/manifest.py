@@ -592,10 +592,14 @@ class _Validator:
                             "integers", path)
         if file >= len(self._files):
             raise self.fail(f"chunk {j} names file {file} of {len(self._files)}", path)
-        codec, stored, digest = parse_chunk_extras(
-            c, nbytes, self._version, where=self.where, leaf=path,
-            fail=lambda message: self.fail(f"chunk {j}: {message}", path),
-        )
+        codec: str = "raw"
+        stored: int | None = None
+        digest: str | None = None
+        if "codec" in c or "stored_nbytes" in c or "digest" in c:  # else a plain raw chunk
+            codec, stored, digest = parse_chunk_extras(
+                c, nbytes, self._version, where=self.where, leaf=path,
+                fail=lambda message: self.fail(f"chunk {j}: {message}", path),
+            )
         size = nbytes if stored is None else stored
         entry = self._files[file]
         if offset + size > entry.nbytes:
@@ -642,7 +646,8 @@ class _Validator:
                 raise self.fail(
                     f"chunks cover {volume} elements of an array of {math.prod(shape)}", path
                 )
-            if not covers_exactly(
+            # One chunk inside the array holding all its (> 0) elements is the whole array.
+            if not (len(chunks) == 1 and volume) and not covers_exactly(
                 [(c.start, c.shape) for c in chunks], [((0,) * len(shape), shape)]
             ):
                 raise self.fail("chunks of the array overlap", path)
