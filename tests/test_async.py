@@ -773,3 +773,37 @@ def test_kill_9_during_background_writes_leaves_the_latest_step_bit_exact(tmp_pa
         latest_seen.append(latest)
     assert latest_seen[-1] > latest_seen[0]
     print(f"latest step after each kill: {latest_seen}; hidden leftovers seen: {leftovers}")
+
+
+def test_gc_pauses_nest_across_threads_and_restore_the_collector() -> None:
+    """The collector stays paused while any save or restore (in any thread) pauses it, and
+    comes back as it was: on if it was on, off if the caller had turned it off."""
+    import gc  # noqa: PLC0415
+
+    from keepax._src.util import gc_paused  # noqa: PLC0415
+
+    assert gc.isenabled()
+    inner_entered, outer_may_leave = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def other() -> None:
+        with gc_paused():
+            inner_entered.set()
+            outer_may_leave.wait(10)
+        seen.append(gc.isenabled())
+
+    with gc_paused():
+        thread = threading.Thread(target=other)
+        thread.start()
+        inner_entered.wait(10)
+    seen.append(gc.isenabled())  # the other thread still pauses it
+    outer_may_leave.set()
+    thread.join()
+    assert seen == [False, True] and gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

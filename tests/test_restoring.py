@@ -206,3 +206,27 @@ def test_save_casts_floating_point_leaves_when_asked(tmp_path) -> None:
     assert keepax.inspect(tmp_path / "b").leaves[0].dtype == "float16"
     with pytest.raises(KeepaxError, match="floating"):
         keepax.save(tmp_path / "c", tree, dtype=jnp.int32)
+
+
+@pytest.mark.parametrize("select", [None, "a", ["b"]])
+def test_restored_arrays_are_freed_without_the_cyclic_collector(tmp_path, select) -> None:
+    """Dropping a restored tree frees its arrays at once (no reference cycle holds them), and
+    a save keeps no reference to the tree it saved."""
+    import gc  # noqa: PLC0415
+    import weakref  # noqa: PLC0415
+
+    state = {"a": np.arange(10.0), "b": {"c": np.ones(3)}, "v": 3}
+    saved = weakref.ref(state["b"]["c"])
+    gc.collect()
+    gc.disable()
+    try:
+        keepax.save(tmp_path / "a", state)
+        del state
+        assert saved() is None
+        out = keepax.restore(tmp_path / "a", select=select)
+        arrays = [x for x in jax.tree_util.tree_leaves(out) if isinstance(x, np.ndarray)]
+        refs = [weakref.ref(x) for x in arrays]
+        del out, arrays
+        assert refs and all(r() is None for r in refs)
+    finally:
+        gc.enable()

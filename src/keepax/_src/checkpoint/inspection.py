@@ -12,6 +12,7 @@ from keepax._src.checkpoint.opening import Opened, decode_value, is_gone, open_p
 from keepax._src.format import datafiles as format
 from keepax._src.format import reading, tables, tree
 from keepax._src.format.manifest import ArrayLeaf, Manifest
+from keepax._src.util import gc_paused
 from keepax.errors import CheckpointNotFoundError, KeepaxError
 
 __all__ = [
@@ -77,6 +78,7 @@ class CheckpointInfo:
         return sum(leaf.nbytes for leaf in self.leaves)
 
 
+@gc_paused()
 def inspect(path: str, *, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
     """Describes a committed checkpoint (structure, shapes, dtypes, sizes, metadata) without
     reading any array data.
@@ -89,6 +91,7 @@ def inspect(path: str, *, storage_options: dict[str, Any] | None = None) -> Chec
     return info_of(open_path(path, storage_options))
 
 
+@gc_paused()
 def info_of(opened: Opened) -> CheckpointInfo:
     """The :class:`CheckpointInfo` of an opened checkpoint (no array data read)."""
     m = opened.manifest
@@ -169,6 +172,7 @@ def resolved_manifest(opened: Opened) -> Manifest:
     return m
 
 
+@gc_paused()
 def verify_opened(
     opened: Opened, *, progress: Callable[[int, int], None] | None = None
 ) -> list[str]:

@@ -92,6 +92,8 @@ def take_apart(tree_: Any, process: int, count: int) -> tuple[Any, dict[str, byt
       UnsupportedLeafError: a marked value holds a leaf that cannot be stored.
     """
     found: dict[str, bytes] = {}
+    if not any(map(_is_marker, jax.tree_util.tree_leaves(tree_, is_leaf=_is_marker))):
+        return tree_, found  # the common case, without rebuilding the tree
 
     def one(path: Any, x: Any) -> Any:
         if not _is_marker(x):

@@ -33,6 +33,7 @@ from keepax._src.format.manifest import (
     TableRef,
     ValueLeaf,
 )
+from keepax._src.util import gc_paused
 from keepax.errors import UnsupportedLeafError
 
 __all__ = ["LeafPlan", "ProcessRows", "SourceBuffer", "chunk_view", "is_key_array",
@@ -336,6 +337,7 @@ class LeafPlan:
                 return True
         return False
 
+    @gc_paused()
     def manifest(
         self,
         files: Sequence[DataFile],
@@ -357,7 +359,7 @@ class LeafPlan:
         leaves: list[Any] = list(self.leaves)
         for index, (kind, dtype, shape, extra) in self.arrays.items():
             leaves[index] = ArrayLeaf(
-                path=tree.keystr(self.structure.paths[index]),
+                path=self.structure.names[index],
                 type=kind,
                 shape=shape,
                 dtype=dtypes.dtype_name(dtype),
@@ -402,8 +404,7 @@ def plan_leaves(tree_: Any, assigner: tables.Assigner | None = None) -> LeafPlan
     sources: list[ChunkSource] = []
     buffers: list[SourceBuffer] = []
     arrays: dict[int, tuple[str, np.dtype, tuple[int, ...], dict[str, Any]]] = {}
-    for index, (key_path, value) in enumerate(zip(structure.paths, structure.leaves)):
-        leaf_path = tree.keystr(key_path)
+    for index, (leaf_path, value) in enumerate(zip(structure.names, structure.leaves)):
         value_leaf = _value_leaf(value, leaf_path)
         if value_leaf is not None:
             leaves.append(value_leaf)

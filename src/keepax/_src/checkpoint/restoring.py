@@ -37,6 +37,7 @@ from keepax._src.format import dtypes, reading, tables, tree
 from keepax._src.format.manifest import ArrayLeaf, Manifest, ValueLeaf
 from keepax._src.format.reading import ReadRequest, RestoreStats
 from keepax._src.io import Storage
+from keepax._src.util import gc_paused
 from keepax.errors import CorruptCheckpointError, KeepaxError
 
 __all__ = [
@@ -78,6 +79,7 @@ def restore_manifest(
     return restore_opened(opened_manifest(storage, name, where, manifest), like, **kwargs)
 
 
+@gc_paused()
 def restore_opened(
     opened: Opened,
     like: Any = None,

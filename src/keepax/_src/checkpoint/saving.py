@@ -20,12 +20,13 @@ from keepax._src.checkpoint import casting, incremental, per_process, stateful
 from keepax._src.checkpoint.plan import LeafPlan, ProcessRows, is_key_array, plan_leaves
 from keepax._src.commit import coordination, distributed, protocol
 from keepax._src.commit.protocol import SaveResult
-from keepax._src.format import codecs, tables, tree
+from keepax._src.format import codecs, tables
 from keepax._src.format import datafiles as format
 from keepax._src.format.codecs import Compression
 from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import COMMIT_FILE, MANIFEST_FILE
 from keepax._src.io import Storage, is_hidden_name, split_checkpoint_path
+from keepax._src.util import gc_paused
 from keepax.errors import CheckpointExistsError, KeepaxError
 
 SYNC_TIMEOUT = distributed.SYNC_TIMEOUT
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 
+@gc_paused()
 def save(
     path: str,
     tree_: Any,
@@ -153,6 +155,7 @@ AGREE_NAMESPACE = "keepax-agree"
 caller's thread, when the save is prepared)."""
 
 
+@gc_paused()
 def prepare_save(
     path: str,
     tree_: Any,
@@ -287,7 +290,7 @@ def _proposal(
                 jax.random.key_data(value) if is_key_array(value) else value))
             head = f"{array.dtype.str}{array.shape}".encode()
             crc = format.checksum(array.reshape(-1).view(np.uint8).data, format.checksum(head))
-            values[tree.keystr(plan.structure.paths[index])] = f"{crc:08x}"
+            values[plan.structure.names[index]] = f"{crc:08x}"
     return distributed.Proposal(
         where, step, host_local, structure=f"{format.checksum(structure):08x}", values=values,
         lengths={leaf: len(data) for leaf, data in copies.items()},

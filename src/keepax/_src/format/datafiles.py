@@ -28,6 +28,7 @@ from keepax._src.format import blocks, codecs, dtypes, spec
 from keepax._src.format.codecs import Compression
 from keepax._src.format.manifest import ArrayLeaf, Chunk, DataFile, Manifest
 from keepax._src.io.base import Reader, Storage, Writer
+from keepax._src.util import gc_paused
 
 __all__ = [
     "ChunkSource",
@@ -141,6 +142,7 @@ def pad_header(text: bytes, length: int | None = None) -> bytes:
     return struct.pack("<Q", length) + text + b" " * (length - len(text))
 
 
+@gc_paused()
 def safetensors_header(sources: Sequence[ChunkSource], file_tag: str,
                        stored: Sequence[int | None] | None = None) -> bytes:
     """Builds the length-prefixed, 64-byte-aligned safetensors header of a data file

@@ -25,6 +25,7 @@ from keepax._src.format.spec import (
     MANIFEST_FILE,
     TABLES_VERSION,
 )
+from keepax._src.util import gc_paused
 from keepax.errors import CorruptCheckpointError, FormatVersionError
 
 __all__ = [
@@ -230,6 +231,7 @@ class Manifest:
     tables: tuple[TableRef, ...] = ()
     layouts: tuple[Layout, ...] = ()
 
+    @gc_paused()
     def to_json(self) -> bytes:
         """Serialises the manifest (UTF-8 JSON)."""
         leaves = []
@@ -295,6 +297,7 @@ class Manifest:
         return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
+    @gc_paused()
     def from_json(cls, data: bytes, *, where: str) -> Manifest:
         """Parses and validates an untrusted manifest.
 
@@ -645,10 +648,14 @@ class _Validator:
                             "integers", path)
         if file >= len(self._files):
             raise self.fail(f"chunk {j} names file {file} of {len(self._files)}", path)
-        codec, stored, digest = parse_chunk_extras(
-            c, nbytes, self._version, where=self.where, leaf=path,
-            fail=lambda message: self.fail(f"chunk {j}: {message}", path),
-        )
+        codec: str = "raw"
+        stored: int | None = None
+        digest: str | None = None
+        if "codec" in c or "stored_nbytes" in c or "digest" in c:  # else a plain raw chunk
+            codec, stored, digest = parse_chunk_extras(
+                c, nbytes, self._version, where=self.where, leaf=path,
+                fail=lambda message: self.fail(f"chunk {j}: {message}", path),
+            )
         size = nbytes if stored is None else stored
         entry = self._files[file]
         if offset + size > entry.nbytes:
@@ -702,7 +709,8 @@ class _Validator:
                 raise self.fail(
                     f"chunks cover {volume} elements of an array of {math.prod(shape)}", path
                 )
-            if not covers_exactly(
+            # One chunk inside the array holding all its (> 0) elements is the whole array.
+            if not (len(chunks) == 1 and volume) and not covers_exactly(
                 [(c.start, c.shape) for c in chunks], [((0,) * len(shape), shape)]
             ):
                 raise self.fail("chunks of the array overlap", path)

@@ -167,11 +167,13 @@ class Structure:
       node: The JSON description (see the module docstring).
       paths: Key path of every leaf, in flatten order.
       leaves: The leaves themselves, in flatten order.
+      names: Every leaf's :func:`keystr`, in flatten order (made once, while describing).
     """
 
     node: dict[str, Any]
     paths: list[KeyPath]
     leaves: list[Any]
+    names: list[str] = dataclasses.field(default_factory=list)
 
 
 def describe(tree: Any) -> Structure:
@@ -184,14 +186,16 @@ def describe(tree: Any) -> Structure:
     """
     paths: list[KeyPath] = []
     leaves: list[Any] = []
+    names: list[str] = []
 
-    def walk(node: Any, path: KeyPath) -> dict[str, Any]:
+    def walk(node: Any, path: KeyPath, name: str) -> dict[str, Any]:
         if node is None:
             return {"k": "none"}
         if isinstance(node, _LEAF_TYPES):
             # Never pytree nodes: skip asking JAX (a flatten call per leaf adds up).
             paths.append(path)
             leaves.append(node)
+            names.append(name)
             return {"k": "leaf", "i": len(leaves) - 1}
         children, treedef = jax.tree_util.tree_flatten_with_path(
             node, is_leaf=lambda x: x is not node
@@ -202,20 +206,26 @@ def describe(tree: Any) -> Structure:
             # A leaf: JAX did not descend into it.
             paths.append(path)
             leaves.append(node)
+            names.append(name)
             return {"k": "leaf", "i": len(leaves) - 1}
         kind = _node_kind(node)
         out: dict[str, Any] = {"k": kind}
-        where = keystr(path)
+        where = name
         entries = [entry for (entry,), _ in children]
         if kind == "dict":
             out["keys"] = [_encode_key(e.key, where) for e in entries]
         elif kind not in ("list", "tuple"):
             out["type"] = _qualname(node)
             out["keys"] = [_encode_entry(e, where) for e in entries]
-        out["c"] = [walk(child, path + (entry,)) for (entry,), child in children]
+        # keystr(path + (entry,)) == name + str(entry): one str() per entry, not per depth.
+        out["c"] = [walk(child, path + (entry,), name + str(entry))  # noqa: F821 - see del
+                    for (entry,), child in children]
         return out
 
-    return Structure(walk(tree, ()), paths, leaves)
+    try:
+        return Structure(walk(tree, (), ""), paths, leaves, names)
+    finally:
+        del walk  # the recursive closure is a reference cycle holding the leaves
 
 
 def rebuild_plain(
@@ -262,7 +272,8 @@ def rebuild_plain(
         if kind == "none":
             return _MISSING if keep is not None and not keep(path) else None
         entries, children = _container_entries(n, kind, path)
-        values = [walk(child, path + (entry,)) for entry, child in zip(entries, children)]
+        values = [walk(child, path + (entry,))  # noqa: F821 - see the del below
+                  for entry, child in zip(entries, children)]
         pairs = [(e, v) for e, v in zip(entries, values) if v is not _MISSING]
         if keep is not None and not pairs and (children or not keep(path)):
             return _MISSING
@@ -278,7 +289,12 @@ def rebuild_plain(
                 return built
         return {entry_name(e): v for e, v in pairs}
 
-    result = walk(node, ())
+    try:
+        result = walk(node, ())
+    finally:
+        # The recursive closure is a reference cycle that holds ``leaf`` (and through it the
+        # restored arrays) until the cyclic collector runs: break it now.
+        del walk
     return {} if result is _MISSING else result
 
 
