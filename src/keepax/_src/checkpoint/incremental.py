@@ -271,8 +271,8 @@ class _Planned:
     fresh: int = -1  # index into the fresh sources when written by this save
 
 
-_PACK_MIN, _PACK_MAX = 16 << 20, 256 << 20
-"""Bytes of new chunks per store file: an eighth of the save's bytes within these bounds.
+_PACK_DIV, _PACK_MIN, _PACK_MAX = 8, 16 << 20, 256 << 20
+"""Bytes of new chunks per store file: 1/_PACK_DIV of the save's bytes within these bounds.
 Each file is written (by a pool of threads) while the chunks after it are hashed."""
 _WRITERS = 4  # store files written at once (one for compressed saves: they use every core)
 _IN_FLIGHT = 256 << 20  # bytes of new chunks handed to writers and not written yet
@@ -337,7 +337,7 @@ class _Streamer:
                  prefix: str, total: int, consume: bool) -> None:
         self.prepared, self.store, self.pinned, self.prefix = prepared, store, pinned, prefix
         self.consume = consume
-        self.target = min(max(total // 8, _PACK_MIN), _PACK_MAX)
+        self.target = min(max(total // _PACK_DIV, _PACK_MIN), _PACK_MAX)
         self.pool = concurrent.futures.ThreadPoolExecutor(
             1 if prepared.compression is not None else _WRITERS)
         self.pending: collections.deque[tuple[concurrent.futures.Future[_Written], int]] = (
