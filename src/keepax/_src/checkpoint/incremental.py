@@ -7,6 +7,14 @@ again: the new step's manifest names the stored copy (``../.keepax-store/data/<f
 ``docs/FORMAT.md`` §15). Every step stays a checkpoint on its own (``keepax.restore`` on the
 step's path reads the store beside it).
 
+A save hashes its chunks in order while writer threads write the new ones, a store file per
+pack of them, so that hashing overlaps writing; each chunk is read once, and at most
+``_IN_FLIGHT`` bytes of new chunks wait for their writer (a non-contiguous chunk is never
+copied whole: hashing and writing copy it out in bounded blocks). The chunks of a
+``jax.Array`` that is the very object (alive, not deleted) of the previous save are not hashed
+again: jax arrays are immutable, so their digests still hold (a hint only; anything else is
+hashed).
+
 :class:`ChunkStore` keeps, in memory, which store files each committed step refers to
 (reference counts derived from the manifests when the manager starts, kept up to date at every
 commit and deletion) and the digests of their chunks. Store files are deleted only when no
@@ -297,12 +305,12 @@ class _Hints:
 
     def get(self, value: Any, source: ChunkSource) -> Key | None:
         """The key recorded for ``source`` of leaf ``value``, if it is the same live array."""
-        if not isinstance(value, jax.Array):
-            return None
+        if not isinstance(value, jax.Array) or value.is_deleted():
+            return None  # not immutable, or donated (reading it fails anyway)
         with self._lock:
             entry = self._by_id.get(id(value))
-        if entry is None or entry[0]() is not value or value.is_deleted():
-            return None
+        if entry is None or entry[0]() is not value:
+            return None  # never seen, or a dead object's successor at its address
         key = entry[1].get((source.start, source.shape))
         if key is None or key[1] != source.nbytes or key[2] != dtypes.dtype_name(source.dtype):
             return None

@@ -57,7 +57,8 @@ class Parts:
       PolicyError: The directory is not a path or URL keepax stores to.
       DirectoryLockedError: Another manager holds the directory.
       CheckpointNotFoundError: ``read_only`` and the local directory does not exist.
-      KeepaxError: The directory holds Orbax checkpoints and no keepax steps.
+      KeepaxError: The directory holds Orbax checkpoints and no keepax steps, or
+        ``incremental=True`` in a multi-process run (single-process for now).
     """
 
     def __init__(self, owner: object, directory: str, options: Options) -> None:
