@@ -1,7 +1,9 @@
 """Incremental saves: a fine-tune state (frozen base + ~2 % adapter with Adam moments) saved
-10 times by a manager, with and without ``incremental``; and a fully changing state.
+10 times by a manager, with and without ``incremental``; and a fully changing state, saved by
+both in rotating order over ``--repeats`` rounds (medians of each save's wall time).
 
     PYTHONPATH=src python benchmarks/bench_incremental.py --gib 0.25 --dir /tmp/bench-incr
+    PYTHONPATH=src python benchmarks/bench_incremental.py --gib 0.25 --only-full --repeats 5
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def _finetune(gib: float, step: int, rng: np.random.Generator, base: dict) -> di
     return {"base": base, "adapter": a, "opt": {"mu": a * 0.1, "nu": a * a, "count": step}}
 
 
-def _run(d: str, states: list, incremental: bool) -> tuple[list[float], list[int], float]:
+def _run(d: str, states: list, incremental: bool, restore: bool = True
+         ) -> tuple[list[float], list[int], float]:
     shutil.rmtree(d, ignore_errors=True)
     times, written = [], []
     with keepax.CheckpointManager(d, incremental=incremental, async_save=False) as m:
@@ -39,6 +42,8 @@ def _run(d: str, states: list, incremental: bool) -> tuple[list[float], list[int
             m.save(step, state)
             times.append(time.perf_counter() - t)
             written.append(_du(d) - before)
+    if not restore:
+        return times, written, 0.0
     t = time.perf_counter()
     keepax.restore(os.path.join(d, f"{len(states) - 1:08d}"))
     return times, written, time.perf_counter() - t
@@ -48,19 +53,32 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--dir", default="/tmp/keepax-bench-incremental")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the fully changing case")
+    parser.add_argument("--saves", type=int, default=3, help="saves per fully changing round")
+    parser.add_argument("--only-full", action="store_true", help="only the fully changing case")
+    parser.add_argument("--jax", action="store_true",
+                        help="the frozen base as jax.Arrays (the same objects at every save: "
+                             "not hashed again after the first)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     n = int(args.gib * (1 << 30) / 4)
     base = {f"layer{i}": rng.standard_normal(n // 8, dtype=np.float32) for i in range(8)}
+    if args.only_full:
+        _fully_changing(args, base)
+        return
+    if args.jax:
+        import jax
+
+        base = {k: jax.device_put(v) for k, v in base.items()}
     states = [_finetune(args.gib, s, rng, base) for s in range(10)]
     adapter = sum(states[1][k].nbytes for k in ("adapter",)) + sum(
         states[1]["opt"][k].nbytes for k in ("mu", "nu"))
     t = time.perf_counter()
     from keepax._src.format.digests import digest
     for v in base.values():
-        digest(v)
+        digest(np.asarray(v))
     hash_s = time.perf_counter() - t
-    print(f"state: base {args.gib:.2f} GiB f32, changing {adapter / 2**20:.1f} MiB per step; "
+    print(f"state: base {args.gib:.2f} GiB f32{' jax.Array' if args.jax else ''}, changing {adapter / 2**20:.1f} MiB per step; "
           f"hashing the base: {hash_s:.3f} s")
     for incremental in (False, True):
         d = os.path.join(args.dir, f"inc{int(incremental)}")
@@ -69,13 +87,23 @@ def main() -> None:
               f"{np.mean(times[1:]):.3f} s, bytes written mean {np.mean(written[1:]) / 2**20:.1f} "
               f"MiB; disk {_du(d) / 2**30:.3f} GiB; restore of step 10 {restore:.2f} s")
         shutil.rmtree(d, ignore_errors=True)
-    full = [{"w": {k: v + s for k, v in base.items()}} for s in range(3)]
-    for incremental in (False, True):
-        d = os.path.join(args.dir, f"full{int(incremental)}")
-        times, _, _ = _run(d, full, incremental)
-        print(f"fully changing state, incremental={incremental}: saves mean "
-              f"{np.mean(times):.2f} s")
-        shutil.rmtree(d, ignore_errors=True)
+    _fully_changing(args, base)
+
+
+def _fully_changing(args: argparse.Namespace, base: dict) -> None:
+    """Every leaf changes at every save: what ``incremental`` costs when nothing dedups."""
+    full = [{"w": {k: v + s for k, v in base.items()}} for s in range(args.saves)]
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(args.repeats):
+        for incremental in ((False, True) if r % 2 == 0 else (True, False)):
+            d = os.path.join(args.dir, f"full{int(incremental)}")
+            saves, _, _ = _run(d, full, incremental, restore=False)
+            times[incremental] += saves
+            shutil.rmtree(d, ignore_errors=True)
+    off, on = np.median(times[False]), np.median(times[True])
+    print(f"fully changing state ({args.repeats} rounds x {args.saves} saves, rotating order): "
+          f"median save incremental=False {off:.3f} s, incremental=True {on:.3f} s "
+          f"({100 * (on / off - 1):+.1f} %)")
 
 
 if __name__ == "__main__":

@@ -199,6 +199,14 @@ elif scenario == "host_local_behind":
     result["left"] = sorted(os.listdir(mine))
     manager.close()
 
+elif scenario == "incremental_refused":
+    # incremental=True is single-process for now: every process is told at construction.
+    try:
+        keepax.CheckpointManager(directory, incremental=True, sync_timeout=60)
+        result["error"] = None
+    except keepax.KeepaxError as e:
+        result["error"] = str(e)
+
 else:
     raise SystemExit(f"unknown scenario {scenario}")
 mp_prelude.report(result)

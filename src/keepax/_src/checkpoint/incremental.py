@@ -7,6 +7,14 @@ again: the new step's manifest names the stored copy (``../.keepax-store/data/<f
 ``docs/FORMAT.md`` §15). Every step stays a checkpoint on its own (``keepax.restore`` on the
 step's path reads the store beside it).
 
+A save hashes its chunks in order while writer threads write the new ones, a store file per
+pack of them, so that hashing overlaps writing; each chunk is read once, and at most
+``_IN_FLIGHT`` bytes of new chunks wait for their writer (a non-contiguous chunk is never
+copied whole: hashing and writing copy it out in bounded blocks). The chunks of a
+``jax.Array`` that is the very object (alive, not deleted) of the previous save are not hashed
+again: jax arrays are immutable, so their digests still hold (a hint only; anything else is
+hashed).
+
 :class:`ChunkStore` keeps, in memory, which store files each committed step refers to
 (reference counts derived from the manifests when the manager starts, kept up to date at every
 commit and deletion) and the digests of their chunks. Store files are deleted only when no
@@ -17,15 +25,19 @@ crash left unreferenced is removed when a manager next starts (after the grace p
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+import jax
 import numpy as np
 
 from keepax._src.commit import protocol
@@ -111,6 +123,8 @@ class ChunkStore:
         self._pins: dict[str, int] = {}  # store file -> saves in flight referring to it
         self._chunks: dict[Key, StoredChunk] = {}
         self._by_file: dict[str, set[Key]] = {}
+        self.hints = _Hints()
+        """The previous save's jax.Array leaves and their chunk keys (never hashed again)."""
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -265,41 +279,153 @@ class _Planned:
     fresh: int = -1  # index into the fresh sources when written by this save
 
 
+_PACK_DIV, _PACK_MIN, _PACK_MAX = 8, 16 << 20, 256 << 20
+"""Bytes of new chunks per store file: 1/_PACK_DIV of the save's bytes within these bounds.
+Each file is written (by a pool of threads) while the chunks after it are hashed."""
+_WRITERS = 4  # store files written at once (one for compressed saves: they use every core)
+_IN_FLIGHT = 256 << 20  # bytes of new chunks handed to writers and not written yet
+
+_Written = dict[int, tuple[DataFile, Chunk]]
+"""id of a fresh source -> the file (as written under the store) and its chunk entry."""
+
+_HintKey = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+class _Hints:
+    """The chunk keys of the ``jax.Array`` leaves of a manager's previous save, by object.
+
+    A jax.Array is immutable: the same object, not deleted (donated), still holds the bytes it
+    held then, so its chunks need not be hashed again. Only a weak reference is kept; an
+    object that died (its id may be reused) or was deleted is hashed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[int, tuple[weakref.ref[Any], dict[_HintKey, Key]]] = {}
+
+    def get(self, value: Any, source: ChunkSource) -> Key | None:
+        """The key recorded for ``source`` of leaf ``value``, if it is the same live array."""
+        if not isinstance(value, jax.Array) or value.is_deleted():
+            return None  # not immutable, or donated (reading it fails anyway)
+        with self._lock:
+            entry = self._by_id.get(id(value))
+        if entry is None or entry[0]() is not value:
+            return None  # never seen, or a dead object's successor at its address
+        key = entry[1].get((source.start, source.shape))
+        if key is None or key[1] != source.nbytes or key[2] != dtypes.dtype_name(source.dtype):
+            return None
+        return key
+
+    def replace(self, keys: dict[int, tuple[Any, dict[_HintKey, Key]]]) -> None:
+        """Keeps the keys of one save's jax.Array leaves (id -> (leaf, keys)), dropping the
+        previous save's."""
+        kept: dict[int, tuple[weakref.ref[Any], dict[_HintKey, Key]]] = {}
+        for i, (value, chunks) in keys.items():
+            try:
+                kept[i] = (weakref.ref(value), chunks)
+            except TypeError:
+                continue  # not weakly referenceable: no hint
+        with self._lock:
+            self._by_id = kept
+
+
+def _leaves(prepared: PreparedSave) -> Sequence[Any]:
+    structure = getattr(prepared.plan, "structure", None)
+    return getattr(structure, "leaves", ())
+
+
+class _Streamer:
+    """Hashes chunks in order and hands the new ones to writer threads, a store file at a
+    time, so that hashing overlaps writing. Each chunk's data is read once (by this thread);
+    a new chunk is held only until its file is written, and at most ``_IN_FLIGHT`` bytes of
+    them at once (a non-contiguous chunk is held as the view it is: hashing and writing copy
+    it out in bounded blocks)."""
+
+    def __init__(self, prepared: PreparedSave, store: ChunkStore, pinned: set[str],
+                 prefix: str, total: int, consume: bool) -> None:
+        self.prepared, self.store, self.pinned, self.prefix = prepared, store, pinned, prefix
+        self.consume = consume
+        self.target = min(max(total // _PACK_DIV, _PACK_MIN), _PACK_MAX)
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            1 if prepared.compression is not None else _WRITERS)
+        self.pending: collections.deque[tuple[concurrent.futures.Future[_Written], int]] = (
+            collections.deque())
+        self.files = 0
+        self.written: _Written = {}
+        self.hashed = 0  # chunks hashed (the others were known from hints)
+
+    def _write(self, pack: list[ChunkSource], number: int) -> _Written:
+        files, written = datafiles.write_data_files(
+            self.prepared.storage, spec.STORE_DIR, pack, prefix=f"{self.prefix}-{number:03d}",
+            max_files=1, compression=self.prepared.compression)
+        return {id(src): (files[c.file], c) for pairs in written.values() for src, c in pairs}
+
+    def _submit(self, pack: list[ChunkSource], nbytes: int) -> None:
+        self.pending.append((self.pool.submit(self._write, pack, self.files), nbytes))
+        self.files += 1
+        while sum(n for _, n in self.pending) > _IN_FLIGHT:
+            self.written.update(self.pending.popleft()[0].result())
+
+    def _key(self, s: ChunkSource, value: Any, hints: _Hints) -> tuple[Key, np.ndarray | None]:
+        key = hints.get(value, s)
+        array = s.data() if key is None or self.consume else None
+        if array is not None and array.shape != s.shape:
+            raise ValueError(f"chunk {s.name}: got shape {array.shape}, want {s.shape}")
+        if key is None:
+            assert array is not None
+            self.hashed += 1
+            key = (digests.digest(array), s.nbytes, dtypes.dtype_name(s.dtype))
+        return key, array
+
+    def run(self, sources: Sequence[ChunkSource]) -> tuple[list[_Planned], list[ChunkSource]]:
+        """Plans every chunk (a stored copy or new), writes the new ones (into
+        :attr:`written`); returns the plan and the new chunks."""
+        planned: list[_Planned] = []
+        fresh: list[ChunkSource] = []
+        seen: dict[Key, int] = {}
+        pack: list[ChunkSource] = []
+        size = 0
+        leaves = _leaves(self.prepared)
+        hints = self.store.hints
+        remember: dict[int, tuple[Any, dict[_HintKey, Key]]] = {}
+        try:
+            for s in sources:
+                value = leaves[s.leaf] if s.leaf < len(leaves) else None
+                key, array = self._key(s, value, hints)
+                if isinstance(value, jax.Array):
+                    remember.setdefault(id(value), (value, {}))[1][(s.start, s.shape)] = key
+                p = _Planned(s, key, self.store.lookup(key, self.pinned))
+                if p.hit is None:
+                    if key not in seen:
+                        seen[key] = len(fresh)
+                        # Read once: a hinted chunk not read yet is read by its writer.
+                        fresh.append(s if array is None else
+                                     dataclasses.replace(s, data=_constant(array)))
+                        pack.append(fresh[-1])
+                        size += s.nbytes
+                        if size >= self.target:
+                            self._submit(pack, size)
+                            pack, size = [], 0
+                    p.fresh = seen[key]
+                planned.append(p)
+                del array
+            if pack:
+                self._submit(pack, size)
+            while self.pending:
+                self.written.update(self.pending.popleft()[0].result())
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        hints.replace(remember)
+        return planned, fresh
+
+
 def _constant(array: np.ndarray) -> Callable[[], np.ndarray]:
     return lambda: array
 
 
-def _plan(sources: Sequence[ChunkSource], store: ChunkStore, pinned: set[str]
-          ) -> tuple[list[_Planned], list[ChunkSource]]:
-    """Digests each chunk; looks it up in the store, then among this save's new chunks."""
-    planned: list[_Planned] = []
-    fresh: list[ChunkSource] = []
-    seen: dict[Key, int] = {}
-    for s in sources:
-        array = s.data()
-        if array.shape != s.shape:
-            raise ValueError(f"chunk {s.name}: got shape {array.shape}, want {s.shape}")
-        array = np.ascontiguousarray(array).reshape(s.shape)  # (0-d arrays stay 0-d)
-        key = (digests.digest(array), s.nbytes, dtypes.dtype_name(s.dtype))
-        hit = store.lookup(key, pinned)
-        p = _Planned(s, key, hit)
-        if hit is None:
-            if key not in seen:
-                seen[key] = len(fresh)
-                fresh.append(dataclasses.replace(s, data=_constant(array)))
-            p.fresh = seen[key]
-        planned.append(p)
-    return planned, fresh
-
-
-def _assemble(planned: Sequence[_Planned], new_files: Sequence[DataFile],
-              written: dict[int, list[tuple[ChunkSource, Chunk]]], fresh: Sequence[ChunkSource]
+def _assemble(planned: Sequence[_Planned], fresh: Sequence[ChunkSource], written: _Written
               ) -> tuple[list[DataFile], dict[int, list[tuple[ChunkSource, Chunk]]]]:
     """The manifest's files (all store references) and each leaf's chunks."""
-    by_source: dict[int, Chunk] = {}
-    for pairs in written.values():
-        for source, chunk in pairs:
-            by_source[id(source)] = chunk
     files: list[DataFile] = []
     index: dict[str, int] = {}
 
@@ -318,8 +444,7 @@ def _assemble(planned: Sequence[_Planned], new_files: Sequence[DataFile],
             chunk = Chunk(i, h.offset, s.nbytes, s.start, s.shape, h.crc32c, h.codec,
                           None if h.codec == "raw" else h.stored, p.key[0])
         else:
-            c = by_source[id(fresh[p.fresh])]
-            f = new_files[c.file]
+            f, c = written[id(fresh[p.fresh])]
             i = file_index(f"{STORE_DATA}/{f.name[len('data/'):]}", f.nbytes)
             chunk = dataclasses.replace(c, file=i, start=s.start, shape=s.shape,
                                         digest=p.key[0])
@@ -327,9 +452,27 @@ def _assemble(planned: Sequence[_Planned], new_files: Sequence[DataFile],
     return files, chunks
 
 
+def _remove_written(storage: Storage, prefix: str) -> None:
+    """Deletes the store files an uncommitted save wrote (named with its unique prefix)."""
+    with contextlib.suppress(OSError):
+        for base in storage.list(STORE_DATA):
+            if base.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    storage.delete(f"{STORE_DATA}/{base}")
+
+
 def write_incremental(prepared: PreparedSave, sources: Sequence[ChunkSource], store: ChunkStore,
-                      *, before_commit: Callable[[], None] | None = None) -> SaveResult:
+                      *, before_commit: Callable[[], None] | None = None,
+                      consume: bool = True) -> SaveResult:
     """Writes a prepared single-process save through the chunk store and commits it.
+
+    Args:
+      prepared: The save.
+      sources: Its chunks (the plan's, or staged copies).
+      store: The manager directory's chunk store.
+      before_commit: Called before the commit marker is written.
+      consume: Read every chunk once, even one known unchanged without reading it (staged
+        copies are released as they are read); False reads only what is hashed or written.
 
     Raises:
       CheckpointExistsError: Another save created the checkpoint first.
@@ -341,18 +484,20 @@ def write_incremental(prepared: PreparedSave, sources: Sequence[ChunkSource], st
         raise KeepaxError("incremental saves write steps directly under the manager directory",
                           path=prepared.where)
     pinned: set[str] = set()
-    new_files: list[DataFile] = []
+    prefix = f"{uuid.uuid4().hex[:16]}-p00000"
+    new_files: dict[str, int] = {}
     committed = False
     try:
-        planned, fresh = _plan(sources, store, pinned)
         with protocol.staged(storage, prepared.name, prepared.where,
                              replace=prepared.overwrite) as staging:
-            new_files, written = datafiles.write_data_files(
-                storage, spec.STORE_DIR, fresh, prefix=f"{uuid.uuid4().hex[:16]}-p00000",
-                compression=prepared.compression)
+            streamer = _Streamer(prepared, store, pinned, prefix,
+                                 sum(s.nbytes for s in sources), consume)
+            planned, fresh = streamer.run(sources)
+            written = streamer.written
+            new_files = {f.name: f.nbytes for f, _ in written.values()}
             if new_files:
                 storage.sync_dir(STORE_DATA)
-            files, chunks = _assemble(planned, new_files, written, fresh)
+            files, chunks = _assemble(planned, fresh, written)
             manifest = prepared.plan.manifest(files, chunks, prepared.metadata,
                                               created=time.time())
             manifest = dataclasses.replace(manifest, version=spec.CODECS_VERSION)
@@ -361,9 +506,9 @@ def write_incremental(prepared: PreparedSave, sources: Sequence[ChunkSource], st
         store.delete(store.register(prepared.name, manifest))
     finally:
         dead = store.unpin(pinned)
-        if not committed:
-            dead += [f"{spec.STORE_DIR}/{f.name}" for f in new_files]
         with contextlib.suppress(OSError):
             store.delete(dead)
-    nbytes += sum(f.nbytes for f in new_files)
+        if not committed:
+            _remove_written(storage, prefix)
+    nbytes += sum(new_files.values())
     return SaveResult(prepared.where, nbytes, len(new_files), time.perf_counter() - began)

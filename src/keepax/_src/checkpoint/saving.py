@@ -324,7 +324,8 @@ def write_prepared(
         )
     if prepared.store is not None:
         return incremental.write_incremental(prepared, chosen, prepared.store,
-                                             before_commit=before_commit)
+                                             before_commit=before_commit,
+                                             consume=sources is not None)
     began = time.perf_counter()
     storage = prepared.storage
     with protocol.staged(

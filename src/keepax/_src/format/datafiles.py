@@ -219,6 +219,7 @@ def _write_one(
             if crcs_of is not None:
                 crcs_of.feed(view)
             writer.write(view)
+            del block, view  # before the next block is copied: one block held at a time
         crcs.append((crc, size, crcs_of.finish() if crcs_of is not None else ()))
     if pending:
         writer.writev(pending)

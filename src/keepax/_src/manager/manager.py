@@ -101,7 +101,8 @@ class CheckpointManager:
       sync_timeout: Seconds a process waits for the others (multi-process runs).
       metadata: Run-level metadata (a JSON-able dict) kept with the directory.
       keep_previous_temporary: Keep the temporaries a previous run left, as permanent steps.
-      incremental: Write only the chunks no committed step here already stores.
+      incremental: Write only the chunks no committed step here already stores
+        (single-process managers only).
 
       Each option in full: :class:`keepax._src.manager.options.Options`.
 

@@ -220,8 +220,10 @@ class Options:
         then kept like permanent steps, as the keep policies say) instead of deleting them
         once this run saves a newer step.
       incremental: Write only chunks whose bytes no committed step of this directory
-        already stores (README, *Incremental saves and compression*); single-process saves
-        only (multi-process and ``host_local`` saves are written in full).
+        already stores (README, *Incremental saves and compression*); off by default (a
+        state that changes entirely pays the hashing). Single-process for now: a
+        multi-process manager refuses it at construction; ``host_local`` saves are written
+        in full.
       compression: Compress every chunk its saves write: ``"zstd"`` or ``("zstd", level)``
         (as :func:`keepax.save`); None stores chunks as they are.
     """

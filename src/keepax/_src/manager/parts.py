@@ -57,7 +57,8 @@ class Parts:
       PolicyError: The directory is not a path or URL keepax stores to.
       DirectoryLockedError: Another manager holds the directory.
       CheckpointNotFoundError: ``read_only`` and the local directory does not exist.
-      KeepaxError: The directory holds Orbax checkpoints and no keepax steps.
+      KeepaxError: The directory holds Orbax checkpoints and no keepax steps, or
+        ``incremental=True`` in a multi-process run (single-process for now).
     """
 
     def __init__(self, owner: object, directory: str, options: Options) -> None:
@@ -66,6 +67,11 @@ class Parts:
         self.where = self.storage.display("")
         self.processes = Processes(host_local=options.host_local, timeout=options.sync_timeout,
                                    where=self.where)
+        if options.incremental and self.processes.multi and not options.read_only:
+            raise KeepaxError(
+                "incremental=True is single-process for now: this manager runs in several "
+                "processes, whose saves would be written in full; pass incremental=False "
+                "(or save from one process)", path=self.where)
         self._key = _storage_key(self.storage, self.where)
         self.index = StepIndex(self.storage, options.storage_options)
         self.engine = async_engine.SaveEngine(
