@@ -222,11 +222,8 @@ def restore(
       stats: If given, filled with what was read.
       storage_options: For URLs (``s3://...``): fsspec options and keepax's ``keepax_*``
         transfer options, as for :func:`save`.
-      timeout: Seconds the whole restore may wait for storage (None: no limit). A restore
-        waits for no other process (each reads what it needs on its own), so its only
-        unbounded waits are storage reads, e.g. of a stalled network mount or object store;
-        past the deadline it raises instead of hanging, and the reads under way are
-        abandoned (README, *Many processes*).
+      timeout: Seconds the restore may wait for storage (None: no limit); past it, it raises
+        instead of hanging on a stalled mount or store (README, *Many processes*).
 
     Returns:
       The restored tree.
