@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from faulty_storage import Faults
 from jax.sharding import NamedSharding, PartitionSpec
+from test_manager import FakeClock
 
 import keepax
 from keepax import policies
@@ -26,16 +27,6 @@ from keepax.errors import (
     PolicyError,
     StepOrderError,
 )
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Position:
