@@ -28,4 +28,10 @@ def root(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:  # noqa: AN
     yield f"memory://{name}"
     memory.clear(name)
 
+@pytest.fixture
+def directory(root: str) -> str:
+    """A manager directory (not yet created) on each storage backend."""
+    return f"{root}/run"
+
+
 pytest_plugins = ["s3_fixtures"]

@@ -99,11 +99,6 @@ def assert_tree_equal(a: object, b: object) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.fixture
-def directory(root: str) -> str:
-    return f"{root}/run"
-
-
 def manager(directory: str, **kwargs: object) -> keepax.CheckpointManager:
     kwargs.setdefault("clock", FakeClock())
     return keepax.CheckpointManager(directory, **kwargs)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from faulty_storage import Faults
 from jax.sharding import NamedSharding, PartitionSpec
-from test_manager import FakeClock
+from test_manager import FakeClock, manager, names_in
 
 import keepax
 from keepax import policies
@@ -40,20 +40,6 @@ class Position:
 
     def set_state(self, state: dict[str, object]) -> None:
         self.weights = np.asarray(state["weights"])
-
-
-@pytest.fixture
-def directory(root: str) -> str:
-    return f"{root}/run"
-
-
-def manager(directory: str, **kwargs: object) -> keepax.CheckpointManager:
-    kwargs.setdefault("clock", FakeClock())
-    return keepax.CheckpointManager(directory, **kwargs)
-
-
-def names_in(directory: str) -> list[str]:
-    return [n for n in open_root(directory).list("") if ".keepax-" not in n]
 
 
 # ---------------------------------------------------------------------------------------------

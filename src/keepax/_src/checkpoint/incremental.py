@@ -176,11 +176,15 @@ class ChunkStore:
             self._refs[f] = self._refs.get(f, 1) - 1
             if self._refs[f] <= 0 and not self._pins.get(f):
                 dead.append(f)
-        for f in dead:
+        self._forget(dead)
+        return dead
+
+    def _forget(self, files: Iterable[str]) -> None:
+        """Under the lock: forgets dead store files and the chunks they held."""
+        for f in files:
             self._refs.pop(f, None)
             for key in self._by_file.pop(f, set()):
                 self._chunks.pop(key, None)
-        return dead
 
     def release(self, name: str) -> list[str]:
         """Forgets step ``name`` (hidden or deleted); returns store files no longer referred
@@ -213,10 +217,7 @@ class ChunkStore:
                     del self._pins[f]
                     if self._refs.get(f, 0) <= 0:
                         dead.append(f)
-            for f in dead:
-                self._refs.pop(f, None)
-                for key in self._by_file.pop(f, set()):
-                    self._chunks.pop(key, None)
+            self._forget(dead)
         return dead
 
     # -- deletion ----------------------------------------------------------------------------

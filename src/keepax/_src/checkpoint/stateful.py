@@ -78,6 +78,8 @@ def state_tree(state: Any, step: int | None = None) -> tuple[Any, list[str]]:
     Raises:
       UnsupportedLeafError: A ``get_state()`` value that is not JSON-like data or arrays.
     """
+    if not has_objects(state):  # the common case: nothing to rebuild (the save path is hot)
+        return state, []
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_stateful)
     out, stateful = [], []
     for path, leaf in leaves:
@@ -135,9 +137,9 @@ def _under(path: str, prefix: str) -> bool:
 # Restoring into the objects of a like tree.
 
 
-def has_objects(like: Any) -> bool:
-    """Whether ``like`` holds an object with ``get_state()``/``set_state()``."""
-    return any(is_stateful(x) for x in jax.tree_util.tree_leaves(like, is_leaf=is_stateful))
+def has_objects(tree: Any) -> bool:
+    """Whether ``tree`` holds an object with ``get_state()``/``set_state()``."""
+    return any(is_stateful(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_stateful))
 
 
 Restore = Callable[..., Any]
