@@ -38,11 +38,14 @@ def leaf_name(path: tree.KeyPath) -> str:
     return "/".join(str(tree.entry_name(entry)) for entry in path)
 
 
-def _rule_function(rules: Sequence[tuple[str, jax.sharding.Sharding]]) -> Callable[..., Any]:
+def _rule_function(rules: Sequence[tuple[str, jax.sharding.Sharding]], where: str
+                   ) -> Callable[..., Any]:
     try:
         compiled = [(re.compile(pattern), sharding) for pattern, sharding in rules]
     except (TypeError, ValueError, re.error) as e:
-        raise KeepaxError(f"shardings= rules must be (regex, Sharding) pairs: {e}") from e
+        raise KeepaxError(f"shardings= rules must be (regex, Sharding) pairs, e.g. "
+                          f"[(r'kernel$', NamedSharding(mesh, P(None, 'model')))]: {e}",
+                          path=where) from e
 
     def pick(name: str, _: LeafInfo) -> jax.sharding.Sharding | None:
         for pattern, sharding in compiled:
@@ -64,7 +67,7 @@ def placement_targets(
     """
     if shardings is None:
         return {}
-    pick = shardings if callable(shardings) else _rule_function(shardings)
+    pick = shardings if callable(shardings) else _rule_function(shardings, opened.where)
     infos = info_of(opened).leaves
     targets: dict[int, Target | None] = {}
     for index in wanted:
