@@ -47,7 +47,7 @@ from keepax._src.manager.foreign import (
     looks_like_orbax_dir,
     orbax_directory_error,
 )
-from keepax._src.tools import _common
+from keepax._src.tools import _common, listing
 from keepax.errors import CheckpointExistsError, KeepaxError
 
 __all__ = ["import_orbax", "ImportResult", "looks_like_orbax_dir", "orbax_directory_error",
@@ -615,12 +615,7 @@ def run_import_orbax(args: argparse.Namespace) -> int:
     """Runs ``keepax import-orbax``; returns the exit status (0 done, 2 error)."""
 
     def body() -> int:
-        best = None
-        if args.best:
-            metric, _, mode = args.best.partition(":")
-            if not metric or (mode or "min") not in ("min", "max"):
-                raise KeepaxError(f"--best wants METRIC[:min|max], got {args.best!r}")
-            best = (metric, mode or "min")
+        best = listing.parse_best(args.best)
         with _common.Progress("import", quiet=args.quiet) as bar:
             result = import_orbax(args.src, args.dst, steps=args.steps, best=best,
                                   overwrite=args.overwrite, progress=bar,
