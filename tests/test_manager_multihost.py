@@ -67,9 +67,9 @@ def test_iterator_states_of_two_processes_restore_on_one_by_choice(tmp_path: Pat
         assert e.value.step == 4
 
 
-def test_incremental_is_refused_by_a_multi_process_manager(tmp_path: Path) -> None:
+def test_incremental_is_refused_by_a_host_local_multi_process_manager(tmp_path: Path) -> None:
     results = run_processes(MANAGER, 2, tmp_path=tmp_path,
                             args=["incremental_refused", str(tmp_path / "run")], timeout=120)
     for r in results:
-        assert "incremental=True is single-process for now" in r.result["error"]
-    assert not (tmp_path / "run" / ".keepax-store").exists()
+        assert "incremental=True does not work with host_local=True" in r.result["error"]
+    assert not list((tmp_path / "run").glob("*/.keepax-store"))

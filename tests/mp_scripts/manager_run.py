@@ -200,9 +200,11 @@ elif scenario == "host_local_behind":
     manager.close()
 
 elif scenario == "incremental_refused":
-    # incremental=True is single-process for now: every process is told at construction.
+    # incremental=True needs a shared directory: with host_local every process is told at
+    # construction.
     try:
-        keepax.CheckpointManager(directory, incremental=True, sync_timeout=60)
+        keepax.CheckpointManager(f"{directory}/p{index}", incremental=True, host_local=True,
+                                 sync_timeout=60)
         result["error"] = None
     except keepax.KeepaxError as e:
         result["error"] = str(e)

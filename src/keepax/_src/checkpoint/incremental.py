@@ -42,7 +42,7 @@ import numpy as np
 
 from keepax._src.commit import protocol
 from keepax._src.commit.protocol import SaveResult
-from keepax._src.format import datafiles, digests, dtypes, spec
+from keepax._src.format import datafiles, digests, dtypes, spec, tables
 from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import MANIFEST_FILE, ArrayLeaf, Chunk, DataFile, Manifest
 from keepax._src.io import Storage
@@ -74,7 +74,8 @@ class PreparedSave(Protocol):
     @property
     def plan(self) -> Any: ...
 
-__all__ = ["ChunkStore", "StoredChunk", "write_incremental", "STORE_DATA", "store_files"]
+__all__ = ["ChunkStore", "SharedSave", "StoredChunk", "write_incremental", "STORE_DATA",
+           "store_files"]
 
 STORE_DATA = f"{spec.STORE_DIR}/data"
 """The store's data files, relative to the manager directory."""
@@ -111,12 +112,28 @@ def store_files(manifest: Manifest) -> set[str]:
 class ChunkStore:
     """Reference counts and digests of a manager directory's chunk store (one process).
 
+    In a multi-process run every process keeps one: each refers only to store files its own
+    process index wrote (the tables of two processes never list the same file, §14.3), and
+    only process 0 (``peers`` and ``leader``) deletes. Process 0 never deletes a dead store
+    file at once: it announces it to every process when it begins the next save (with the
+    staging directory), each process forgets it before choosing what to refer to, and
+    process 0 deletes it then if no committed step has referred to it meanwhile (see
+    :meth:`announce`).
+
     Args:
       storage: The manager directory's storage.
+      process: In a multi-process run, this process's index (None: alone; refers to any
+        store file).
+      leader: Whether this process counts every process's references and deletes (alone, or
+        process 0); another process reads only its own chunk tables.
     """
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, *, process: int | None = None,
+                 leader: bool = True) -> None:
         self._storage = storage
+        self._process = process
+        self._leader = leader
+        self._doomed: set[str] = set()  # dead files process 0 deletes once announced
         self._lock = threading.Lock()
         self._steps: dict[str, set[str]] = {}  # step name -> store files it refers to
         self._refs: dict[str, int] = {}  # store file -> committed steps referring to it
@@ -138,6 +155,10 @@ class ChunkStore:
         try:
             data = self._storage.read_bytes(f"{name}/{MANIFEST_FILE}")
             manifest = Manifest.from_json(data, where=self._storage.display(name))
+            if manifest.tables:  # a multi-process step: its chunks are in its tables
+                mine = None if self._leader or self._process is None else {self._process}
+                manifest = tables.read_tables(self._storage, name, self._storage.display(name),
+                                              manifest, mine)
         except (OSError, KeepaxError) as e:
             raise KeepaxError(f"cannot read the manifest of step {name} to count its chunk "
                               f"store references: {e}", path=self._storage.display(name)) from e
@@ -146,23 +167,29 @@ class ChunkStore:
     def register(self, name: str, manifest: Manifest) -> list[str]:
         """Counts committed step ``name``'s references (replacing an earlier step of that
         name); returns store files no longer referred to (the caller deletes them)."""
-        files = store_files(manifest)
+        learned = ((manifest.files[c.file], c, leaf.dtype) for leaf in manifest.leaves
+                   if isinstance(leaf, ArrayLeaf) for c in leaf.chunks)
+        return self.register_files(name, store_files(manifest), learned)
+
+    def register_files(self, name: str, files: set[str],
+                       learned: Iterable[tuple[DataFile, Chunk, str]]) -> list[str]:
+        """As :meth:`register`, given the store files step ``name`` refers to and its chunks
+        (file entry, chunk, dtype name) whose digests to learn."""
         with self._lock:
             old = self._steps.pop(name, set())
             self._steps[name] = files
             for f in files:
                 self._refs[f] = self._refs.get(f, 0) + 1
-            for leaf in manifest.leaves:
-                if not isinstance(leaf, ArrayLeaf):
-                    continue
-                for c in leaf.chunks:
-                    self._learn(manifest.files[c.file], c, leaf.dtype)
+            for entry, c, dtype in learned:
+                self._learn(entry, c, dtype)
             return self._drop(old)
 
     def _learn(self, entry: DataFile, c: Chunk, dtype: str) -> None:
         if c.digest is None or not spec.is_store_ref(entry.name):
             return
         file = entry.name[len(_REF):]
+        if self._process is not None and f"-p{self._process:05d}-" not in file:
+            return  # another process's file: only it may list it (§14.3)
         key = (c.digest, c.nbytes, dtype)
         if key not in self._chunks:
             self._chunks[key] = StoredChunk(file, entry.nbytes, c.offset, c.stored, c.crc32c,
@@ -223,12 +250,45 @@ class ChunkStore:
     # -- deletion ----------------------------------------------------------------------------
 
     def delete(self, files: Iterable[str]) -> None:
-        """Deletes dead store files (quietly if already gone).
+        """Deletes dead store files (quietly if already gone); in a multi-process run, notes
+        them for process 0 to announce and delete at the next save (:meth:`announce`).
 
         Raises:
           OSError: The storage failed (the files stay; the next start reclaims them).
         """
+        if self._process is not None:
+            if self._leader:
+                with self._lock:
+                    self._doomed.update(files)
+            return
         for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                self._storage.delete(f)
+
+    def announce(self) -> list[str]:
+        """Process 0, beginning a multi-process save: the dead files to announce (deleted by
+        :meth:`heard` once every process has been told, unless referred to again)."""
+        with self._lock:
+            return sorted(self._doomed)
+
+    def heard(self, files: Sequence[str]) -> None:
+        """Every process, before choosing what a multi-process save refers to: forgets the
+        chunks of ``files``; process 0 then deletes those no committed step or save of its
+        own refers to (each other process has finished its previous save, whose references
+        process 0 counted when it committed, and refers to none of them any more).
+
+        Raises:
+          OSError: The storage failed (the files stay; the next start reclaims them).
+        """
+        with self._lock:
+            for f in files:
+                for key in self._by_file.pop(f, set()):
+                    self._chunks.pop(key, None)
+            if not self._leader:
+                return
+            self._doomed.difference_update(files)
+            dead = [f for f in files if self._refs.get(f, 0) <= 0 and not self._pins.get(f)]
+        for f in dead:
             with contextlib.suppress(FileNotFoundError):
                 self._storage.delete(f)
 
@@ -513,3 +573,65 @@ def write_incremental(prepared: PreparedSave, sources: Sequence[ChunkSource], st
             _remove_written(storage, prefix)
     nbytes += sum(new_files.values())
     return SaveResult(prepared.where, nbytes, len(new_files), time.perf_counter() - began)
+
+
+class SharedSave:
+    """One process's part of a multi-process incremental save: the chunk store hooks
+    (:class:`~keepax._src.commit.distributed.StoreHooks`) the commit protocol calls.
+
+    The process writes its new chunks into store files named with a fresh prefix and its
+    process index (no two processes' names collide) and lists them, and the stored copies it
+    refers to, in its chunk tables. A failed save leaves what it wrote (process 0 may have
+    committed before a later stage failed elsewhere): the next manager start, or ``keepax
+    gc``, reclaims it after the grace period.
+
+    Args:
+      prepared: The save (multi-process, into a manager directory).
+      store: This process's chunk store.
+      process: This process's index.
+      consume: As for :func:`write_incremental`.
+    """
+
+    def __init__(self, prepared: PreparedSave, store: ChunkStore, process: int, *,
+                 consume: bool) -> None:
+        if "/" in prepared.name:
+            raise KeepaxError("incremental saves write steps directly under the manager "
+                              "directory", path=prepared.where)
+        self._prepared, self._store, self._consume = prepared, store, consume
+        self._prefix = f"{uuid.uuid4().hex[:16]}-p{process:05d}"
+        self._pinned: set[str] = set()
+        self._learned: list[tuple[DataFile, Chunk, str]] = []
+
+    def announce(self) -> list[str]:
+        return self._store.announce()
+
+    def heard(self, files: list[str]) -> None:
+        self._store.heard(files)
+
+    def write(self, sources: Sequence[ChunkSource]
+              ) -> tuple[list[DataFile], dict[int, list[tuple[ChunkSource, Chunk]]], int]:
+        streamer = _Streamer(self._prepared, self._store, self._pinned, self._prefix,
+                             sum(s.nbytes for s in sources), self._consume)
+        planned, fresh = streamer.run(sources)
+        new = {f.name: f.nbytes for f, _ in streamer.written.values()}
+        if new:
+            self._prepared.storage.sync_dir(STORE_DATA)
+        files, chunks = _assemble(planned, fresh, streamer.written)
+        self._learned = [(files[c.file], c, dtypes.dtype_name(s.dtype))
+                         for pairs in chunks.values() for s, c in pairs]
+        return files, chunks, sum(new.values())
+
+    def committed(self, files: list[str]) -> None:
+        refs = {f[len(_REF):] for f in files if spec.is_store_ref(f)}
+        try:
+            self._store.delete(self._store.register_files(self._prepared.name, refs,
+                                                          self._learned))
+        finally:
+            self._release()
+
+    def abandoned(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        pinned, self._pinned = self._pinned, set()
+        self._store.delete(self._store.unpin(pinned))

@@ -144,7 +144,7 @@ class PreparedSave:
     """How chunks are compressed (None: stored as they are)."""
     store: Any = None
     """An incremental save's :class:`~keepax._src.checkpoint.incremental.ChunkStore` (a
-    manager's, single-process saves only); None writes every chunk into the checkpoint."""
+    manager's; not with ``host_local``); None writes every chunk into the checkpoint."""
 
 
 SAVE_NAMESPACE = "keepax-save"
@@ -319,9 +319,12 @@ def write_prepared(
     plan = prepared.plan
     chosen = plan.sources if sources is None else sources
     if prepared.coordinator is not None:
-        return distributed.write_distributed(
-            _distributed_job(prepared, prepared.coordinator, chosen), before_commit=before_commit
-        )
+        job = _distributed_job(prepared, prepared.coordinator, chosen)
+        if prepared.store is not None:  # incremental: each process dedups what it writes
+            job = dataclasses.replace(job, store=incremental.SharedSave(
+                prepared, prepared.store, prepared.coordinator.process_index,
+                consume=sources is not None))
+        return distributed.write_distributed(job, before_commit=before_commit)
     if prepared.store is not None:
         return incremental.write_incremental(prepared, chosen, prepared.store,
                                              before_commit=before_commit,
@@ -361,7 +364,7 @@ def _distributed_job(
         manifest=lambda refs: plan.manifest(
             (), {}, prepared.metadata, created=time.time(), tables=refs, layouts=plan.layouts,
             block_crcs=not prepared.host_local and plan.block_crcs,
-            codecs=prepared.compression is not None,
+            codecs=prepared.compression is not None or prepared.store is not None,
         ),
         coordinator=coordinator,
         save_id=prepared.save_id,

@@ -34,7 +34,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from keepax._src.commit import protocol
 from keepax._src.commit.coordination import JSON, Coordinator
@@ -42,15 +42,39 @@ from keepax._src.commit.protocol import SaveResult, Staging
 from keepax._src.format import datafiles, tables
 from keepax._src.format.codecs import Compression
 from keepax._src.format.datafiles import ChunkSource, DataFile
-from keepax._src.format.manifest import CellRef, Layout, Manifest, TableRef
+from keepax._src.format.manifest import CellRef, Chunk, Layout, Manifest, TableRef
 from keepax._src.io import Storage
 from keepax.errors import CheckpointExistsError, KeepaxError, PeerProcessError
 
-__all__ = ["Agreement", "DistributedSave", "Proposal", "SYNC_TIMEOUT", "agree",
+__all__ = ["Agreement", "DistributedSave", "Proposal", "StoreHooks", "SYNC_TIMEOUT", "agree",
            "write_distributed"]
 
 SYNC_TIMEOUT = 600.0
 """Default seconds a process waits for the others at each stage of a multi-process save."""
+
+
+class StoreHooks(Protocol):
+    """A multi-process incremental save's chunk store (``checkpoint/incremental.py``), as
+    this protocol drives it on each process."""
+
+    def announce(self) -> list[str]:
+        """Process 0, beginning the save: the store files it means to delete (sent to every
+        process with the staging directory)."""
+
+    def heard(self, files: list[str]) -> None:
+        """Every process, before it writes: process 0 announced ``files`` (forget them;
+        process 0 then deletes those still unreferenced)."""
+
+    def write(self, sources: Sequence[ChunkSource]
+              ) -> tuple[list[DataFile], dict[int, list[tuple[ChunkSource, Chunk]]], int]:
+        """Writes this process's new chunks into the store, durably; returns the files its
+        chunks are in (store references), the chunks, and the bytes written."""
+
+    def committed(self, files: list[str]) -> None:
+        """Every process, once the step is committed: the store files its tables name."""
+
+    def abandoned(self) -> None:
+        """Every process, once the save failed: drops what it wrote and chose."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +100,8 @@ class DistributedSave:
       block_crcs: Checksum large chunks block by block too (format 1.2, so that readers
         resharding the checkpoint read only the parts of chunks they need).
       compression: How this process compresses its chunks (None: not at all).
+      store: An incremental save's chunk store (None: every chunk is written into the
+        checkpoint).
     """
 
     storage: Storage
@@ -93,6 +119,7 @@ class DistributedSave:
     step: int | None = None
     block_crcs: bool = False
     compression: Compression | None = None
+    store: StoreHooks | None = None
 
     @property
     def leader(self) -> bool:
@@ -173,12 +200,26 @@ def write_distributed(
       CheckpointExistsError: the checkpoint exists and ``overwrite`` was not given.
     """
     began = time.perf_counter()
+    try:
+        result = _write_and_commit(job, before_commit)
+    except BaseException:
+        if job.store is not None:
+            job.store.abandoned()
+        raise
+    return dataclasses.replace(result, seconds=time.perf_counter() - began)
+
+
+def _write_and_commit(job: DistributedSave, before_commit: Callable[[], None] | None
+                      ) -> SaveResult:
+    """:func:`write_distributed`'s stages."""
     staging = _agree_on_staging(job)
     try:
         if job.host_local:
             staging = protocol.begin(job.storage, job.name, job.where, replace=job.overwrite)
         files, refs, written = _write_share(job, staging.path, before_commit)
         report: dict[str, JSON] = {"tables": refs}
+        if job.store is not None:
+            report["store"] = sorted({f.name for f in files})
     except Exception as e:  # noqa: BLE001 - reported to every process
         files, written, report = [], 0, {"error": _error_text(e)}
     reports = job.all_gather("written", report)
@@ -198,7 +239,10 @@ def write_distributed(
     else:
         shared = job.broadcast("committed", outcome if job.leader else None)
         _raise_reports([shared], "committing on process 0", job.where, job.step)
-    return SaveResult(job.where, written, len(files), time.perf_counter() - began)
+    if job.store is not None:
+        job.store.committed(sorted({str(f) for r in reports
+                                    for f in cast("dict[str, Any]", r)["store"]}))
+    return SaveResult(job.where, written, len(files), 0.0)
 
 
 def _agree_on_staging(job: DistributedSave) -> Staging:
@@ -213,14 +257,21 @@ def _agree_on_staging(job: DistributedSave) -> Staging:
         try:
             chosen = {"staging": protocol.begin(storage, job.name, job.where,
                                                 replace=job.overwrite).path}
+            if job.store is not None:
+                # Every process forgets these before it chooses what to refer to; each has
+                # finished its previous save (process 0 committed it), so none can still
+                # refer to them once they have heard (docs/FORMAT.md §15).
+                chosen["forget"] = list(job.store.announce())
         except Exception as e:  # noqa: BLE001 - reported to every process
             chosen = {"error": _error_text(e)}
-    answer = cast("dict[str, str]", job.broadcast("staging", chosen))
+    answer = cast("dict[str, Any]", job.broadcast("staging", chosen))
     if "error" in answer:
         raise KeepaxError(f"the save could not start on process 0: {answer['error']}; "
                           "nothing was written: fix the cause and save again",
                           path=job.where, step=job.step)
-    return Staging(storage, job.name, job.where, answer["staging"], job.overwrite)
+    if job.store is not None:
+        job.store.heard([str(f) for f in answer.get("forget", [])])
+    return Staging(storage, job.name, job.where, str(answer["staging"]), job.overwrite)
 
 
 def _write_share(
@@ -229,15 +280,18 @@ def _write_share(
     """Writes this process's data files and chunk tables durably; returns the files, the
     table references to report and the bytes written."""
     me = job.coordinator.process_index
-    files, chunks = datafiles.write_data_files(
-        job.storage, staging, job.sources, prefix=f"p{me:05d}", block_crcs=job.block_crcs,
-        compression=job.compression,
-    )
+    if job.store is not None:
+        files, chunks, written = job.store.write(job.sources)
+    else:
+        files, chunks = datafiles.write_data_files(
+            job.storage, staging, job.sources, prefix=f"p{me:05d}", block_crcs=job.block_crcs,
+            compression=job.compression,
+        )
+        written = sum(f.nbytes for f in files)
     private, shared = tables.split_shared(
         job.cells, job.layouts,
         ((leaf, c) for leaf, pairs in sorted(chunks.items()) for _, c in pairs),
     )
-    written = sum(f.nbytes for f in files)
     refs: list[JSON] = []
     for is_shared, entries in ((False, private), (True, shared)):
         if is_shared and not entries:

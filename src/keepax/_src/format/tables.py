@@ -23,7 +23,7 @@ import dataclasses
 import itertools
 import json
 import math
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 from keepax._src.format import dtypes, spec
@@ -51,6 +51,7 @@ __all__ = [
     "split_shared",
     "encode_table",
     "resolve",
+    "read_tables",
     "cells_of",
     "grid_of",
 ]
@@ -382,7 +383,7 @@ def _parse_table(data: bytes, ref: TableRef, manifest: Manifest, where: str) -> 
     raw_files, raw_chunks = doc.get("files"), doc.get("chunks")
     if not isinstance(raw_files, list) or not isinstance(raw_chunks, list):
         raise _fail(where, name, "files and chunks must be lists")
-    files = _parse_files(raw_files, where, name)
+    files = _parse_files(raw_files, where, name, version)
     chunks: dict[int, list[Chunk]] = {}
     ranges: list[tuple[int, int, int]] = []
     for j, entry in enumerate(raw_chunks):
@@ -390,8 +391,9 @@ def _parse_table(data: bytes, ref: TableRef, manifest: Manifest, where: str) -> 
         chunks.setdefault(leaf_index, []).append(chunk)
         if chunk.stored:
             ranges.append((chunk.file, chunk.offset, chunk.offset + chunk.stored))
-    ranges.sort()
+    ranges = sorted(set(ranges) if version >= spec.CODECS_VERSION else ranges)
     for (f0, _, end0), (f1, begin1, _) in zip(ranges, ranges[1:]):
+        # (In 1.2, identical chunks may share stored bytes: §15.)
         if f0 == f1 and begin1 < end0:
             raise _fail(where, name, f"chunks overlap in {files[f1].name}")
     return _Table(tuple(files), chunks, save_id)
@@ -412,12 +414,13 @@ def check_save_ids(names: Sequence[str], save_ids: Sequence[str | None], where: 
             "two saves; restore an earlier checkpoint", path=where)
 
 
-def _parse_files(raw_files: list[Any], where: str, name: str) -> list[DataFile]:
+def _parse_files(raw_files: list[Any], where: str, name: str, version: tuple[int, int]
+                 ) -> list[DataFile]:
     files = []
     for i, f in enumerate(raw_files):
         fname = f.get("name") if isinstance(f, dict) else None
         size = f.get("nbytes") if isinstance(f, dict) else None
-        if not isinstance(fname, str) or not spec.DATA_FILE_RE.fullmatch(fname) or ".." in fname:
+        if not isinstance(fname, str) or not _file_name_ok(fname, version):
             raise _fail(where, name, f"files[{i}] has no valid data file name")
         if type(size) is not int or size < 0:
             raise _fail(where, name, f"files[{i}].nbytes must be a non-negative integer")
@@ -425,6 +428,14 @@ def _parse_files(raw_files: list[Any], where: str, name: str) -> list[DataFile]:
     if len({f.name for f in files}) != len(files):
         raise _fail(where, name, "a data file is listed twice")
     return files
+
+
+def _file_name_ok(name: str, version: tuple[int, int]) -> bool:
+    """A table's data file: its own (``data/...``) or, in 1.2, a chunk store file (§15)."""
+    if spec.DATA_FILE_RE.fullmatch(name):
+        return ".." not in name
+    return (version >= spec.CODECS_VERSION and spec.STORE_FILE_RE.fullmatch(name) is not None
+            and ".." not in name[3:])
 
 
 def _parse_row(
@@ -593,6 +604,25 @@ def resolve(
         leaves[index] = dataclasses.replace(leaf, chunks=tuple(kept))
     nbytes = sum(r.nbytes for r in refs)
     return dataclasses.replace(manifest, files=tuple(files), leaves=tuple(leaves)), nbytes
+
+
+def read_tables(storage: Storage, directory: str, where: str, manifest: Manifest,
+                processes: Collection[int] | None = None) -> Manifest:
+    """The manifest with the files and chunks listed by the tables of ``processes`` (None:
+    every process's), unchecked for coverage: what a chunk store counts (§15).
+
+    Raises:
+      CorruptCheckpointError: A table read is missing or damaged.
+    """
+    refs = [t for t in manifest.tables if processes is None or t.process in processes]
+    loaded = [_parse_table(_read_table(storage, directory, r, where), r, manifest, where)
+              for r in refs]
+    check_save_ids([r.name for r in refs], [t.save_id for t in loaded], where)
+    every = {i: set[int]() for i in range(len(manifest.leaves))}
+    files, per_leaf = _merge(refs, loaded, every, where)
+    leaves = [dataclasses.replace(leaf, chunks=tuple(per_leaf.get(i, ())))
+              if isinstance(leaf, ArrayLeaf) else leaf for i, leaf in enumerate(manifest.leaves)]
+    return dataclasses.replace(manifest, files=tuple(files), leaves=tuple(leaves))
 
 
 def _merge(

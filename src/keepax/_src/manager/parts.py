@@ -12,8 +12,10 @@ multi-process run unless ``host_local``), then, in this order:
 3. a writer reads the steps (refusing a directory that holds Orbax checkpoints and no keepax
    steps: :mod:`.foreign`), then stores the run metadata; every process meets at a barrier, and
    the others read the steps after it (with ``host_local``, the steps every process holds);
-4. where this process manages a chunk store (incremental saves), counts the steps' references
-   and removes store files no step refers to, older than ``staging_grace``;
+4. where this process keeps a chunk store (incremental saves; in a multi-process run every
+   process keeps one), counts the steps' references (process 0: every process's; the others:
+   their own) and, a writer, removes store files no step refers to, older than
+   ``staging_grace``;
 5. builds the save decision and the write path, and installs the preemption handlers.
 
 A failure at any point releases what was taken. :meth:`Parts.close` waits for the background
@@ -58,7 +60,7 @@ class Parts:
       DirectoryLockedError: Another manager holds the directory.
       CheckpointNotFoundError: ``read_only`` and the local directory does not exist.
       KeepaxError: The directory holds Orbax checkpoints and no keepax steps, or
-        ``incremental=True`` in a multi-process run (single-process for now).
+        ``incremental=True`` with ``host_local=True`` in a multi-process run.
     """
 
     def __init__(self, owner: object, directory: str, options: Options) -> None:
@@ -67,11 +69,13 @@ class Parts:
         self.where = self.storage.display("")
         self.processes = Processes(host_local=options.host_local, timeout=options.sync_timeout,
                                    where=self.where)
-        if options.incremental and self.processes.multi and not options.read_only:
+        if options.incremental and options.host_local and self.processes.multi and (
+                not options.read_only):
             raise KeepaxError(
-                "incremental=True is single-process for now: this manager runs in several "
-                "processes, whose saves would be written in full; pass incremental=False "
-                "(or save from one process)", path=self.where)
+                "incremental=True does not work with host_local=True: each host would need "
+                "its own chunk store and a step some hosts lack would keep store data alive; "
+                "pass incremental=False, or save into a shared directory (host_local=False)",
+                path=self.where)
         self._key = _storage_key(self.storage, self.where)
         self.index = StepIndex(self.storage, options.storage_options)
         self.engine = async_engine.SaveEngine(
@@ -112,14 +116,18 @@ class Parts:
             if options.metadata is not None:
                 run_metadata.store(self.storage, options.metadata)
         self.processes.barrier("manager.open")
-        if writer and not self.processes.multi and not options.host_local and (
-                options.incremental or self.storage.exists(STORE_DIR)):
-            # The chunk store's bookkeeping, where this process manages one: a single-process
-            # writer, with incremental or a store already there (whose references retention
-            # must then respect).
-            self.store = self.retention.store = ChunkStore(self.storage)
+        multi = self.processes.multi
+        if not options.read_only and not (multi and options.host_local) and (
+                options.incremental or (writer and self.storage.exists(STORE_DIR))):
+            # The chunk store's bookkeeping: where this process saves incrementally (in a
+            # multi-process run every process refers to stored copies of what it writes),
+            # or deletes steps of a directory with a store (whose references retention must
+            # then respect; in a multi-process run process 0 counts every process's).
+            process = self.processes.index if multi else None
+            self.store = self.retention.store = ChunkStore(self.storage, process=process,
+                                                           leader=writer)
         self.scan(found if found is not None else self.index.scan(refuse=self._refuse_foreign))
-        if self.store is not None:
+        if self.store is not None and writer:
             self.store.collect(options.staging_grace)
         if options.keep_previous_temporary:
             self.retention.keep_temporaries(self.index.held().values())

@@ -31,6 +31,7 @@ class Processes:
     def __init__(self, *, host_local: bool, timeout: float, where: str) -> None:
         self._coord = coordination.current()
         self.multi = self._coord.process_count > 1
+        self.index = self._coord.process_index
         self.host_local = host_local
         self.leader = not self.multi or host_local or self._coord.process_index == 0
         self._timeout = timeout

@@ -146,6 +146,8 @@ class Retention:
         for record in records:
             if not self._leader:
                 self._index.drop(record)
+                if self.store is not None:  # forgets its chunks (process 0 deletes)
+                    self.store.release(record.name)
                 continue
             try:
                 trash = self._hide(record.name)

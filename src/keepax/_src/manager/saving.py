@@ -196,7 +196,7 @@ class StepSave:
                 host_local=host_local, step=self.step, timeout=timeout,
                 compression=compression,
             )
-            if store is not None and prepared.coordinator is None:
+            if store is not None and not prepared.host_local:
                 prepared = dataclasses.replace(prepared, store=store)
             return prepared
         except CheckpointExistsError as e:
