@@ -219,7 +219,7 @@ def _write_and_commit(job: DistributedSave, before_commit: Callable[[], None] | 
         files, refs, written = _write_share(job, staging.path, before_commit)
         report: dict[str, JSON] = {"tables": refs}
         if job.store is not None:
-            report["store"] = sorted({f.name for f in files})
+            report["store"] = [cast("JSON", n) for n in sorted({f.name for f in files})]
     except Exception as e:  # noqa: BLE001 - reported to every process
         files, written, report = [], 0, {"error": _error_text(e)}
     reports = job.all_gather("written", report)
