@@ -84,6 +84,19 @@ def test_kept_steps_restore_from_one_process_and_verify(run) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_a_copy_of_a_step_is_self_contained(run, tmp_path: Path) -> None:
+    directory, _ = run
+    copy = tmp_path / "copy"
+    out = subprocess.run([sys.executable, "-m", "keepax", "cp", str(directory / f"{6:08d}"),
+                          str(copy)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert ".." not in (copy / "manifest.json").read_text()
+    restored = keepax.restore(str(copy))
+    for key, want in _values(6).items():
+        assert np.array_equal(restored[key].view(np.uint8), want.view(np.uint8)), key
+    assert keepax.verify(str(copy)) == []
+
+
 def test_retention_and_gc_leave_only_what_kept_steps_refer_to(run) -> None:
     directory, report = run
     referenced = _referenced(directory, report["steps"])

@@ -183,7 +183,7 @@ def _copy_one(src: str, dst: str, *, overwrite: bool, report: Callable[[int, int
         chunks.setdefault(chunk.file, []).append(chunk)
     files = list(ck.info.files)
     counter = _Counter(sum(n for _, n in files), report=report)
-    if localize.has_store_refs(ck.manifest):  # incremental: rewrite, never copy references
+    if localize.has_store_refs(ck.manifest, chunks):  # incremental: rewrite, never refer
         try:
             localize.copy_self_contained(ck, src_storage, src_name, dst_storage, dst_name,
                                          overwrite=overwrite, done=counter.add)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 from keepax._src.checkpoint.handle import Checkpoint
 from keepax._src.commit import protocol
-from keepax._src.format import datafiles, dtypes, spec
+from keepax._src.format import datafiles, dtypes, spec, tables
 from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import ArrayLeaf, Chunk, Manifest
 from keepax._src.io import Storage
@@ -25,9 +25,23 @@ from keepax.errors import CorruptCheckpointError
 __all__ = ["has_store_refs", "copy_self_contained"]
 
 
-def has_store_refs(manifest: Manifest) -> bool:
-    """Whether a manifest refers to data outside its checkpoint (a manager's chunk store)."""
-    return any(spec.is_store_ref(f.name) for f in manifest.files)
+def has_store_refs(manifest: Manifest, files: Iterable[str] = ()) -> bool:
+    """Whether a manifest refers to data outside its checkpoint (a manager's chunk store);
+    ``files``: the data files its chunk tables list, if it has tables."""
+    return any(spec.is_store_ref(f.name) for f in manifest.files) or any(
+        spec.is_store_ref(f) for f in files)
+
+
+def _inline(ck: Checkpoint, storage: Storage, name: str) -> Manifest:
+    """``ck``'s manifest with every chunk listed in it: a multi-process step's chunk tables
+    read in, its leaves' cells, tables and layouts dropped (the copy lists its chunks)."""
+    manifest = ck.manifest
+    if not manifest.tables:
+        return manifest
+    manifest = tables.read_tables(storage, name, ck.path, manifest)
+    leaves = tuple(dataclasses.replace(leaf, cells=None) if isinstance(leaf, ArrayLeaf)
+                   else leaf for leaf in manifest.leaves)
+    return dataclasses.replace(manifest, leaves=leaves, tables=(), layouts=())
 
 
 def _reader(storage: Storage, directory: str, manifest: Manifest, leaf: ArrayLeaf, c: Chunk,
@@ -62,7 +76,7 @@ def copy_self_contained(ck: Checkpoint, src: Storage, src_name: str, dst: Storag
       CorruptCheckpointError: a chunk read does not match its checksum.
       CheckpointExistsError: ``dst_name`` exists and ``overwrite`` is false.
     """
-    manifest = ck.manifest
+    manifest = _inline(ck, src, src_name)
     sources = []
     for index, leaf in enumerate(manifest.leaves):
         if isinstance(leaf, ArrayLeaf):
