@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 import warnings
 
 import numpy as np
@@ -278,3 +279,28 @@ def test_kill_9_never_leaves_a_dangling_reference(tmp_path):
 @pytest.mark.slow
 def test_kill_9_many_trials(tmp_path):
     _kill_trials(tmp_path, 12)
+
+
+def test_process_0_deletes_a_dead_store_file_only_once_announced_and_still_dead():
+    from keepax._src.checkpoint.incremental import STORE_DATA, ChunkStore
+    from keepax._src.io import open_root
+
+    storage = open_root(f"memory://announce-{uuid.uuid4().hex}")
+    a, b = f"{STORE_DATA}/x-p00001-000.safetensors", f"{STORE_DATA}/y-p00001-000.safetensors"
+    for f in (a, b):
+        storage.write_bytes(f, b"data")
+    store = ChunkStore(storage, process=0, leader=True)
+    store.register_files("s1", {a, b}, [])
+    store.delete(store.release("s1"))
+    assert storage.exists(a) and storage.exists(b)  # dead, but not announced yet
+    announced = store.announce()
+    assert announced == sorted([a, b])
+    store.register_files("s2", {b}, [])  # a save that chose b before it heard commits
+    store.heard(announced)
+    assert not storage.exists(a) and storage.exists(b)
+    assert store.announce() == []
+    other = ChunkStore(storage, process=1, leader=False)  # never deletes
+    other.register_files("s2", {b}, [])
+    other.delete(other.release("s2"))
+    other.heard([b])
+    assert storage.exists(b)
