@@ -2,14 +2,14 @@
 
 A ``zstd`` chunk's stored bytes are one Zstandard frame (RFC 8878) whose content is the chunk's
 C-order bytes; a ``zstd-shuffle`` chunk's frame holds them *byte-shuffled*: each block of
-:data:`SHUFFLE_ELEMENTS` elements with the first byte of every element first, then every second byte,
-and so on (docs/FORMAT.md §5.4.2), which groups the sign/exponent bytes of floats (and the high
-bytes of small integers) so that Zstandard finds them. Writers compress each chunk on its own
-(so chunks compress in parallel and a restore reads only the chunks it needs), choose between
-the two codecs per chunk by compressing a small sample both ways, and keep a chunk ``raw`` when
-compression does not make it smaller. Readers decompress straight into the output array (a
-shuffled chunk through one block of scratch) and never produce more than the chunk's logical
-size: a frame that holds more or fewer bytes is damage.
+:data:`SHUFFLE_ELEMENTS` elements with the first byte of every element first, then every
+second byte, and so on (docs/FORMAT.md §5.4.2), which groups the sign/exponent bytes of floats
+(and the high bytes of small integers) so that Zstandard finds them. Writers compress each
+chunk on its own (so chunks compress in parallel and a restore reads only the chunks it
+needs), choose between the two codecs per chunk by compressing a small sample both ways, and
+keep a chunk ``raw`` when compression does not make it smaller. Readers decompress straight
+into the output array (a shuffled chunk through one block of scratch) and never produce more
+than the chunk's logical size: a frame that holds more or fewer bytes is damage.
 
 The ``zstandard`` package (the ``zstd`` extra) is imported only when a save compresses or a
 restore meets a compressed chunk.
@@ -209,7 +209,7 @@ def _unshuffling(reader: Any, out: memoryview, itemsize: int) -> int:
     target = np.frombuffer(out, np.uint8)
     block_bytes = SHUFFLE_ELEMENTS * itemsize
     scratch = np.empty(min(block_bytes, len(out)), np.uint8)
-    view = memoryview(scratch)
+    view = memoryview(scratch.data)
     for begin in range(0, len(out), block_bytes):
         size = min(block_bytes, len(out) - begin)
         filled = _fill(reader, view[:size])
