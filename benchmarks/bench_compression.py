@@ -1,8 +1,9 @@
 """Compression: ratio and save/restore time of keepax ``compression="zstd"`` against keepax
 uncompressed and Orbax's ``StandardCheckpointer`` (its defaults: OCDBT, zarr3 with zstd), on
-the same states in the same run (each state ``--mib`` MiB; medians of ``--repeats``).
+the same states in the same run (each state ``--mib`` MiB; medians of ``--repeats``, the order of
+the systems rotated each repeat). ``taskset -c 0`` in front measures one core.
 
-    PYTHONPATH=src python benchmarks/bench_compression.py --mib 64 --repeats 3
+    PYTHONPATH=src python benchmarks/bench_compression.py --mib 64 --repeats 5
 """
 
 from __future__ import annotations
@@ -52,69 +53,96 @@ def states(mib: int) -> dict[str, dict[str, Any]]:
     return {k: jax.tree.map(jnp.asarray, v) for k, v in out.items()}
 
 
-def _median_time(fn: Callable[[], Any], repeats: int, before: Callable[[], None]) -> float:
-    times = []
-    for _ in range(repeats):
-        before()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _systems(state: Any, abstract: Any, level: int, ocp: Any
+             ) -> dict[str, tuple[Callable[[str], Any], Callable[[str], Any]]]:
+    """(save, restore) per system, each given a path."""
+    systems: dict[str, tuple[Callable[[str], Any], Callable[[str], Any]]] = {
+        "keepax_raw": (lambda p: keepax.save(p, state), lambda p: keepax.restore(p, abstract)),
+        "keepax_zstd": (lambda p: keepax.save(p, state, compression=("zstd", level)),
+                        lambda p: keepax.restore(p, abstract)),
+    }
+    if ocp is not None:
+        ckptr = ocp.StandardCheckpointer()
+
+        def orbax_save(p: str) -> None:
+            ckptr.save(p, state)
+            ckptr.wait_until_finished()
+
+        systems["orbax"] = (orbax_save,
+                            lambda p: jax.block_until_ready(ckptr.restore(p, abstract)))
+    return systems
+
+
+def _codecs(path: str) -> dict[str, int]:
+    """How many chunks of a keepax checkpoint use each codec."""
+    with open(os.path.join(path, "manifest.json"), "rb") as f:
+        doc = json.load(f)
+    counts: dict[str, int] = {}
+    for leaf in doc["leaves"]:
+        for chunk in leaf.get("chunks", []):
+            counts[chunk.get("codec", "raw")] = counts.get(chunk.get("codec", "raw"), 0) + 1
+    return counts
+
+
+def run_state(name: str, state: Any, args: argparse.Namespace, ocp: Any) -> dict[str, Any]:
+    """Every system on one state: each repeat saves then restores with every system, the
+    order rotated by one per repeat (so no system always runs first or last); medians."""
+    raw = sum(x.nbytes for x in jax.tree.leaves(state))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), state)
+    systems = _systems(state, abstract, args.level, ocp)
+    names = list(systems)
+    times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    row: dict[str, Any] = {"bytes": raw}
+    for repeat in range(args.repeats):
+        for system in names[repeat % len(names):] + names[: repeat % len(names)]:
+            save, restore = systems[system]
+            path = os.path.join(args.dir, f"{name}-{system}")
+            shutil.rmtree(path, ignore_errors=True)
+            times[system][0].append(_timed(lambda: save(path)))
+            times[system][1].append(_timed(lambda: jax.block_until_ready(restore(path))))
+            if repeat == args.repeats - 1:
+                out = restore(path)
+                assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                           zip(jax.tree.leaves(out), jax.tree.leaves(state)))
+                save_s, restore_s = (statistics.median(t) for t in times[system])
+                row[system] = {"ratio": round(_du(path) / raw, 4), "save_s": round(save_s, 3),
+                               "restore_s": round(restore_s, 3),
+                               "save_mb_s": round(raw / save_s / 1e6),
+                               "restore_mb_s": round(raw / restore_s / 1e6)}
+                if system.startswith("keepax"):
+                    row[system]["codecs"] = _codecs(path)
+            shutil.rmtree(path, ignore_errors=True)
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mib", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default="/tmp/keepax-bench-compression")
     parser.add_argument("--level", type=int, default=1)
     parser.add_argument("--no-orbax", action="store_true")
+    parser.add_argument("--only", nargs="*", help="states to run (default: all)")
     args = parser.parse_args()
     ocp = None
     if not args.no_orbax:
         import orbax.checkpoint as ocp  # noqa: PLC0415 - optional
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(args.dir)
-    results: dict[str, Any] = {"mib": args.mib, "repeats": args.repeats, "cores": os.cpu_count()}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    results: dict[str, Any] = {"mib": args.mib, "repeats": args.repeats, "cores": cores}
     for name, state in states(args.mib).items():
-        raw = sum(x.nbytes for x in jax.tree.leaves(state))
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                               sharding=x.sharding), state)
-        row: dict[str, Any] = {"bytes": raw}
-        systems: dict[str, tuple[Callable[[str], Any], Callable[[str], Any]]] = {
-            "keepax_raw": (lambda p, s=state: keepax.save(p, s),
-                           lambda p, a=abstract: keepax.restore(p, a)),
-            "keepax_zstd": (lambda p, s=state: keepax.save(p, s,
-                                                           compression=("zstd", args.level)),
-                            lambda p, a=abstract: keepax.restore(p, a)),
-        }
-        if ocp is not None:
-            ckptr = ocp.StandardCheckpointer()
-
-            def orbax_save(p: str, s: Any = state, c: Any = ckptr) -> None:
-                c.save(p, s)
-                c.wait_until_finished()
-
-            systems["orbax"] = (orbax_save,
-                                lambda p, a=abstract, c=ckptr: jax.block_until_ready(
-                                    c.restore(p, a)))
-        for system, (save, restore) in systems.items():
-            path = os.path.join(args.dir, f"{name}-{system}")
-            save_s = _median_time(lambda p=path, f=save: f(p), args.repeats,
-                                  lambda p=path: shutil.rmtree(p, ignore_errors=True))
-            size = _du(path)
-            restore_s = _median_time(lambda p=path, f=restore: jax.block_until_ready(f(p)),
-                                     args.repeats, lambda: None)
-            out = restore(path)
-            assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-                       zip(jax.tree.leaves(out), jax.tree.leaves(state)))
-            row[system] = {"ratio": round(size / raw, 4), "save_s": round(save_s, 3),
-                           "restore_s": round(restore_s, 3),
-                           "save_mb_s": round(raw / save_s / 1e6), "restore_mb_s":
-                           round(raw / restore_s / 1e6)}
-            shutil.rmtree(path, ignore_errors=True)
-        results[name] = row
-        print(name, json.dumps(row), flush=True)
+        if args.only and name not in args.only:
+            continue
+        results[name] = run_state(name, state, args, ocp)
+        print(name, json.dumps(results[name]), flush=True)
     print(json.dumps(results))
 
 

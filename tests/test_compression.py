@@ -15,7 +15,7 @@ import zstandard
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import keepax
-from keepax._src.format import datafiles
+from keepax._src.format import codecs, datafiles
 from keepax.errors import CorruptCheckpointError, KeepaxError, PolicyError
 
 
@@ -58,9 +58,11 @@ def test_round_trip_and_stored_format(tmp_path, compression) -> None:
     _assert_equal(keepax.restore(str(path)), state)
     assert keepax.verify(str(path)) == []
     doc = json.loads((path / "manifest.json").read_bytes())
-    assert doc["version"] == "1.2"
+    assert doc["version"] == "1.3"  # the lowest that defines zstd-shuffle
     chunks = _chunks(path)
-    assert chunks["['zeros']"][0]["codec"] == "zstd"
+    assert chunks["['zeros']"][0]["codec"] == "zstd"  # shuffling zeros does not pay
+    assert chunks["['tokens']"][0]["codec"] == "zstd-shuffle"
+    assert chunks["['bool']"][0].get("codec", "raw") != "zstd-shuffle"  # 1-byte elements
     assert chunks["['zeros']"][0]["stored_nbytes"] < 128 * 128 * 4 // 50
     assert "codec" not in chunks["['noise']"][0]  # not smaller compressed: kept raw
     # CRC-32C over the stored bytes.
@@ -217,3 +219,130 @@ def test_cp_and_export_of_a_compressed_checkpoint(tmp_path) -> None:
     assert main(["export", str(tmp_path / "c"), str(tmp_path / "e.npz"), "-f", "npz"]) == 0
     with np.load(tmp_path / "e.npz") as npz:
         assert float(sum(npz[k].sum() for k in npz.files)) == 12497500.0
+
+
+def _big_state() -> dict:
+    """Chunks past the sample size (so the codec is chosen from a sample), odd sizes too."""
+    rng = np.random.default_rng(1)
+    zero = np.zeros(300_001, np.float32)
+    zero[rng.random(zero.size) < 0.05] = 1.0
+    return {
+        "f32": (rng.standard_normal((517, 257)) * 0.02).astype(np.float32),
+        "bf16": (rng.standard_normal(300_003) * 0.02).astype(ml_dtypes.bfloat16),
+        "f64": rng.standard_normal(70_001),
+        "c64": (rng.standard_normal(40_001) + 1j).astype(np.complex64),
+        "tokens": rng.integers(0, 50_000, 131_075).astype(np.int32),
+        "counter": np.arange(100_003, dtype=np.int64),
+        "zero_heavy": zero,
+        "noise": rng.integers(0, 2**32, 200_001, dtype=np.uint32),
+        "f8": rng.standard_normal(300_001).astype(ml_dtypes.float8_e4m3fn),
+    }
+
+
+def test_codec_chosen_per_chunk_and_round_trips(tmp_path) -> None:
+    state = _big_state()
+    path = tmp_path / "ckpt"
+    keepax.save(str(path), state, compression="zstd")
+    _assert_equal(keepax.restore(str(path)), state)
+    assert keepax.verify(str(path)) == []
+    codecs = {k[2:-2]: v[0].get("codec", "raw") for k, v in _chunks(path).items()}
+    assert codecs == {"f32": "zstd-shuffle", "bf16": "zstd-shuffle", "f64": "zstd-shuffle",
+                      "c64": "zstd-shuffle", "tokens": "zstd-shuffle",
+                      "counter": "zstd-shuffle", "zero_heavy": "zstd", "noise": "raw",
+                      "f8": "zstd"}
+    # Shuffling pays: smaller than plain zstd of the same bytes.
+    for key in ("f32", "bf16", "tokens"):
+        chunk = _chunks(path)[f"['{key}']"][0]
+        plain = zstandard.ZstdCompressor(level=1).compress(np.ascontiguousarray(state[key]))
+        assert chunk["stored_nbytes"] < 0.95 * len(plain), key
+
+
+@pytest.mark.parametrize("itemsize", [2, 4, 8, 16])
+@pytest.mark.parametrize("elements", [1, 3, codecs.SHUFFLE_ELEMENTS - 1,
+                                      codecs.SHUFFLE_ELEMENTS, 2 * codecs.SHUFFLE_ELEMENTS + 5])
+def test_shuffle_codec_layout_is_the_documented_one(itemsize, elements) -> None:
+    """The stored frame holds each block of SHUFFLE_ELEMENTS elements as byte planes: byte k of
+    every element of the block, in order, for k = 0, 1, ... (docs/FORMAT.md §5.4.2)."""
+    rng = np.random.default_rng(elements)
+    data = rng.integers(0, 4, elements * itemsize).astype(np.uint8)  # compressible
+    frame = codecs._shuffled(data, itemsize, zstandard.ZstdCompressor(level=1))
+    plain = zstandard.ZstdDecompressor().decompress(frame)
+    expected = b"".join(
+        np.ascontiguousarray(block.reshape(-1, itemsize).T).tobytes()
+        for block in np.split(data, range(codecs.SHUFFLE_ELEMENTS * itemsize, len(data),
+                                          codecs.SHUFFLE_ELEMENTS * itemsize)))
+    assert plain == expected
+    out = bytearray(len(data))
+    codecs.decode_into(memoryview(frame), "zstd-shuffle", memoryview(out), leaf="x", where="w",
+                       itemsize=itemsize)
+    assert bytes(out) == data.tobytes()
+
+
+def test_shuffled_non_contiguous_scalar_and_sharded_round_trip(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    base = (rng.standard_normal((700, 600)) * 0.02).astype(np.float32)
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("x", "y"))
+    sharded = jax.device_put(jnp.asarray(base), NamedSharding(mesh, PartitionSpec("x", "y")))
+    state = {"strided": base[::2, 1::3], "transposed": base.T, "scalar": np.float32(1.5),
+             "sharded": sharded}
+    path = tmp_path / "ckpt"
+    keepax.save(str(path), state, compression="zstd")
+    assert {c.get("codec") for c in _chunks(path)["['sharded']"]} == {"zstd-shuffle"}
+    assert len(_chunks(path)["['sharded']"]) == 4
+    _assert_equal(keepax.restore(str(path)), state)
+    like = {**state, "sharded": jax.ShapeDtypeStruct(
+        base.shape, jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(None, "x")))}
+    out = keepax.restore(str(path), like)
+    np.testing.assert_array_equal(np.asarray(out["sharded"]), base)
+    assert out["sharded"].sharding == like["sharded"].sharding
+
+
+def test_damaged_shuffled_chunk_fails_verify_and_restore(tmp_path) -> None:
+    path = tmp_path / "ckpt"
+    tokens = np.random.default_rng(3).integers(0, 50_000, 65_536).astype(np.int32)
+    keepax.save(str(path), {"t": tokens}, compression="zstd")
+    assert _chunks(path)["['t']"][0]["codec"] == "zstd-shuffle"
+    file = next((path / "data").iterdir())
+    raw = bytearray(file.read_bytes())
+    raw[-100] ^= 0x10
+    file.write_bytes(bytes(raw))
+    assert any("checksum mismatch" in p for p in keepax.verify(str(path)))
+    with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
+        keepax.restore(str(path))
+    # A re-signed frame one element short is refused, naming the leaf.
+    _replace_stored(path, "['t']", zstandard.ZstdCompressor().compress(tokens[:-1].tobytes()))
+    with pytest.raises(CorruptCheckpointError, match="decompresses to") as info:
+        keepax.restore(str(path))
+    assert info.value.leaf == "['t']"
+
+
+def test_old_unshuffled_files_still_restore_and_stay_1_2(tmp_path) -> None:
+    """A save whose chunks all compress plain (or stay raw) writes format 1.2, as before; a
+    1.2 checkpoint of zstd chunks restores; zstd-shuffle in a 1.2 manifest is damage."""
+    path = tmp_path / "ckpt"
+    state = {"zeros": np.zeros((512, 512), np.float32), "ones": np.ones(70_000, np.uint8)}
+    keepax.save(str(path), state, compression="zstd")
+    doc = json.loads((path / "manifest.json").read_bytes())
+    assert doc["version"] == "1.2"
+    assert {c[0]["codec"] for c in _chunks(path).values()} == {"zstd"}
+    _assert_equal(keepax.restore(str(path)), state)
+    doc["leaves"][0]["chunks"][0]["codec"] = "zstd-shuffle"
+    manifest = json.dumps(doc).encode()
+    (path / "manifest.json").write_bytes(manifest)
+    marker = json.loads((path / "keepax.commit").read_bytes())
+    marker.update(manifest_nbytes=len(manifest), manifest_crc32c=crc32c.crc32c(manifest))
+    (path / "keepax.commit").write_text(json.dumps(marker))
+    with pytest.raises(CorruptCheckpointError, match="needs format 1.3"):
+        keepax.restore(str(path))
+
+
+def test_compression_threads_and_big_chunks(tmp_path, monkeypatch) -> None:
+    """Chunks past _THREADED are compressed by several zstd threads into one frame each."""
+    monkeypatch.setattr(datafiles, "_THREADED", 1 << 20)
+    rng = np.random.default_rng(4)
+    state = {"w": (rng.standard_normal((1024, 1024)) * 0.02).astype(np.float32),
+             "z": np.zeros((1024, 1024), np.float32)}
+    path = tmp_path / "ckpt"
+    keepax.save(str(path), state, compression="zstd")
+    assert [c[0]["codec"] for c in _chunks(path).values()] == ["zstd-shuffle", "zstd"]
+    _assert_equal(keepax.restore(str(path)), state)

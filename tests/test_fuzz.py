@@ -172,19 +172,24 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # Compressed (zstd chunks; "zeros" is the last chunk of its data file).
     keepax.save(str(base / "zdir" / "ckpt"), {**_tree(), "zeros": np.zeros(4096, np.float32)},
                 compression="zstd")
+    # Compressed and byte-shuffled (one zstd-shuffle chunk, the only one of its file).
+    tokens = np.random.default_rng(0).integers(0, 50_000, (64, 512)).astype(np.int32)
+    keepax.save(str(base / "sdir" / "ckpt"), {"tokens": tokens}, compression="zstd")
     keepax.save_file(base / "file" / "fit.keepax", _tree(), metadata={"phase": 1})
     (base / "tables").mkdir()
     _build(LocalStorage(str(base / "tables")), "ckpt")  # type: ignore[arg-type]
     for call in _directory_calls(base / "dir" / "ckpt") + _directory_calls(
         base / "tables" / "ckpt"
-    ) + _directory_calls(base / "zdir" / "ckpt") + _file_calls(base / "file" / "fit.keepax"):
+    ) + _directory_calls(base / "zdir" / "ckpt") + _directory_calls(
+        base / "sdir" / "ckpt"
+    ) + _file_calls(base / "file" / "fit.keepax"):
         call()
     try:  # warm the error paths too (their messages import nothing later)
         keepax.restore(str(base / "missing"))
     except KeepaxError:
         pass
     return {"dir": base / "dir", "file": base / "file", "tables": base / "tables",
-            "zdir": base / "zdir"}
+            "zdir": base / "zdir", "sdir": base / "sdir"}
 
 
 @pytest.fixture
@@ -325,7 +330,7 @@ def _write_signed(ckpt: Path, manifest: bytes, *, sign: bool = True) -> None:
 
 
 @_settings(120)
-@given(data=st.data(), sign=st.booleans(), base=st.sampled_from(["dir", "zdir"]))
+@given(data=st.data(), sign=st.booleans(), base=st.sampled_from(["dir", "zdir", "sdir"]))
 def test_fuzz_directory_manifest(bases, scratch, data, sign, base) -> None:
     root = scratch(bases[base])
     ckpt = root / "ckpt"
@@ -377,16 +382,20 @@ def test_fuzz_directory_bytes(bases, scratch, data, which) -> None:
 
 
 @_settings(60)
-@given(data=st.data(), kind=st.sampled_from(["damaged", "bomb", "short", "garbage"]))
-def test_fuzz_compressed_chunk(bases, scratch, data, kind) -> None:
-    """A zstd chunk's stored bytes replaced (damaged, a frame of more or fewer bytes than its
-    logical size, garbage) with the manifest re-signed to match: decoding must refuse it."""
-    root = scratch(bases["zdir"])
+@given(data=st.data(), kind=st.sampled_from(["damaged", "bomb", "short", "garbage"]),
+       which=st.sampled_from([("zdir", "['zeros']", "zstd"),
+                              ("sdir", "['tokens']", "zstd-shuffle")]))
+def test_fuzz_compressed_chunk(bases, scratch, data, kind, which) -> None:
+    """A zstd or zstd-shuffle chunk's stored bytes replaced (damaged, a frame of more or fewer
+    bytes than its logical size, garbage) with the manifest re-signed to match: decoding must
+    refuse it."""
+    base, path, codec = which
+    root = scratch(bases[base])
     ckpt = root / "ckpt"
     doc = json.loads((ckpt / "manifest.json").read_bytes())
-    leaf = next(x for x in doc["leaves"] if x["path"] == "['zeros']")
+    leaf = next(x for x in doc["leaves"] if x["path"] == path)
     chunk = leaf["chunks"][0]
-    assert chunk["codec"] == "zstd"
+    assert chunk["codec"] == codec
     file = ckpt / doc["files"][chunk["file"]]["name"]
     raw = file.read_bytes()
     assert chunk["offset"] + chunk["stored_nbytes"] == len(raw)
@@ -409,7 +418,7 @@ def test_fuzz_compressed_chunk(bases, scratch, data, kind) -> None:
     if kind in ("bomb", "short"):
         with pytest.raises(CorruptCheckpointError, match="decompresses to") as info:
             keepax.restore(str(ckpt))
-        assert info.value.leaf == "['zeros']"
+        assert info.value.leaf == path
     for call in _directory_calls(ckpt):
         _check(call, root)
 

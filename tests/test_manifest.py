@@ -714,7 +714,7 @@ def test_v12_bad_chunk_members_rejected(extras, match):
 
 def test_unknown_codec_in_a_newer_minor_asks_for_a_newer_keepax():
     doc = _doc_12(codec="lz4", stored_nbytes=7)
-    doc["version"] = "1.3"
+    doc["version"] = "1.4"
     with pytest.raises(FormatVersionError, match="upgrade keepax") as info:
         _parse(doc)
     assert info.value.leaf == "['a']"

@@ -561,7 +561,8 @@ def write_incremental(prepared: PreparedSave, sources: Sequence[ChunkSource], st
             files, chunks = _assemble(planned, fresh, written)
             manifest = prepared.plan.manifest(files, chunks, prepared.metadata,
                                               created=time.time())
-            manifest = dataclasses.replace(manifest, version=spec.CODECS_VERSION)
+            manifest = dataclasses.replace(
+                manifest, version=max(spec.CODECS_VERSION, manifest.version))
             nbytes = protocol.commit(staging, manifest, before_commit=before_commit)
             committed = True
         store.delete(store.register(prepared.name, manifest))

@@ -24,6 +24,7 @@ from keepax._src.format.datafiles import ChunkSource
 from keepax._src.format.manifest import (
     CODECS_VERSION,
     FORMAT_VERSION,
+    SHUFFLE_VERSION,
     TABLES_VERSION,
     ArrayLeaf,
     Chunk,
@@ -355,7 +356,8 @@ class LeafPlan:
         the cell ``layouts``, with no ``files`` or ``chunks``). ``block_crcs``: the tables
         carry block checksums, a format 1.2 member. ``codecs``: the chunks may use codecs (a
         compressed save): the manifest is of version 1.2 if a chunk does (with ``tables``,
-        whose chunks process 0 does not see: always)."""
+        whose chunks process 0 does not see: always, of version 1.3 as a chunk may use
+        ``zstd-shuffle``)."""
         leaves: list[Any] = list(self.leaves)
         for index, (kind, dtype, shape, extra) in self.arrays.items():
             leaves[index] = ArrayLeaf(
@@ -369,9 +371,11 @@ class LeafPlan:
                 cells=extra.get("cells"),
             )
         return Manifest(
-            version=CODECS_VERSION if (tables and block_crcs) or (codecs and (tables or any(
-                c.uses_codecs for pairs in chunks.values() for _, c in pairs)))
-            else TABLES_VERSION if tables else FORMAT_VERSION,
+            version=max(
+                (c.min_version for pairs in chunks.values() for _, c in pairs),
+                default=FORMAT_VERSION,
+            ) if not tables else SHUFFLE_VERSION if codecs
+            else CODECS_VERSION if block_crcs else TABLES_VERSION,
             tree=self.structure.node,
             leaves=tuple(leaves),
             files=tuple(files),

@@ -317,12 +317,12 @@ def _encode(source: ChunkSource, compression: Compression, threads: int
     if array.shape != source.shape:
         raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
     view = bytes_view(np.ascontiguousarray(array))
-    packed = (codecs.compress(view, compression, threads if len(view) >= _THREADED else 0)
-              if len(view) else None)
+    packed = (codecs.compress(view, compression, threads if len(view) >= _THREADED else 0,
+                              source.dtype.itemsize) if len(view) else None)
     if packed is None:
         return view, checksum(view), "raw"
-    out = memoryview(packed)
-    return out, checksum(out), compression.codec
+    out = memoryview(packed[0])
+    return out, checksum(out), packed[1]
 
 
 def _write_compressed(

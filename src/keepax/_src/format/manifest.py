@@ -23,6 +23,7 @@ from keepax._src.format.spec import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    SHUFFLE_VERSION,
     TABLES_VERSION,
 )
 from keepax._src.util import gc_paused
@@ -45,6 +46,7 @@ __all__ = [
     "TableRef",
     "TABLES_VERSION",
     "CODECS_VERSION",
+    "SHUFFLE_VERSION",
     "parse_chunk_extras",
     "parse_block_crcs",
 ]
@@ -100,6 +102,13 @@ class Chunk:
         """Whether the chunk needs format 1.2 (a codec member, a stored size or a digest)."""
         return (self.codec != "raw" or self.stored_nbytes is not None or self.digest is not None
                 or bool(self.crc32c_block))
+
+    @property
+    def min_version(self) -> tuple[int, int]:
+        """The lowest format version that can hold the chunk (1.0, 1.2 or its codec's)."""
+        if not self.uses_codecs:
+            return FORMAT_VERSION
+        return max(CODECS_VERSION, spec.CODEC_VERSIONS.get(self.codec, CODECS_VERSION))
 
     def extras(self) -> dict[str, Any]:
         """The chunk's 1.2 members, as written (none for a plain raw chunk)."""
@@ -261,11 +270,11 @@ class Manifest:
                         } | (c.extras() if c.uses_codecs else {})
                         for c in leaf.chunks
                     ]
-                    if self.version < CODECS_VERSION and any(c.uses_codecs for c in leaf.chunks):
+                    need = max((c.min_version for c in leaf.chunks), default=FORMAT_VERSION)
+                    if self.version < need:
                         raise ValueError(
-                            f"{leaf.path}: chunk codecs and digests need format version "
-                            f"{spec.version_text(CODECS_VERSION)}, not "
-                            f"{spec.version_text(self.version)}"
+                            f"{leaf.path}: its chunks' codecs and digests need format version "
+                            f"{spec.version_text(need)}, not {spec.version_text(self.version)}"
                         )
                 if leaf.impl is not None:
                     entry["impl"] = leaf.impl
@@ -407,6 +416,9 @@ def parse_chunk_extras(
             )
         raise fail(f"unknown codec {codec!r:.40} (format {spec.version_text(version)} knows "
                    f"{', '.join(spec.CODECS)})")
+    if spec.CODEC_VERSIONS[codec] > version:
+        raise fail(f"codec {codec!r} needs format {spec.version_text(spec.CODEC_VERSIONS[codec])}"
+                   f" or later, not {spec.version_text(version)}")
     stored = entry.get("stored_nbytes")
     if codec == "raw":
         if stored is not None and (not _nat(stored) or stored != nbytes):

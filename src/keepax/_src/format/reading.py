@@ -298,7 +298,8 @@ class _Reading:
         _verify(stored, piece, self.files, self.where)
         landed = piece.landing()
         landing = landed if landed is not None else memoryview(bytearray(chunk.nbytes))
-        codecs.decode_into(stored, chunk.codec, landing, leaf=piece.leaf, where=self.where)
+        codecs.decode_into(stored, chunk.codec, landing, leaf=piece.leaf, where=self.where,
+                           itemsize=chunk.nbytes // max(1, math.prod(chunk.shape)))
         piece.deliver(landing, landed)
         return chunk.stored
 

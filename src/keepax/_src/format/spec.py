@@ -17,6 +17,8 @@ __all__ = [
     "FORMAT_VERSION",
     "TABLES_VERSION",
     "CODECS_VERSION",
+    "SHUFFLE_VERSION",
+    "CODEC_VERSIONS",
     "NEWEST_VERSION",
     "MANIFEST_FILE",
     "COMMIT_FILE",
@@ -51,16 +53,21 @@ TABLES_VERSION = (1, 1)
 CODECS_VERSION = (1, 2)
 """The version that defines per-chunk ``codec``, ``stored_nbytes`` and ``digest`` (§5.4)."""
 
-NEWEST_VERSION = CODECS_VERSION
+SHUFFLE_VERSION = (1, 3)
+"""The version that adds the ``zstd-shuffle`` codec (§5.4.2)."""
+
+NEWEST_VERSION = SHUFFLE_VERSION
 """The newest version this keepax knows every member and value of."""
 
 MANIFEST_FILE = "manifest.json"
 COMMIT_FILE = "keepax.commit"
 DATA_DIR = "data"
 
-CODECS = ("raw", "zstd")
-"""Chunk codecs this keepax reads: ``raw`` (the bytes as they are) and ``zstd`` (one
-Zstandard frame of them; reading needs the ``zstandard`` package)."""
+CODEC_VERSIONS = {"raw": FORMAT_VERSION, "zstd": CODECS_VERSION, "zstd-shuffle": SHUFFLE_VERSION}
+"""Chunk codecs this keepax reads, each with the format version that defines it: ``raw`` (the
+bytes as they are), ``zstd`` (one Zstandard frame of them) and ``zstd-shuffle`` (one frame of
+their bytes grouped by position in each element); the last two need ``zstandard``."""
+CODECS = tuple(CODEC_VERSIONS)
 
 DATA_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.safetensors")
 STORE_DIR = ".keepax-store"

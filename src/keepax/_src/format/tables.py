@@ -325,17 +325,17 @@ def encode_table(
         same; readers reject a checkpoint whose tables carry different ones).
     """
     rows: list[list[Any]] = []
-    newer = False
+    version = TABLE_VERSION
     for leaf, c in chunks:
         row: list[Any] = [leaf, c.file, c.offset, c.nbytes, c.crc32c, list(c.start),
                           list(c.shape)]
         if c.uses_codecs:
             row.append(c.extras())
-            newer = True
+            version = max(version, c.min_version)
         rows.append(row)
     doc = {
         "format": FORMAT_NAME,
-        "version": spec.version_text(spec.CODECS_VERSION if newer else TABLE_VERSION),
+        "version": spec.version_text(version),
         "kind": _TABLE_KIND,
         "process": process,
         **({"save_id": save_id} if save_id is not None else {}),
