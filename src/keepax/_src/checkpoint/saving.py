@@ -363,8 +363,9 @@ def _distributed_job(
         layouts=plan.layouts,
         manifest=lambda refs: plan.manifest(
             (), {}, prepared.metadata, created=time.time(), tables=refs, layouts=plan.layouts,
-            block_crcs=not prepared.host_local and plan.block_crcs,
-            codecs=prepared.compression is not None or prepared.store is not None,
+            # Store references, like block checksums, are format 1.2 members of the tables.
+            block_crcs=(not prepared.host_local and plan.block_crcs) or prepared.store is not None,
+            codecs=prepared.compression is not None,
         ),
         coordinator=coordinator,
         save_id=prepared.save_id,
