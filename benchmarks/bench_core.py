@@ -394,15 +394,25 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
     times: dict[str, list[float]] = {}
     extra: dict[str, list[float]] = {}
 
+    cpu_of_last: list[float] = []
+
     def record(op: str, seconds: float) -> None:
         times.setdefault(op, []).append(seconds)
-        log(f"[{state_label(name)}]   {op:<26s} {seconds:8.3f} s")
+        cpu = ""
+        if cpu_of_last:  # CPU seconds of all threads (less sensitive to a loaded machine)
+            extra.setdefault(f"{op}_cpu", []).append(cpu_of_last.pop())
+            cpu = f" ({extra[f'{op}_cpu'][-1]:.3f} s CPU)"
+        log(f"[{state_label(name)}]   {op:<26s} {seconds:8.3f} s{cpu}")
 
     def timed(fn: Any) -> tuple[float, Any]:
         settle()
+        cpu_of_last.clear()
+        cpu = time.process_time()
         start = time.perf_counter()
         out = fn()
-        return time.perf_counter() - start, out
+        seconds = time.perf_counter() - start
+        cpu_of_last.append(time.process_time() - cpu)
+        return seconds, out
 
     last: dict[str, str] = {}
 
@@ -949,14 +959,15 @@ def markdown(result: dict[str, Any]) -> str:
             out.append(f"Note: {entry['orbax_note']}\n")
         if not entry["cold_measured"]:
             out.append(f"Note: {DROP_CACHES} not writable: cold reads not measured.\n")
-        out.append("| operation | median s | min s | max s | median GB/s |")
-        out.append("|---|---:|---:|---:|---:|")
+        out.append("| operation | median s | min s | max s | median GB/s | median CPU s |")
+        out.append("|---|---:|---:|---:|---:|---:|")
         for op, label in OPS:
             if op in st:
                 s = st[op]
                 gbs = entry["bytes"] / s["median"] / 1e9 if s["median"] else None
+                cpu = st.get(f"{op}_cpu", {}).get("median")
                 out.append(f"| {label} | {fmt(s['median'])} | {fmt(s['min'])} | {fmt(s['max'])} | "
-                           f"{fmt(gbs)} |")
+                           f"{fmt(gbs)} | {fmt(cpu)} |")
         out.append("")
         out.append("| ratio | of medians | median of per-repeat pairs | raw baseline used |")
         out.append("|---|---:|---:|---|")
