@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -416,7 +417,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     last: dict[str, str] = {}
 
-    def run_raw(r: int) -> None:
+    def run_raw(r: int) -> Iterator[None]:
         # Two write and two read strategies; ratios are taken against the faster of each.
         path = os.path.join(root, f"raw-{r}")
         other = os.path.join(root, f"raw-{r}-64m")
@@ -430,6 +431,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
         for op, fn in writes:
             record(op, timed(fn)[0])
         remove(other)
+        yield
         if cold:
             for op, fn in reads:
                 drop_caches()
@@ -438,11 +440,12 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
             record(f"{op}_warm", timed(fn)[0])
         remove(path)
 
-    def run_keepax(r: int) -> None:
+    def run_keepax(r: int) -> Iterator[None]:
         path = os.path.join(root, f"keepax-{r}")
         if "keepax" in last:
             remove(last.pop("keepax"))
         record("keepax_save", timed(lambda: keepax.save(path, state))[0])
+        yield
 
         def restore_like() -> None:
             out = keepax.restore(path, like=state)
@@ -455,7 +458,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
         record("keepax_restore_numpy_warm", timed(lambda: keepax.restore(path))[0])
         last["keepax"] = path
 
-    def run_orbax(r: int) -> None:
+    def run_orbax(r: int) -> Iterator[None]:
         path = os.path.join(root, f"orbax-{r}")
         if "orbax" in last:
             remove(last.pop("orbax"))
@@ -466,6 +469,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
         ckptr.wait_until_finished()
         record("orbax_save", time.perf_counter() - start)
         extra.setdefault("orbax_save_blocking", []).append(blocked)
+        yield
 
         def restore_like() -> None:
             out = ckptr.restore(path, abstract)
@@ -477,9 +481,10 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
         record("orbax_restore_warm", timed(restore_like)[0])
         last["orbax"] = path
 
-    def run_device_put(r: int) -> None:
+    def run_device_put(r: int) -> Iterator[None]:
         # Reference floor for restore(like): turning host buffers already in memory into
         # jax.Arrays (64-byte-aligned copies of every leaf, made outside the timed region).
+        yield
         hosts = host_copies(state)
         settle()
         start = time.perf_counter()
@@ -496,8 +501,12 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
         order = systems[k:] + systems[:k]
         order_log.append([s for s, _ in order])
         log(f"[{state_label(name)}] repeat {r + 1}/{repeats}: {' -> '.join(s for s, _ in order)}")
-        for _, fn in order:
-            fn(r)
+        # Each system writes then reads; with --phased every system writes, then every system
+        # reads (on this VM a cold read of data written moments before can cost 3-5x a cold
+        # read of older data, raw I/O alike; see BENCHMARKS.md).
+        phases = [fn(r) for _, fn in order]
+        for phase in phases + phases if args.phased else [p for p in phases for _ in "wr"]:
+            next(phase, None)
     if ckptr is not None:
         ckptr.close()
     loadavg = os.getloadavg()
@@ -698,6 +707,8 @@ def run_worker(args: argparse.Namespace, kind: str, state: str, **extra: Any) ->
            "--_out", out, "--dir", args.dir, "--repeats", str(extra.pop("repeats", args.repeats))]
     if args.no_orbax:
         cmd.append("--no-orbax")
+    if args.phased:
+        cmd.append("--phased")
     for k, v in extra.items():
         cmd += [f"--_{k}", str(v)]
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
@@ -1015,6 +1026,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also write cProfile reports of keepax save/restore (1 GiB, 10k) to --dir")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints written")
+    p.add_argument("--phased", action="store_true",
+                   help="in each repeat, every system writes before any system reads")
     p.add_argument("--_worker", choices=["timing", "memory", "profile"], help=argparse.SUPPRESS)
     p.add_argument("--_state", help=argparse.SUPPRESS)
     p.add_argument("--_op", help=argparse.SUPPRESS)
