@@ -160,7 +160,8 @@ from it does (its untouched tail is address space only); larger arrays get their
 """
 
 _Parts = dict[Any, tuple[Any, np.ndarray]]
-"""The boxes read of one leaf: per box, its target devices (None: one place) and host buffer."""
+"""The boxes read of one leaf: per box, its target devices (None: the whole array, onto its
+target's sharding or one place) and host buffer."""
 
 
 def _read_leaves(
@@ -250,8 +251,8 @@ def _target_boxes(leaf: ArrayLeaf, target: Target | None) -> dict[Any, Any]:
     whole array, placed with one transfer on its target's sharding).
 
     A sharding whose devices all belong to this process gets the whole array, read once:
-    JAX cuts it into the shards itself (zero-copy views on CPU), which costs a fraction of
-    one transfer and one ``make_array_from_single_device_arrays`` per shard.
+    JAX cuts it into the shards itself (zero-copy views on CPU), at a fraction of the cost of
+    one transfer per device and one ``make_array_from_single_device_arrays`` per leaf.
     """
     shape = tuple(leaf.shape)
     if (
