@@ -148,8 +148,20 @@ def read_plain(opened: Opened, indices: Sequence[int]) -> dict[int, Any]:
     return _read_leaves(opened, indices, {}, None, None, None)
 
 
+_ARENA_BLOCK = 64 << 20
+_ARENA_MIN_OWN = 16 << 20
+"""Restored host buffers under 16 MiB are carved from 64 MiB blocks (:class:`HostArena`).
+
+NumPy asks the kernel for huge pages on allocations of 4 MiB or more, so touching a block
+for the first time (while reading into it) takes one fault per 2 MiB; a buffer of its own per
+medium array (a bfloat16 [512, 512] is 512 KiB) takes one per 4 KiB page, which cost as much
+as the read itself on a state of many such arrays. A block stays alive while any array carved
+from it does (its untouched tail is address space only); larger arrays get their own buffer.
+"""
+
 _Parts = dict[Any, tuple[Any, np.ndarray]]
-"""The boxes read of one leaf: per box, its target devices (None: one place) and host buffer."""
+"""The boxes read of one leaf: per box, its target devices (None: the whole array, onto its
+target's sharding or one place) and host buffer."""
 
 
 def _read_leaves(
@@ -183,7 +195,7 @@ def _read_leaves(
         values: dict[int, Any] = {}
         requests: list[ReadRequest] = []
         finishers: list[tuple[int, ArrayLeaf, _Parts]] = []
-        arena = sharding.HostArena()
+        arena = sharding.HostArena(block=_ARENA_BLOCK, min_own=_ARENA_MIN_OWN)
         for index in indices:
             leaf = manifest.leaves[index]
             if isinstance(leaf, ValueLeaf):
@@ -236,7 +248,12 @@ def _resolve_tables(opened: Opened, boxes_of: dict[int, dict[Any, Any]]) -> tupl
 
 def _target_boxes(leaf: ArrayLeaf, target: Target | None) -> dict[Any, Any]:
     """The boxes of a leaf this process must read, each with its target devices (None: the
-    whole array, to one place)."""
+    whole array, placed with one transfer on its target's sharding).
+
+    A sharding whose devices all belong to this process gets the whole array, read once:
+    JAX cuts it into the shards itself (zero-copy views on CPU), at a fraction of the cost of
+    one transfer per device and one ``make_array_from_single_device_arrays`` per leaf.
+    """
     shape = tuple(leaf.shape)
     if (
         target is not None
@@ -244,6 +261,7 @@ def _target_boxes(leaf: ArrayLeaf, target: Target | None) -> dict[Any, Any]:
         and target.sharding is not None
         and target.committed
         and len(target.sharding.device_set) > 1
+        and not target.sharding.is_fully_addressable
     ):
         return sharding.target_boxes(target.sharding, shape)
     return {((0,) * len(shape), shape): None}
@@ -363,8 +381,9 @@ def _place(
         ((_, host),) = parts.values()
         i = placer.put(_cast(host, final), None)
         return lambda: placer.get(i)
-    if len(parts) == 1 and len(target.sharding.device_set) == 1:
-        ((_, host),) = parts.values()
+    ((devices, host), *more) = parts.values()
+    if not more and devices is None:
+        # The whole array, read once (see _target_boxes): one transfer onto the sharding.
         i = placer.put(_cast(host, final), target.sharding)
         return lambda: placer.get(i)
     slots: list[int] = []
