@@ -249,6 +249,14 @@ _WORKER = textwrap.dedent("""
 """)
 
 
+def _committed(d: str) -> set[str]:
+    """The committed steps' directory names under ``d``."""
+    if not os.path.isdir(d):
+        return set()
+    return {n for n in os.listdir(d) if n.isdigit()
+            and os.path.exists(os.path.join(d, n, "keepax.commit"))}
+
+
 def _kill_trials(tmp_path, trials: int) -> None:
     d = str(tmp_path / "run")
     rng = random.Random(1234)
@@ -256,8 +264,14 @@ def _kill_trials(tmp_path, trials: int) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     for _ in range(trials):
         script = _WORKER.format(d=d, tests=os.path.dirname(__file__))
+        before = _committed(d)
         proc = subprocess.Popen([sys.executable, "-c", script], env=env)
-        time.sleep(rng.uniform(2.0, 4.0))
+        # Killed at a random instant once the worker is saving (its first new step is
+        # committed), however slowly this machine starts Python and JAX.
+        deadline = time.monotonic() + 90
+        while _committed(d) <= before and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         # Every committed step is whole; the next start reclaims what the kill leaked.
