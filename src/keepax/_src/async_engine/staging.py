@@ -118,9 +118,9 @@ class Budget:
 
 
 class Batch:
-    """Copies enqueued together (on the device, or into pinned host memory). The writer lets them all finish before it reads
-    any: copying and writing at once only slow each other down (and a donated next step
-    waits for the copies)."""
+    """Copies enqueued together (on the device, or into pinned host memory). The writer lets
+    them all finish before it reads any: copying and writing at once only slow each other
+    down (and a donated next step waits for the copies)."""
 
     __slots__ = ("copies", "done")
 
@@ -170,13 +170,11 @@ def _pinned(array: jax.Array) -> jax.sharding.Sharding | None:
     """Where a single-device array's pinned host copy goes: its device's ``pinned_host``
     memory, or None if the device has none."""
     device = next(iter(array.devices()))
-    sharding = _PINNED.get(device, False)
-    if sharding is False:
+    if device not in _PINNED:
         kinds = {memory.kind for memory in device.addressable_memories()}
-        sharding = (jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-                    if "pinned_host" in kinds else None)
-        _PINNED[device] = sharding
-    return sharding
+        _PINNED[device] = (jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+                           if "pinned_host" in kinds else None)
+    return _PINNED[device]
 
 
 _PINNED: dict[Any, jax.sharding.Sharding | None] = {}  # per device (a handful)
