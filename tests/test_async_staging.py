@@ -119,3 +119,19 @@ def test_pinned_host_staging_saves_bit_exact_after_donation(
     got = keepax.restore(str(tmp_path / "ckpt"))
     for k, v in want.items():
         assert got[k].dtype == v.dtype and got[k].tobytes() == v.tobytes()
+
+
+def test_cpu_arrays_still_being_computed_get_an_enqueued_pinned_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A view would wait for the computation; an enqueued copy does not. (Whether an array
+    is computed yet depends on timing, so ``_ready`` is made to say it is not.)"""
+    monkeypatch.setattr(async_staging, "_CPU_STAGING", "view")
+    monkeypatch.setattr(async_staging, "_ready", lambda array: False)
+    x = jnp.arange(1 << 16, dtype=jnp.int32) * 3
+    job, counted = staged([x])
+    (slot,) = job.slots
+    assert counted == x.nbytes and slot.batch is not None
+    slot.batch.wait()
+    assert slot.array.sharding.memory_kind == "pinned_host"
+    np.testing.assert_array_equal(checkpoint.chunk_view(slot.array, ()), np.asarray(x))

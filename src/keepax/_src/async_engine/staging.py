@@ -14,9 +14,12 @@ Staging, per array (see :func:`stage`), copies only what the caller could change
   copy made it 2.1-2.7 s (page faults of 1 GiB of fresh memory and the copy's CPU time
   competing with the writes on 2 cores). A donating step that runs while the save holds
   its arrays pays one copy of what it donates (what staging would have copied anyway).
-- ``jax.Array`` on CPU still being computed: an on-device copy,
-  ``jax.device_put(x, may_alias=False)``, batched for the whole tree, which returns once
-  the copies are *enqueued*, without waiting for ``x`` to be computed (a view would wait).
+- ``jax.Array`` on CPU still being computed: a copy into the ``pinned_host`` memory kind
+  (which CPU JAX offers; else an on-device copy), ``jax.device_put(x, ..., may_alias=False)``,
+  batched for the whole tree, which returns once the copies are *enqueued*, without waiting
+  for ``x`` to be computed (a view would wait). Measured as above, 1 GiB: the commit takes
+  1.8 x a synchronous save with pinned host copies, 2.2-3.3 x with on-device copies, whose
+  CPU time is 2.5 x as large.
   JAX's runtime orders each copy before anything enqueued later: a donation of ``x`` waits
   for the copy to have read ``x``, and ``x.delete()`` frees the memory only after pending
   reads (PJRT's buffer usage events). The writer lets a batch of copies finish before it
@@ -214,7 +217,7 @@ class _Copies:
                 self.to_host.append((slot, array))
         elif _CPU_STAGING == "view" and _ready(array):
             self.views.append((slot, np.asarray(array)))  # see the module docstring
-        elif _CPU_STAGING == "pinned_host" and (pinned := _pinned(array)) is not None:
+        elif _CPU_STAGING in ("view", "pinned_host") and (pinned := _pinned(array)) is not None:
             self.pinned.append((slot, array, pinned))
         elif _CPU_STAGING != "host" and (slot.nbytes > _SMALL or not _ready(array)):
             self.device.append((slot, array))
