@@ -10,21 +10,21 @@ Staging, per array (see :func:`stage`), copies only what the caller could change
   computation gets a fresh buffer and the view keeps its bytes) and ``x.delete()`` frees
   nothing until the view is dropped. ``jax.Array``s are immutable, so nothing the caller
   does changes what is written. Measured on a 2-vCPU machine, 1 GiB in 196 arrays: the
-  background commit then takes as long as a synchronous save (~0.9 s), where any staging
-  copy made it 2.1-2.7 s (page faults of 1 GiB of fresh memory and the copy's CPU time
-  competing with the writes on 2 cores). A donating step that runs while the save holds
+  background commit then takes 0.92-0.95 x a synchronous save, where a staging copy made
+  it 1.4-4.9 x (page faults of 1 GiB of fresh memory and the copy's CPU time, on 1 core as
+  on 2; BENCHMARKS.md, *Asynchronous saves*). A donating step that runs while the save holds
   its arrays pays one copy of what it donates (what staging would have copied anyway).
 - ``jax.Array`` on CPU still being computed: a copy into the ``pinned_host`` memory kind
   (which CPU JAX offers; else an on-device copy), ``jax.device_put(x, ..., may_alias=False)``,
   batched for the whole tree, which returns once the copies are *enqueued*, without waiting
   for ``x`` to be computed (a view would wait). Measured as above, 1 GiB: the commit takes
-  1.8 x a synchronous save with pinned host copies, 2.2-3.3 x with on-device copies, whose
-  CPU time is 2.5 x as large.
-  JAX's runtime orders each copy before anything enqueued later: a donation of ``x`` waits
-  for the copy to have read ``x``, and ``x.delete()`` frees the memory only after pending
-  reads (PJRT's buffer usage events). The writer lets a batch of copies finish before it
-  reads any, so copying and writing do not compete. (The module constant ``_CPU_STAGING``
-  selects ``"device"`` or ``"host"`` copies of every CPU array instead, for measurements.)
+  1.8-2.0 x a synchronous save with pinned host copies, 3.8-4.9 x with on-device copies,
+  whose CPU time is 2-3 x as large. JAX's runtime orders each copy before anything
+  enqueued later: a donation of ``x`` waits for the copy to have read ``x``, and
+  ``x.delete()`` frees the memory only after pending reads (PJRT's buffer usage events).
+  The writer lets a batch of copies finish before it reads any, so copying and writing do
+  not compete. (The module constant ``_CPU_STAGING`` selects ``"device"``, ``"host"`` or
+  ``"pinned_host"`` copies of every CPU array instead, for measurements.)
 - ``jax.Array`` on accelerators: copied to host memory. Where the device offers a
   ``pinned_host`` memory kind (``device.addressable_memories()``), the copies are one
   batched ``jax.device_put`` into page-locked host memory, enqueued like the on-device
@@ -59,8 +59,8 @@ __all__ = ["Batch", "Budget", "Slot", "StagingJob", "no_gc", "stage"]
 
 _CPU_STAGING = "view"
 """How CPU ``jax.Array``s are staged: ``"view"`` (computed arrays held through a NumPy view,
-others copied on the device), ``"device"`` (an on-device copy, enqueued), ``"host"`` (a
-parallel copy into host memory) or ``"pinned_host"`` (an enqueued copy into the
+others copied into ``pinned_host`` memory), ``"device"`` (an on-device copy, enqueued),
+``"host"`` (a parallel copy into host memory) or ``"pinned_host"`` (an enqueued copy into the
 ``pinned_host`` memory kind: the accelerators' way, selectable on CPU to test it). A module
 constant so measurements and tests can compare them; see the module docstring."""
 
