@@ -7,15 +7,18 @@ vectors):
 
 - *one host copy of the state*: ``np.copy(np.asarray(leaf))`` of every leaf, into fresh memory
   (the target reference); for information also ``np.copyto`` into already-touched buffers;
+- ``keepax.save`` (synchronous): the reference for the time to commit;
 - ``keepax.save_async``: the time it blocks the caller (until it returns) and the total time
   until the checkpoint is committed (``handle.wait()``), with the ``SaveRecord``'s fields;
-  for information also with keepax's host-memory staging (the private module constant
-  ``async_staging._CPU_STAGING = "host"``) instead of its default on-device staging copy;
+  for information also with the staging copies keepax can make instead of reading computed
+  CPU arrays through views (the private module constant ``async_staging._CPU_STAGING``:
+  ``"device"`` on-device copies, ``"host"`` host copies, ``"pinned_host"`` enqueued copies
+  into pinned host memory, the accelerators' way);
 - Orbax's async save (``ocp.StandardCheckpointer``, an ``AsyncCheckpointer``; OCDBT + zstd by
   default): blocking (until ``save()`` returns) and total (until ``wait_until_finished()``);
 - a simulated training loop: a jitted step of known duration (a chain of 1024x1024 matmuls on
-  a separate small array, calibrated to ``--step-factor`` x keepax's median time to commit the
-  state) run ``--loop-steps`` times, each step followed by ``block_until_ready``, then a save of
+  a separate small array, calibrated to ``--step-factor`` x the median synchronous
+  ``keepax.save`` of the state: by default a step as long as a save) run ``--loop-steps`` times, each step followed by ``block_until_ready``, then a save of
   the state through a ``keepax.CheckpointManager`` (async, ``KeepLast(2)``) every step; the same
   loop without saves; with Orbax's async ``CheckpointManager`` (``max_to_keep=2``); and, as a
   reference for what the disk write alone costs the computation beside it, with a raw
@@ -27,6 +30,9 @@ Every repeat writes into a fresh directory; deletions, ``gc``, ``malloc_trim`` a
 outside the timed regions. The systems of one phase run round-robin within every repeat and
 the starting system rotates, so slow disk phases hit every system alike. Ratios are of
 medians; medians of per-repeat paired ratios are given too.
+
+Run it under ``taskset -c 0`` to measure on one core (the workers inherit the affinity; the
+report gives the CPUs allowed).
 
 Usage::
 
@@ -76,6 +82,8 @@ from bench_core import (  # noqa: E402 - shared states, cleanup and machine fact
 TARGET_BLOCK_VS_COPY = 1.0
 TARGET_BLOCK_VS_ORBAX = 1.0
 TARGET_LOOP_DROP = 0.05
+TARGET_COMMIT_VS_SYNC = 1.1  # issue 16, target 4
+STAGINGS = {"devicestaging": "device", "hoststaging": "host", "pinnedstaging": "pinned_host"}
 
 STEP_DIM = 1024  # the loop's step works on a separate (STEP_DIM, STEP_DIM) float32 array
 
@@ -258,8 +266,19 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
         del outs
         settle()
 
+    def run_sync(r: int) -> None:
+        path = os.path.join(root, f"sync-{r}")
+        settle()
+        cpu = time.process_time()
+        start = time.perf_counter()
+        keepax.save(path, state)
+        record("keepax_sync", time.perf_counter() - start)
+        times.setdefault("keepax_sync_cpu", []).append(time.process_time() - cpu)
+        remove(path)
+        settle()
+
     def keepax_async(op: str, r: int, staging: str | None) -> None:
-        # staging None: keepax as shipped; "host": its host-memory staging (information).
+        # staging None: keepax as shipped; else one of STAGINGS' values (information).
         path = os.path.join(root, f"{op}-{r}")
         previous = getattr(async_staging, "_CPU_STAGING", None)
         if staging is not None:
@@ -293,8 +312,8 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
     def run_keepax(r: int) -> None:
         keepax_async("keepax", r, None)
 
-    def run_keepax_host(r: int) -> None:
-        keepax_async("keepax_hoststaging", r, "host")
+    def staged_run(kind: str) -> Any:
+        return lambda r: keepax_async(f"keepax_{kind}", r, STAGINGS[kind])
 
     def run_orbax(r: int) -> None:
         path = os.path.join(root, f"orbax-{r}")
@@ -314,11 +333,11 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
         remove(path)
         settle()
 
-    systems = [("host_copy", run_host_copy), ("keepax", run_keepax)]
+    systems = [("host_copy", run_host_copy), ("keepax_sync", run_sync), ("keepax", run_keepax)]
     if ocp is not None:
         systems.append(("orbax", run_orbax))
-    if not args.no_host_staging and hasattr(async_staging, "_CPU_STAGING"):
-        systems.append(("keepax_hoststaging", run_keepax_host))
+    for kind in args.stagings.split(",") if args.stagings else []:
+        systems.append((f"keepax_{kind}", staged_run(kind)))
     order_log = []
     for r in range(repeats):
         k = r % len(systems)
@@ -333,13 +352,13 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
     loop: dict[str, Any] = {}
     if not args.no_loop:
         step, x0 = make_step()
-        write_s = statistics.median(times["keepax_total"])
+        write_s = statistics.median(times["keepax_sync"])
         cal = calibrate(step, x0, args.step_factor * write_s)
-        cal["keepax_commit_median_seconds"] = write_s
+        cal["keepax_save_median_seconds"] = write_s
         cal["factor"] = args.step_factor
         log(f"[{state_label(name)}] step calibrated: {cal['matmuls']} matmuls of {STEP_DIM}^2, "
             f"{cal['measured_seconds']:.3f} s (target {cal['target_seconds']:.3f} s = "
-            f"{args.step_factor} x keepax commit {write_s:.3f} s)")
+            f"{args.step_factor} x keepax.save {write_s:.3f} s)")
         n = jnp.int32(cal["matmuls"])
         steps = args.loop_steps
         loop_raw: dict[str, list[dict[str, Any]]] = {}
@@ -363,9 +382,9 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
                 mngr = RawSaver(directory, state)
                 saver = mngr.save
             step_s, save_s = [], []
-            previous = getattr(async_staging, "_CPU_STAGING", None)
-            if kind == "keepax_hoststaging":
-                async_staging._CPU_STAGING = "host"
+            previous = async_staging._CPU_STAGING
+            if kind.removeprefix("keepax_") in STAGINGS:
+                async_staging._CPU_STAGING = STAGINGS[kind.removeprefix("keepax_")]
             settle()
             steal = cpu_steal_seconds()
             cpu = time.process_time()
@@ -393,8 +412,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
                              "wait_seconds": rec.wait_seconds, "write_seconds": rec.write_seconds,
                              "committed": rec.committed} for rec in mngr.save_records]
                 mngr.close()
-            if kind == "keepax_hoststaging":
-                async_staging._CPU_STAGING = previous
+            async_staging._CPU_STAGING = previous
             loop_raw.setdefault(kind, []).append({
                 "loop_seconds": loop_s, "cpu_seconds": cpu, "flush_seconds": flush_s,
                 "step_seconds": step_s,
@@ -423,8 +441,8 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
         kinds = ["none", "keepax"] + ([] if args.no_raw_loop else ["raw"])
         if ocp is not None and not args.no_orbax_loop:
             kinds.append("orbax")
-        if args.loop_host_staging and hasattr(async_staging, "_CPU_STAGING"):
-            kinds.append("keepax_hoststaging")
+        for kind in args.loop_stagings.split(",") if args.loop_stagings else []:
+            kinds.append(f"keepax_{kind}")
         loop_order = []
         for r in range(loop_repeats):
             k = r % len(kinds)
@@ -453,6 +471,7 @@ def timing_worker(args: argparse.Namespace) -> dict[str, Any]:
         "records": records,
         "loop": loop,
         "loadavg_end": os.getloadavg(),
+        "cpus_allowed": sorted(os.sched_getaffinity(0)),
     }
 
 
@@ -466,10 +485,10 @@ def run_worker(args: argparse.Namespace, state: str, repeats: int, loop_repeats:
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", "--_state", state, "--_out", out,
            "--dir", args.dir, "--repeats", str(repeats), "--_loop_repeats", str(loop_repeats),
            "--loop-steps", str(args.loop_steps), "--step-factor", str(args.step_factor)]
-    for flag in ("no_orbax", "no_loop", "no_orbax_loop", "no_raw_loop", "no_host_staging",
-                 "loop_host_staging"):
+    for flag in ("no_orbax", "no_loop", "no_orbax_loop", "no_raw_loop"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
+    cmd += ["--stagings", args.stagings, "--loop-stagings", args.loop_stagings]
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     proc = subprocess.run(cmd, stdout=sys.stderr, env=env)
     try:
@@ -486,7 +505,12 @@ RATIOS = [
     ("keepax blocking / host copy into touched buffers", "keepax_blocking", "host_copy_touched"),
     ("keepax blocking / Orbax blocking", "keepax_blocking", "orbax_blocking"),
     ("keepax total / Orbax total", "keepax_total", "orbax_total"),
-    ("keepax blocking, host staging / host copy", "keepax_hoststaging_blocking", "host_copy"),
+    ("keepax total / keepax.save (sync)", "keepax_total", "keepax_sync"),
+    ("keepax CPU / keepax.save CPU", "keepax_cpu", "keepax_sync_cpu"),
+    *[(f"keepax total, {kind} / keepax.save", f"keepax_{kind}_total", "keepax_sync")
+      for kind in STAGINGS],
+    *[(f"keepax blocking, {kind} / host copy", f"keepax_{kind}_blocking", "host_copy")
+      for kind in STAGINGS],
 ]
 
 
@@ -502,7 +526,7 @@ def analyse(run: dict[str, Any]) -> dict[str, Any]:
     if loop:
         steps = loop["steps"]
         base = _median(t, "loop_none")
-        for kind in ("keepax", "orbax", "raw", "keepax_hoststaging"):
+        for kind in ("keepax", "orbax", "raw", *[f"keepax_{k}" for k in STAGINGS]):
             key = f"loop_{kind}"
             if not t.get(key):
                 continue
@@ -538,6 +562,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         v = r.get("keepax blocking / host copy", {}).get("of_medians")
         add(label, "keepax blocking / one host copy (np.copy)", v, f"<= {TARGET_BLOCK_VS_COPY:g}",
             None if v is None else v <= TARGET_BLOCK_VS_COPY)
+        v = r.get("keepax total / keepax.save (sync)", {}).get("of_medians")
+        add(label, "keepax save_async until committed / keepax.save", v,
+            f"<= {TARGET_COMMIT_VS_SYNC:g}", None if v is None else v <= TARGET_COMMIT_VS_SYNC)
         v = r.get("keepax blocking / Orbax blocking", {}).get("of_medians")
         add(label, "keepax blocking / Orbax async blocking", v, f"<= {TARGET_BLOCK_VS_ORBAX:g}",
             None if v is None else v <= TARGET_BLOCK_VS_ORBAX)
@@ -567,16 +594,20 @@ def cell(stats: dict[str, Any], op: str, per: int = 1) -> str:
 ROWS = [
     ("host_copy", "one host copy: `np.copy` of every leaf (fresh memory) — reference", 1),
     ("host_copy_touched", "host copy into already-touched buffers (`np.copyto`), info", 1),
+    ("keepax_sync", "**keepax.save** (synchronous) — reference for the commit", 1),
     ("keepax_blocking", "**keepax.save_async, blocking** (until it returns)", 1),
-    ("keepax_total", "keepax.save_async, total until committed (`handle.wait()`)", 1),
+    ("keepax_total", "**keepax.save_async, total until committed** (`handle.wait()`)", 1),
     ("keepax_record_write", "keepax `SaveRecord.write_seconds`", 1),
-    ("keepax_hoststaging_blocking", "keepax, host staging (`_CPU_STAGING=\"host\"`), blocking, info", 1),
-    ("keepax_hoststaging_total", "keepax, host staging, total, info", 1),
+    *[row for kind, mode in STAGINGS.items() for row in (
+        (f"keepax_{kind}_blocking", f"keepax, `_CPU_STAGING=\"{mode}\"`, blocking, info", 1),
+        (f"keepax_{kind}_total", f"keepax, `_CPU_STAGING=\"{mode}\"`, total, info", 1))],
     ("orbax_blocking", "Orbax async save, blocking (until `save()` returns)", 1),
     ("orbax_total", "Orbax async save, total (until `wait_until_finished()`)", 1),
     ("host_copy_cpu", "CPU seconds (all threads): host copy", 1),
     ("keepax_cpu", "CPU seconds (all threads): keepax.save_async until committed", 1),
-    ("keepax_hoststaging_cpu", "CPU seconds (all threads): keepax, host staging, info", 1),
+    ("keepax_sync_cpu", "CPU seconds (all threads): keepax.save", 1),
+    *[(f"keepax_{kind}_cpu", f"CPU seconds (all threads): keepax, `{mode}` staging, info", 1)
+      for kind, mode in STAGINGS.items()],
     ("orbax_cpu", "CPU seconds (all threads): Orbax async save until finished", 1),
 ]
 
@@ -592,7 +623,8 @@ def markdown(result: dict[str, Any]) -> str:
                f"Linux {m['kernel']}, Python {m['python']}, "
                + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
                + f"; load average {m['loadavg_start'][0]:.1f} at start, "
-               f"{m.get('loadavg_end', [float('nan')])[0]:.1f} at end; GPU: {result['gpu']}\n")
+               f"{m.get('loadavg_end', [float('nan')])[0]:.1f} at end; CPUs allowed "
+               f"{result.get('cpus_allowed')}; GPU: {result['gpu']}\n")
     for e in result["states"].values():
         if "error" in e:
             out.append(f"**{e.get('label', '?')}: ERROR {e['error']}**\n")
@@ -618,9 +650,9 @@ def markdown(result: dict[str, Any]) -> str:
         out.append("|---|" + "---:|" * len(states))
         out.append("| loop repeats × steps | " + " | ".join(
             f"{e['loop']['repeats']} × {e['loop']['steps']}" if e.get("loop") else "—" for e in states) + " |")
-        out.append("| step calibrated to (factor × keepax commit median) | " + " | ".join(
+        out.append("| step calibrated to (factor × keepax.save median) | " + " | ".join(
             (f"{fmt(e['loop']['calibration']['target_seconds'])} ({e['loop']['calibration']['factor']:g} × "
-             f"{fmt(e['loop']['calibration']['keepax_commit_median_seconds'])}), "
+             f"{fmt(e['loop']['calibration']['keepax_save_median_seconds'])}), "
              f"{e['loop']['calibration']['matmuls']} matmuls") if e.get("loop") else "—" for e in states) + " |")
         for op, label in (
             ("loop_none", "loop without saves, per step"),
@@ -630,13 +662,15 @@ def markdown(result: dict[str, Any]) -> str:
             ("loop_orbax_with_flush", "… including the final `wait_until_finished()`, per step"),
             ("loop_raw", "reference: loop with a raw write+fsync of the state's bytes in a background thread every step, per step"),
             ("loop_raw_with_flush", "… including waiting for the last write, per step"),
-            ("loop_keepax_hoststaging", "loop with keepax, host staging, per step (info)"),
-            ("loop_keepax_hoststaging_with_flush", "… including the final `wait_until_finished()`, per step"),
+            *[row for kind in STAGINGS for row in (
+                (f"loop_keepax_{kind}", f"loop with keepax, {kind}, per step (info)"),
+                (f"loop_keepax_{kind}_with_flush", "… including the final `wait_until_finished()`, per step"))],
             ("loop_none_cpu", "CPU seconds (all threads) per step, no saves"),
             ("loop_keepax_cpu", "CPU seconds (all threads) per step, keepax saving"),
             ("loop_orbax_cpu", "CPU seconds (all threads) per step, Orbax saving"),
             ("loop_raw_cpu", "CPU seconds (all threads) per step, raw background writes"),
-            ("loop_keepax_hoststaging_cpu", "CPU seconds (all threads) per step, keepax host staging"),
+            *[(f"loop_keepax_{kind}_cpu", f"CPU seconds (all threads) per step, keepax {kind}")
+              for kind in STAGINGS],
         ):
             if any(op in e["analysis"]["stats"] for e in states):
                 steps = [e["loop"]["steps"] if e.get("loop") else 1 for e in states]
@@ -652,8 +686,9 @@ def markdown(result: dict[str, Any]) -> str:
             ("loop_orbax_save_call_median", "Orbax `save()` call in the loop ¹"),
             ("loop_raw_step_median", "step alone, raw write in the background ¹"),
             ("loop_raw_save_call_median", "raw writer `save()` call (joins the previous write) ¹"),
-            ("loop_keepax_hoststaging_step_median", "step alone, keepax (host staging) saving ¹"),
-            ("loop_keepax_hoststaging_save_call_median", "keepax (host staging) `save()` call ¹"),
+            *[row for kind in STAGINGS for row in (
+                (f"loop_keepax_{kind}_step_median", f"step alone, keepax ({kind}) saving ¹"),
+                (f"loop_keepax_{kind}_save_call_median", f"keepax ({kind}) `save()` call ¹"))],
         ):
             if any(op in e["analysis"]["stats"] for e in states):
                 out.append(f"| {label} | " + " | ".join(
@@ -700,8 +735,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loop-repeats-large", type=int, default=None,
                    help="loop repeats for states above 2 GiB (default: --loop-repeats)")
     p.add_argument("--loop-steps", type=int, default=10, help="steps per training loop (default 10)")
-    p.add_argument("--step-factor", type=float, default=2.0,
-                   help="step duration as a multiple of keepax's median time to commit (default 2)")
+    p.add_argument("--step-factor", type=float, default=1.0,
+                   help="step duration as a multiple of keepax.save's median time (default 1)")
     p.add_argument("--dir", default=os.path.join(REPO, "bench_out"),
                    help="where checkpoints and async.json are written (default bench_out/)")
     p.add_argument("--no-orbax", action="store_true", help="skip Orbax")
@@ -709,10 +744,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-loop", action="store_true", help="skip the training loops")
     p.add_argument("--no-raw-loop", action="store_true",
                    help="skip the loop with raw background writes (reference)")
-    p.add_argument("--no-host-staging", action="store_true",
-                   help="skip the informational keepax run with host staging")
-    p.add_argument("--loop-host-staging", action="store_true",
-                   help="also run the loop with keepax's host staging (informational)")
+    p.add_argument("--stagings", default="devicestaging,hoststaging,pinnedstaging",
+                   help="informational keepax runs with staging copies, comma-separated, of "
+                        f"{','.join(STAGINGS)} (default all; '' for none)")
+    p.add_argument("--loop-stagings", default="",
+                   help="also run the loop with these staging copies (as --stagings; default none)")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_state", help=argparse.SUPPRESS)
     p.add_argument("--_out", help=argparse.SUPPRESS)
@@ -742,11 +778,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(args.dir),
         "gpu": "none available to this run (CPU-only JAX); the issue's GPU part was not run",
         "targets_goal": {"keepax blocking / host copy": f"<= {TARGET_BLOCK_VS_COPY}",
+                         "keepax total / keepax.save": f"<= {TARGET_COMMIT_VS_SYNC}",
                          "keepax blocking / Orbax blocking": f"<= {TARGET_BLOCK_VS_ORBAX}",
                          "loop throughput drop": f"< {TARGET_LOOP_DROP}"},
         "states": {},
         "notes": [],
     }
+    result["cpus_allowed"] = sorted(os.sched_getaffinity(0))
+    for kind in filter(None, f"{args.stagings},{args.loop_stagings}".split(",")):
+        if kind not in STAGINGS:
+            raise SystemExit(f"unknown staging {kind!r}: choose from {', '.join(STAGINGS)}")
     for state in states:
         large = float(state) > 2
         repeats = args.repeats_large if large and args.repeats_large else args.repeats

@@ -138,9 +138,10 @@ def no_failure_left_unseen() -> Any:
         engine.check_errors()
 
 
-@pytest.fixture(params=["device", "host"])
+@pytest.fixture(params=["view", "device", "host", "pinned_host"])
 def staging(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways CPU jax.Arrays can be staged (the default is "device")."""
+    """Every way CPU jax.Arrays can be staged (the default is "view"; "pinned_host" is the
+    accelerators' way, which CPU JAX offers too)."""
     monkeypatch.setattr(async_staging, "_CPU_STAGING", request.param)
     return request.param
 

@@ -39,16 +39,17 @@ def state(step: int) -> dict:
 
 
 def out_of_memory_on(victim: int) -> dict:
-    """Makes this process's host copies fail (a host out of memory) while armed."""
+    """Makes this process's staging fail (a host out of memory) while armed, whichever way
+    its arrays are staged (copies or views)."""
     armed = {"on": False}
-    real = staging._host_copies
+    real = staging._Copies.flush
 
-    def failing(arrays):
+    def failing(self):
         if armed["on"] and index == victim:
             raise MemoryError("cannot allocate the staging copy (injected)")
-        return real(arrays)
+        return real(self)
 
-    staging._host_copies = failing
+    staging._Copies.flush = failing
     return armed
 
 

@@ -3,7 +3,8 @@ thread running them in order, and their failures kept until someone sees them.
 
 A save is split in two. In the caller's thread: checks, the tree taken apart
 (:func:`checkpoint.prepare_save`, which captures Python values), and *staging*
-(:mod:`.staging`): every array the caller could change afterwards is copied, so that the
+(:mod:`.staging`): every array the caller could change afterwards is copied, or held through
+a view that donation and deletion cannot change (computed CPU ``jax.Array``s), so that the
 caller may then donate, delete or mutate its buffers. On the engine's writer thread
 (:class:`.job.Job`): the data files, the manifest and the commit
 (:func:`checkpoint.write_prepared`), then the caller's ``on_commit`` (the manager's
@@ -132,7 +133,7 @@ class SaveEngine:
 
     def _stage(self, job: Job, limit: int | None) -> tuple[int, float]:
         """Queues ``job`` for the writer and stages its arrays while the writer starts on
-        them; returns (bytes copied, seconds waited for the budget)."""
+        them; returns (bytes staged, seconds waited for the budget)."""
         with no_gc():
             try:
                 job.stage_sources()

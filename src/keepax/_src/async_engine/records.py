@@ -23,7 +23,8 @@ class SaveRecord:
       wait_seconds: Part of it spent waiting because ``max_in_flight`` saves were in flight.
       budget_wait_seconds: Part of it spent waiting for earlier staged bytes to be written
         (staging beyond ``staging_budget_bytes`` streams).
-      staging_bytes: Bytes copied to stage the state (0 for a synchronous save).
+      staging_bytes: Bytes staged: copied, or (computed CPU ``jax.Array``s) held through a
+        view that donation and deletion cannot change (0 for a synchronous save).
       write_seconds: From the start of writing to the commit (None until finished).
       bytes_written: Bytes of data files, manifest and commit marker (None unless committed).
       committed: Whether the checkpoint was committed.

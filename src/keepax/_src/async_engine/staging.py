@@ -4,24 +4,34 @@ Staging, per array (see :func:`stage`), copies only what the caller could change
 
 - NumPy arrays (mutable): copied now into private host memory, large ones by parallel
   threads.
-- ``jax.Array`` on CPU: an on-device copy, ``jax.device_put(x, may_alias=False)``, batched
-  for the whole tree, which returns once the copies are *enqueued*, without waiting for
-  ``x`` to be computed. JAX's runtime orders each copy before anything enqueued later: a
-  donation of ``x`` waits for the copy to have read ``x``, and ``x.delete()`` frees the
-  memory only after pending reads (PJRT's buffer usage events). The copy is private to
-  keepax, so nothing the caller does changes it. (Holding ``x`` itself is not enough:
-  ``np.asarray(x)`` is a zero-copy view of memory that donation hands to the next
-  computation.) Small arrays that are already computed are copied on the host instead (a
-  few microseconds each, against ~60 us of dispatch per on-device copy). The writer lets a
-  batch of copies finish before it reads any, so copying and writing do not compete.
-  Measured on a 2-vCPU machine, 1 GiB in 196 arrays: the save blocks ~0.02 s, where a
-  parallel host copy blocks ~0.13 s and ``np.copy`` of every leaf takes ~0.15-0.23 s; but a
-  donating step dispatched right after finishes ~0.05 s later than after a host copy, as
-  it waits for the on-device copies (the module constant ``_CPU_STAGING = "host"`` selects
-  host copies instead).
-- ``jax.Array`` on accelerators: copied to host memory (``copy_to_host_async`` on every
-  shard first, so the transfers overlap), so the save blocks for about one device-to-host
-  copy and uses no device memory.
+- ``jax.Array`` on CPU, already computed: not copied. The writer reads it through a NumPy
+  view taken now (``np.asarray(x)``, zero-copy), which is an *external reference* to ``x``'s
+  buffer: while keepax holds it, XLA's CPU runtime donates ``x`` by copying it (the donating
+  computation gets a fresh buffer and the view keeps its bytes) and ``x.delete()`` frees
+  nothing until the view is dropped. ``jax.Array``s are immutable, so nothing the caller
+  does changes what is written. Measured on a 2-vCPU machine, 1 GiB in 196 arrays: the
+  background commit then takes 0.92-0.95 x a synchronous save, where a staging copy made
+  it 1.4-4.9 x (page faults of 1 GiB of fresh memory and the copy's CPU time, on 1 core as
+  on 2; BENCHMARKS.md, *Asynchronous saves*). A donating step that runs while the save holds
+  its arrays pays one copy of what it donates (what staging would have copied anyway).
+- ``jax.Array`` on CPU still being computed: a copy into the ``pinned_host`` memory kind
+  (which CPU JAX offers; else an on-device copy), ``jax.device_put(x, ..., may_alias=False)``,
+  batched for the whole tree, which returns once the copies are *enqueued*, without waiting
+  for ``x`` to be computed (a view would wait). Measured as above, 1 GiB: the commit takes
+  1.8-2.0 x a synchronous save with pinned host copies, 3.8-4.9 x with on-device copies,
+  whose CPU time is 2-3 x as large. JAX's runtime orders each copy before anything
+  enqueued later: a donation of ``x`` waits for the copy to have read ``x``, and
+  ``x.delete()`` frees the memory only after pending reads (PJRT's buffer usage events).
+  The writer lets a batch of copies finish before it reads any, so copying and writing do
+  not compete. (The module constant ``_CPU_STAGING`` selects ``"device"``, ``"host"`` or
+  ``"pinned_host"`` copies of every CPU array instead, for measurements.)
+- ``jax.Array`` on accelerators: copied to host memory. Where the device offers a
+  ``pinned_host`` memory kind (``device.addressable_memories()``), the copies are one
+  batched ``jax.device_put`` into page-locked host memory, enqueued like the on-device
+  copies above (the save blocks only while they are dispatched; the writer waits for
+  them); otherwise ``copy_to_host_async`` on every shard first (so the transfers overlap),
+  then ``np.asarray``, so the save blocks for about one device-to-host copy. Neither uses
+  device memory. (``_ACCELERATOR_STAGING = "host"`` selects the second way everywhere.)
 - Arrays the plan made itself (NumPy scalars, bytes, byte-swapped copies): not copied again.
 
 The bytes staged but not yet written stay within ``staging_budget_bytes`` (a
@@ -47,10 +57,17 @@ from keepax._src.util import gc_paused
 
 __all__ = ["Batch", "Budget", "Slot", "StagingJob", "no_gc", "stage"]
 
-_CPU_STAGING = "device"
-"""How CPU ``jax.Array``s are staged: ``"device"`` (an on-device copy, enqueued) or ``"host"``
-(a parallel copy into host memory). A module constant so measurements and tests can compare
-the two; see the module docstring."""
+_CPU_STAGING = "view"
+"""How CPU ``jax.Array``s are staged: ``"view"`` (computed arrays held through a NumPy view,
+others copied into ``pinned_host`` memory), ``"device"`` (an on-device copy, enqueued),
+``"host"`` (a parallel copy into host memory) or ``"pinned_host"`` (an enqueued copy into the
+``pinned_host`` memory kind: the accelerators' way, selectable on CPU to test it). A module
+constant so measurements and tests can compare them; see the module docstring."""
+
+_ACCELERATOR_STAGING = "pinned_host"
+"""How accelerator ``jax.Array``s are staged: ``"pinned_host"`` (an enqueued copy into
+page-locked host memory, where the device offers that memory kind, else as ``"host"``) or
+``"host"`` (``copy_to_host_async`` then ``np.asarray``)."""
 
 _COPY_BLOCK = 8 << 20  # host copies are split into tasks of about this many bytes
 _SMALL = 256 << 10  # a computed CPU array this small is cheaper to copy on the host (~3 us)
@@ -104,9 +121,9 @@ class Budget:
 
 
 class Batch:
-    """On-device copies enqueued together. The writer lets them all finish before it reads
-    any: copying and writing at once only slow each other down (and a donated next step
-    waits for the copies)."""
+    """Copies enqueued together (on the device, or into pinned host memory). The writer lets
+    them all finish before it reads any: copying and writing at once only slow each other
+    down (and a donated next step waits for the copies)."""
 
     __slots__ = ("copies", "done")
 
@@ -152,6 +169,20 @@ class StagingJob(Protocol):
         ...
 
 
+def _pinned(array: jax.Array) -> jax.sharding.Sharding | None:
+    """Where a single-device array's pinned host copy goes: its device's ``pinned_host``
+    memory, or None if the device has none."""
+    device = next(iter(array.devices()))
+    if device not in _PINNED:
+        kinds = {memory.kind for memory in device.addressable_memories()}
+        _PINNED[device] = (jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+                           if "pinned_host" in kinds else None)
+    return _PINNED[device]
+
+
+_PINNED: dict[Any, jax.sharding.Sharding | None] = {}  # per device (a handful)
+
+
 def _ready(array: jax.Array) -> bool:
     """Whether ``array`` is computed (``is_ready`` exists on every ``jax.Array`` at run
     time but is missing from the type stub)."""
@@ -164,30 +195,40 @@ class _Copies:
     def __init__(self, job: StagingJob) -> None:
         self.job = job
         self.device: list[tuple[Slot, jax.Array]] = []
+        self.pinned: list[tuple[Slot, jax.Array, jax.sharding.Sharding]] = []
+        self.views: list[tuple[Slot, np.ndarray]] = []  # held, not copied
         self.to_host: list[tuple[Slot, jax.Array]] = []
         self.host: list[tuple[Slot, np.ndarray]] = []
 
     def add(self, slot: Slot, buffer: checkpoint.SourceBuffer) -> int:
-        """Queues the copy of one buffer (or hands over one the plan owns); returns the bytes
-        it copies."""
+        """Queues the copy of one buffer, or the view it is read through (or hands over one the
+        plan owns); returns the bytes it stages (copied, or held through a view)."""
         array = buffer.array
         if buffer.owned:
             self.job.set_ready([(slot, array)])
             return 0
-        if isinstance(array, jax.Array):
-            if array.platform() != "cpu":
-                self.to_host.append((slot, array))
-            elif _CPU_STAGING == "device" and (slot.nbytes > _SMALL or not _ready(array)):
-                self.device.append((slot, array))
-            else:
-                self.host.append((slot, np.asarray(array)))
-        else:
+        if not isinstance(array, jax.Array):
             self.host.append((slot, array))
+        elif array.platform() != "cpu":
+            pinned = _pinned(array) if _ACCELERATOR_STAGING == "pinned_host" else None
+            if pinned is not None:
+                self.pinned.append((slot, array, pinned))
+            else:
+                self.to_host.append((slot, array))
+        elif _CPU_STAGING == "view" and _ready(array):
+            self.views.append((slot, np.asarray(array)))  # see the module docstring
+        elif _CPU_STAGING in ("view", "pinned_host") and (pinned := _pinned(array)) is not None:
+            self.pinned.append((slot, array, pinned))
+        elif _CPU_STAGING != "host" and (slot.nbytes > _SMALL or not _ready(array)):
+            self.device.append((slot, array))
+        else:
+            self.host.append((slot, np.asarray(array)))
         return slot.nbytes
 
     def flush(self) -> None:
         """Makes (or enqueues) the queued copies and hands them to the writer."""
-        staged: list[tuple[Slot, Any]] = []
+        staged: list[tuple[Slot, Any]] = list(self.views)
+        self.views.clear()
         if self.device:
             copies = jax.device_put([a for _, a in self.device], may_alias=False)
             batch = Batch(list(copies))
@@ -195,6 +236,14 @@ class _Copies:
                 slot.batch = batch
                 staged.append((slot, copy))
             self.device.clear()
+        if self.pinned:
+            copies = jax.device_put([a for _, a, _ in self.pinned],
+                                    [s for _, _, s in self.pinned], may_alias=False)
+            batch = Batch(list(copies))
+            for (slot, _, _), copy in zip(self.pinned, copies):
+                slot.batch = batch
+                staged.append((slot, copy))
+            self.pinned.clear()
         if self.to_host:
             for _, array in self.to_host:
                 array.copy_to_host_async()
