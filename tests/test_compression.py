@@ -288,8 +288,8 @@ def test_shuffle_codec_layout_is_the_documented_one(itemsize, elements, threads)
     rng = np.random.default_rng(elements)
     data = rng.integers(0, 4, elements * itemsize).astype(np.uint8)  # compressible...
     data[1::itemsize] = rng.integers(0, 256, elements)  # ...but for a random plane
-    stored = codecs._shuffled(data, itemsize, 1, threads)
-    assert stored == codecs._shuffled(data, itemsize, 1)
+    stored = b"".join(codecs._shuffled(data, itemsize, 1, threads))
+    assert stored == b"".join(codecs._shuffled(data, itemsize, 1))
     planes = _planes(stored, data, itemsize)
     sizes = np.frombuffer(stored[: 4 * len(planes)], "<u4")
     if elements >= 1000:  # random planes stay raw, the others are frames
@@ -304,7 +304,7 @@ def test_shuffle_codec_layout_is_the_documented_one(itemsize, elements, threads)
 def _shuffled_with(plane: bytes, elements: int, itemsize: int, which: int = 0) -> bytes:
     """The stored bytes of a zstd-shuffle chunk of zeros whose plane ``which`` is ``plane``."""
     data = np.zeros(elements * itemsize, np.uint8)
-    stored = codecs._shuffled(data, itemsize, 1)
+    stored = b"".join(codecs._shuffled(data, itemsize, 1))
     planes = _planes(stored, data, itemsize)
     count = len(planes)
     sizes = np.frombuffer(stored[: 4 * count], "<u4").copy()

@@ -396,8 +396,8 @@ def _with_plane(stored: bytes, count: int, which: int, plane: bytes) -> bytes:
                               ("sdir", "['tokens']", "zstd-shuffle")]))
 def test_fuzz_compressed_chunk(bases, scratch, data, kind, which) -> None:
     """A zstd or zstd-shuffle chunk's stored bytes replaced (damaged, a frame or plane frame of
-    more or fewer bytes than its logical size, garbage) with the manifest re-signed to match: decoding must
-    refuse it."""
+    more or fewer bytes than its logical size, garbage) with the manifest re-signed to match:
+    decoding must refuse it."""
     base, path, codec = which
     root = scratch(bases[base])
     ckpt = root / "ckpt"

@@ -169,37 +169,49 @@ def unshuffle_into(source: np.ndarray, out: np.ndarray, itemsize: int) -> None:
         out[k::itemsize] = source[k * n : (k + 1) * n]
 
 
-def _block_planes(block: np.ndarray, itemsize: int, level: int) -> list[bytes]:
-    """One block's planes as stored: each a frame, or its own bytes when a frame is not
-    smaller."""
+def _block_planes(block: np.ndarray, out: np.ndarray, itemsize: int, level: int) -> list[int]:
+    """Stores one block's planes at the start of ``out`` (its slot, as big as the block): each
+    is shuffled straight there, compressed, and its frame written over it when smaller (else
+    it stays raw). Returns the planes' stored sizes."""
     n = len(block) // itemsize
-    scratch = _scratch(len(block))
-    shuffle_into(block, scratch, itemsize)
     compressor = _compressor(level, planes=True)
-    planes = []
+    sizes, position = [], 0
     for k in range(itemsize):
-        plane = scratch[k * n : (k + 1) * n]
+        plane = out[position : position + n]
+        plane[...] = block[k::itemsize]
         frame = compressor.compress(plane)
-        planes.append(frame if len(frame) < n else plane.tobytes())
-    return planes
+        size = len(frame) if len(frame) < n else n
+        if size < n:
+            out[position : position + size] = np.frombuffer(frame, np.uint8)
+        sizes.append(size)
+        position += size
+    return sizes
 
 
-def _shuffled(data: np.ndarray, itemsize: int, level: int, threads: int = 0) -> bytes:
-    """A ``zstd-shuffle`` chunk's stored bytes: the table of its planes' stored sizes, then the
-    planes, block after block; the blocks on ``threads`` threads when more than one."""
+def _shuffled(data: np.ndarray, itemsize: int, level: int, threads: int = 0
+              ) -> list[memoryview]:
+    """A ``zstd-shuffle`` chunk's stored bytes, in pieces: the table of its planes' stored
+    sizes, then each block's planes; the blocks on ``threads`` threads when more than one.
+
+    Each block is stored in its own slot of one output buffer of the chunk's size (one
+    allocation, which NumPy backs with huge pages: a page fault per 4 KiB of many small
+    buffers costs as much as the shuffle), so the pieces hold at most the logical bytes."""
     block_bytes = SHUFFLE_ELEMENTS * itemsize
     starts = range(0, len(data), block_bytes)
+    out = np.empty(len(data), np.uint8)
 
-    def encode(begin: int) -> list[bytes]:
-        return _block_planes(data[begin : begin + block_bytes], itemsize, level)
+    def encode(begin: int) -> list[int]:
+        end = begin + block_bytes
+        return _block_planes(data[begin:end], out[begin:end], itemsize, level)
 
     if threads > 1 and len(starts) > 1:
         blocks = list(_pool(threads).map(encode, starts))
     else:
         blocks = [encode(begin) for begin in starts]
-    planes = [plane for block in blocks for plane in block]
-    table = np.array([len(plane) for plane in planes], "<u4").tobytes()
-    return b"".join([table, *planes])
+    table = np.array([size for sizes in blocks for size in sizes], "<u4")
+    view = memoryview(out)
+    return [memoryview(table).cast("B"),
+            *(view[begin : begin + sum(sizes)] for begin, sizes in zip(starts, blocks))]
 
 
 def _sample(data: np.ndarray, itemsize: int, level: int) -> tuple[int, int, int]:
@@ -222,9 +234,10 @@ def _sample(data: np.ndarray, itemsize: int, level: int) -> tuple[int, int, int]
 
 
 def compress(data: memoryview, compression: Compression, threads: int = 0,
-             itemsize: int = 1) -> tuple[bytes, str] | None:
-    """A chunk's stored bytes and codec under ``compression``, or None when compressing does
-    not make it smaller (the chunk is then stored ``raw``). Releases the GIL while compressing.
+             itemsize: int = 1) -> tuple[list[memoryview], str] | None:
+    """A chunk's stored bytes (in pieces, to be written in order) and codec under
+    ``compression``, or None when compressing does not make it smaller (the chunk is then
+    stored ``raw``). Releases the GIL while compressing.
 
     A chunk of more than two sample pieces is sampled (a few 64 KiB pieces compressed plain
     and shuffled): shuffled if that pays, raw if neither compresses, then compressed whole; a
@@ -239,19 +252,20 @@ def compress(data: memoryview, compression: Compression, threads: int = 0,
     source = np.frombuffer(data, np.uint8)
     level = compression.level
     if len(source) <= 2 * _SAMPLE:
-        candidates = [(_compressor(level).compress(source), "zstd")]
+        candidates = [([memoryview(_compressor(level).compress(source))], "zstd")]
         if itemsize > 1:
             candidates.append((_shuffled(source, itemsize, level), "zstd-shuffle"))
-        out, codec = min(candidates, key=lambda c: len(c[0]))
-        return (out, codec) if len(out) < len(data) else None
-    size, plain, shuffled = _sample(source, itemsize, level)
-    if min(plain, shuffled) >= size * _WORTH:
-        return None
-    if shuffled < plain * _SHUFFLE_PAYS:
-        out, codec = _shuffled(source, itemsize, level, threads), "zstd-shuffle"
+        out, codec = min(candidates, key=lambda c: sum(map(len, c[0])))
     else:
-        out, codec = _compressor(level, threads if threads > 1 else 0).compress(source), "zstd"
-    return (out, codec) if len(out) < len(data) else None
+        size, plain, shuffled = _sample(source, itemsize, level)
+        if min(plain, shuffled) >= size * _WORTH:
+            return None
+        if shuffled < plain * _SHUFFLE_PAYS:
+            out, codec = _shuffled(source, itemsize, level, threads), "zstd-shuffle"
+        else:
+            compressor = _compressor(level, threads if threads > 1 else 0)
+            out, codec = [memoryview(compressor.compress(source))], "zstd"
+    return (out, codec) if sum(map(len, out)) < len(data) else None
 
 
 def _fill(reader: Any, out: memoryview) -> int:
