@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 import threading
 from typing import Any
 
@@ -115,6 +116,17 @@ def parse_compression(value: Any) -> Compression | None:
 _local = threading.local()
 _pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+
+
+def _forget_pools() -> None:
+    """In a forked child: the parent's pool threads do not exist there; start afresh."""
+    global _pools_lock  # noqa: PLW0603 - replaced, as the parent's may be held at the fork
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _compressor(level: int, threads: int = 0, planes: bool = False) -> Any:
@@ -209,8 +221,8 @@ def _shuffled(data: np.ndarray, itemsize: int, level: int, threads: int = 0
     else:
         blocks = [encode(begin) for begin in starts]
     table = np.array([size for sizes in blocks for size in sizes], "<u4")
-    view = memoryview(out)
-    return [memoryview(table).cast("B"),
+    view = out.data
+    return [table.data.cast("B"),
             *(view[begin : begin + sum(sizes)] for begin, sizes in zip(starts, blocks))]
 
 
