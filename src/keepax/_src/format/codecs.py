@@ -35,7 +35,7 @@ import numpy as np
 from keepax.errors import CorruptCheckpointError, KeepaxError
 
 __all__ = ["Compression", "SHUFFLE_ELEMENTS", "parse_compression", "compress", "decode_into",
-           "shuffle_into", "unshuffle_into", "zstandard"]
+           "zstandard"]
 
 _LEVELS = range(-7, 23)
 """Zstandard levels accepted: negative (fastest) to 22 (smallest)."""
@@ -164,21 +164,6 @@ def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
             _pools[threads] = concurrent.futures.ThreadPoolExecutor(
                 threads, thread_name_prefix="keepax-shuffle")
         return _pools[threads]
-
-
-def shuffle_into(source: np.ndarray, out: np.ndarray, itemsize: int) -> None:
-    """Writes one block's bytes shuffled: byte ``k`` of element ``i`` goes to
-    ``out[k * n + i]`` (``n`` elements of ``itemsize`` bytes; both arrays 1-d ``uint8``)."""
-    n = len(source) // itemsize
-    for k in range(itemsize):
-        out[k * n : (k + 1) * n] = source[k::itemsize]
-
-
-def unshuffle_into(source: np.ndarray, out: np.ndarray, itemsize: int) -> None:
-    """The inverse of :func:`shuffle_into`: a strided copy of each byte plane into place."""
-    n = len(source) // itemsize
-    for k in range(itemsize):
-        out[k::itemsize] = source[k * n : (k + 1) * n]
 
 
 def _block_planes(block: np.ndarray, out: np.ndarray, itemsize: int, level: int) -> list[int]:
