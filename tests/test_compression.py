@@ -257,25 +257,91 @@ def test_codec_chosen_per_chunk_and_round_trips(tmp_path) -> None:
         assert chunk["stored_nbytes"] < 0.95 * len(plain), key
 
 
+def _planes(stored: bytes, data: np.ndarray, itemsize: int) -> list[bytes]:
+    """The stored planes of a zstd-shuffle chunk of ``data``, read by the rules of
+    docs/FORMAT.md §5.4.2 (table of u32 sizes; a plane of its block's element count is raw,
+    a shorter one a frame), checked against the planes of the documented shuffle."""
+    blocks = np.split(data, range(codecs.SHUFFLE_ELEMENTS * itemsize, len(data),
+                                  codecs.SHUFFLE_ELEMENTS * itemsize))
+    expected = [plane.tobytes() for block in blocks for plane in block.reshape(-1, itemsize).T]
+    sizes = np.frombuffer(stored[: 4 * len(expected)], "<u4")
+    position, got = 4 * len(expected), []
+    for size, plane in zip(sizes.tolist(), expected):
+        piece = stored[position : position + size]
+        raw = size == len(plane)
+        got.append(piece if raw else zstandard.ZstdDecompressor().decompress(piece))
+        assert raw or zstandard.frame_content_size(piece) == len(plane)
+        position += size
+    assert position == len(stored)
+    assert got == expected
+    return got
+
+
 @pytest.mark.parametrize("itemsize", [2, 4, 8, 16])
 @pytest.mark.parametrize("elements", [1, 3, codecs.SHUFFLE_ELEMENTS - 1,
                                       codecs.SHUFFLE_ELEMENTS, 2 * codecs.SHUFFLE_ELEMENTS + 5])
-def test_shuffle_codec_layout_is_the_documented_one(itemsize, elements) -> None:
-    """The stored frame holds each block of SHUFFLE_ELEMENTS elements as byte planes: byte k of
-    every element of the block, in order, for k = 0, 1, ... (docs/FORMAT.md §5.4.2)."""
+@pytest.mark.parametrize("threads", [0, 3])
+def test_shuffle_codec_layout_is_the_documented_one(itemsize, elements, threads) -> None:
+    """The stored bytes are a table of plane sizes, then each block of SHUFFLE_ELEMENTS
+    elements as byte planes: byte k of every element of the block, for k = 0, 1, ..., each a
+    frame or raw (docs/FORMAT.md §5.4.2); threads change nothing stored."""
     rng = np.random.default_rng(elements)
-    data = rng.integers(0, 4, elements * itemsize).astype(np.uint8)  # compressible
-    frame = codecs._shuffled(data, itemsize, zstandard.ZstdCompressor(level=1))
-    plain = zstandard.ZstdDecompressor().decompress(frame)
-    expected = b"".join(
-        np.ascontiguousarray(block.reshape(-1, itemsize).T).tobytes()
-        for block in np.split(data, range(codecs.SHUFFLE_ELEMENTS * itemsize, len(data),
-                                          codecs.SHUFFLE_ELEMENTS * itemsize)))
-    assert plain == expected
+    data = rng.integers(0, 4, elements * itemsize).astype(np.uint8)  # compressible...
+    data[1::itemsize] = rng.integers(0, 256, elements)  # ...but for a random plane
+    stored = b"".join(codecs._shuffled(data, itemsize, 1, threads))
+    assert stored == b"".join(codecs._shuffled(data, itemsize, 1))
+    planes = _planes(stored, data, itemsize)
+    sizes = np.frombuffer(stored[: 4 * len(planes)], "<u4")
+    if elements >= 1000:  # random planes stay raw, the others are frames
+        assert [size == len(plane) for size, plane in zip(sizes, planes)][:itemsize] == [
+            k == 1 for k in range(itemsize)]
     out = bytearray(len(data))
-    codecs.decode_into(memoryview(frame), "zstd-shuffle", memoryview(out), leaf="x", where="w",
-                       itemsize=itemsize)
+    codecs.decode_into(memoryview(stored), "zstd-shuffle", memoryview(out), leaf="x",
+                       where="w", itemsize=itemsize)
     assert bytes(out) == data.tobytes()
+
+
+def _shuffled_with(plane: bytes, elements: int, itemsize: int, which: int = 0) -> bytes:
+    """The stored bytes of a zstd-shuffle chunk of zeros whose plane ``which`` is ``plane``."""
+    data = np.zeros(elements * itemsize, np.uint8)
+    stored = b"".join(codecs._shuffled(data, itemsize, 1))
+    planes = _planes(stored, data, itemsize)
+    count = len(planes)
+    sizes = np.frombuffer(stored[: 4 * count], "<u4").copy()
+    position = 4 * count + int(sizes[:which].sum())
+    body = stored[position : position + int(sizes[which])]
+    sizes[which] = len(plane)
+    rest = stored[4 * count :]
+    start = position - 4 * count
+    return sizes.astype("<u4").tobytes() + rest[:start] + plane + rest[start + len(body):]
+
+
+@pytest.mark.parametrize(("plane", "match"), [
+    ("bomb", "decompresses to more than"), ("bomb-unsized", "decompresses to more than"),
+    ("short", "decompresses to 100 bytes"), ("short-unsized", "decompresses to 100 bytes"),
+    ("garbage", "does not decompress"), ("table", "table of plane sizes"),
+    ("long", "table of plane sizes"), ("cut", "shorter than its table"),
+])
+def test_damaged_shuffled_planes_are_refused(plane, match) -> None:
+    """A plane frame of more or fewer bytes than its plane, garbage, or a table that does not
+    add up, is damage naming the leaf; nothing is produced past the chunk."""
+    elements, itemsize = 1000, 4
+    sized = not plane.endswith("unsized")
+    maker = zstandard.ZstdCompressor(write_content_size=sized)
+    stored = {
+        "bomb": lambda: _shuffled_with(maker.compress(bytes(10**6)), elements, itemsize, 2),
+        "short": lambda: _shuffled_with(maker.compress(bytes(100)), elements, itemsize, 3),
+        "garbage": lambda: _shuffled_with(b"not a frame", elements, itemsize, 1),
+        "table": lambda: b"\0" * 16 + bytes(4000),
+        "long": lambda: _shuffled_with(bytes(1000), elements, itemsize) + b"\0",
+        "cut": lambda: b"\1\0\0",
+    }[plane.split("-")[0]]()
+    out = bytearray(elements * itemsize + 8)
+    with pytest.raises(CorruptCheckpointError, match=match) as info:
+        codecs.decode_into(memoryview(stored), "zstd-shuffle", memoryview(out)[:-8], leaf="x",
+                           where="w", itemsize=itemsize)
+    assert info.value.leaf == "x"
+    assert out[-8:] == bytes(8)
 
 
 def test_shuffled_non_contiguous_scalar_and_sharded_round_trip(tmp_path) -> None:
@@ -309,8 +375,9 @@ def test_damaged_shuffled_chunk_fails_verify_and_restore(tmp_path) -> None:
     assert any("checksum mismatch" in p for p in keepax.verify(str(path)))
     with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
         keepax.restore(str(path))
-    # A re-signed frame one element short is refused, naming the leaf.
-    _replace_stored(path, "['t']", zstandard.ZstdCompressor().compress(tokens[:-1].tobytes()))
+    # A re-signed plane frame one element short is refused, naming the leaf.
+    short = zstandard.ZstdCompressor().compress(bytes(65_535))
+    _replace_stored(path, "['t']", _shuffled_with(short, 65_536, 4, 3))
     with pytest.raises(CorruptCheckpointError, match="decompresses to") as info:
         keepax.restore(str(path))
     assert info.value.leaf == "['t']"

@@ -381,14 +381,23 @@ def test_fuzz_directory_bytes(bases, scratch, data, which) -> None:
         _check(call, root)
 
 
+def _with_plane(stored: bytes, count: int, which: int, plane: bytes) -> bytes:
+    """A zstd-shuffle chunk's stored bytes (``count`` planes) with plane ``which`` replaced."""
+    sizes = list(struct.unpack(f"<{count}I", stored[: 4 * count]))
+    begin = 4 * count + sum(sizes[:which])
+    body = stored[begin + sizes[which] :]
+    sizes[which] = len(plane)
+    return struct.pack(f"<{count}I", *sizes) + stored[4 * count : begin] + plane + body
+
+
 @_settings(60)
 @given(data=st.data(), kind=st.sampled_from(["damaged", "bomb", "short", "garbage"]),
        which=st.sampled_from([("zdir", "['zeros']", "zstd"),
                               ("sdir", "['tokens']", "zstd-shuffle")]))
 def test_fuzz_compressed_chunk(bases, scratch, data, kind, which) -> None:
-    """A zstd or zstd-shuffle chunk's stored bytes replaced (damaged, a frame of more or fewer
-    bytes than its logical size, garbage) with the manifest re-signed to match: decoding must
-    refuse it."""
+    """A zstd or zstd-shuffle chunk's stored bytes replaced (damaged, a frame or plane frame of
+    more or fewer bytes than its logical size, garbage) with the manifest re-signed to match:
+    decoding must refuse it."""
     base, path, codec = which
     root = scratch(bases[base])
     ckpt = root / "ckpt"
@@ -405,10 +414,16 @@ def test_fuzz_compressed_chunk(bases, scratch, data, kind, which) -> None:
     elif kind == "garbage":
         new = data.draw(st.binary(min_size=1, max_size=200), label="garbage")
     else:
-        n = chunk["nbytes"] * data.draw(st.integers(2, 64)) if kind == "bomb" else (
-            data.draw(st.integers(0, chunk["nbytes"] - 1), label="n"))
+        # A zstd chunk's frame, or one plane frame of a zstd-shuffle chunk (docs/FORMAT.md
+        # §5.4.2: a table of u32 plane sizes, then the planes), of more or fewer bytes.
+        planes = 4 if codec == "zstd-shuffle" else 0
+        size = chunk["nbytes"] // planes if planes else chunk["nbytes"]
+        n = size * data.draw(st.integers(2, 64)) if kind == "bomb" else (
+            data.draw(st.integers(0, size - 1), label="n"))
         new = zstandard.ZstdCompressor(write_content_size=data.draw(st.booleans())).compress(
             bytes(n))
+        if planes:
+            new = _with_plane(stored, planes, data.draw(st.integers(0, planes - 1)), new)
     if not new:
         new = b"\0"
     file.write_bytes(raw[: chunk["offset"]] + new)

@@ -311,18 +311,19 @@ def _packs(sources: Sequence[ChunkSource]) -> list[list[ChunkSource]]:
 
 
 def _encode(source: ChunkSource, compression: Compression, threads: int
-            ) -> tuple[memoryview, int, str]:
-    """A chunk's stored bytes, their CRC-32C and its codec."""
+            ) -> tuple[list[memoryview], int, str]:
+    """A chunk's stored bytes (in pieces), their CRC-32C and its codec."""
     array = source.data()
     if array.shape != source.shape:
         raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
     view = bytes_view(np.ascontiguousarray(array))
     packed = (codecs.compress(view, compression, threads if len(view) >= _THREADED else 0,
                               source.dtype.itemsize) if len(view) else None)
-    if packed is None:
-        return view, checksum(view), "raw"
-    out = memoryview(packed[0])
-    return out, checksum(out), packed[1]
+    pieces, codec = packed if packed is not None else ([view], "raw")
+    crc = 0
+    for piece in pieces:
+        crc = checksum(piece, crc)
+    return pieces, crc, codec
 
 
 def _write_compressed(
@@ -340,11 +341,13 @@ def _write_compressed(
     def write(i: int) -> DataFile:
         pack = packs[i]
         encoded = list(pool.map(lambda s: _encode(s, compression, cores), pack))
-        stored = [None if codec == "raw" else len(view) for view, _, codec in encoded]
+        sizes = [sum(map(len, pieces)) for pieces, _, _ in encoded]
+        stored = [None if codec == "raw" else size
+                  for size, (_, _, codec) in zip(sizes, encoded)]
         header = safetensors_header(pack, f"{prefix}-{i:03d}", stored)
         writer = storage.create(f"{directory}/{names[i]}")
         try:
-            views = [memoryview(header)] + [view for view, _, _ in encoded]
+            views = [memoryview(header)] + [p for pieces, _, _ in encoded for p in pieces]
             for b in range(0, len(views), 1024):
                 writer.writev(views[b : b + 1024])
         except BaseException:
@@ -352,11 +355,11 @@ def _write_compressed(
             raise
         writer.close()
         offset = len(header)
-        for source, (view, crc, codec) in zip(pack, encoded):
+        for source, size, (_, crc, codec) in zip(pack, sizes, encoded):
             chunk = Chunk(i, offset, source.nbytes, source.start, source.shape, crc, codec,
-                          None if codec == "raw" else len(view))
+                          None if codec == "raw" else size)
             chunks.setdefault(source.leaf, []).append((source, chunk))
-            offset += len(view)
+            offset += size
         return DataFile(names[i], offset)
 
     chunks: dict[int, list[tuple[ChunkSource, Chunk]]] = {}

@@ -65,8 +65,9 @@ DATA_DIR = "data"
 
 CODEC_VERSIONS = {"raw": FORMAT_VERSION, "zstd": CODECS_VERSION, "zstd-shuffle": SHUFFLE_VERSION}
 """Chunk codecs this keepax reads, each with the format version that defines it: ``raw`` (the
-bytes as they are), ``zstd`` (one Zstandard frame of them) and ``zstd-shuffle`` (one frame of
-their bytes grouped by position in each element); the last two need ``zstandard``."""
+bytes as they are), ``zstd`` (one Zstandard frame of them) and ``zstd-shuffle`` (their bytes
+grouped by position in each element into byte planes, each a frame or raw); the last two need
+``zstandard``."""
 CODECS = tuple(CODEC_VERSIONS)
 
 DATA_FILE_RE = re.compile(r"data/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.safetensors")
