@@ -230,3 +230,35 @@ def test_restored_arrays_are_freed_without_the_cyclic_collector(tmp_path, select
         assert refs and all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+def test_placed_arrays_match_what_jax_device_put_makes(tmp_path) -> None:
+    """The fast per-array placement gives what jax.device_put gives: the same values, dtype,
+    sharding and committedness (uncommitted on the default device, committed on a device),
+    also after a cast (float64 stored, float32 asked for)."""
+    device = jax.devices()[3]
+    state = {
+        "plain": jnp.arange(6, dtype=jnp.float32).reshape(2, 3),
+        "bf16": jnp.ones((4,), jnp.bfloat16),
+        "on3": jax.device_put(jnp.arange(5, dtype=jnp.int32), device),
+        "wide": np.linspace(0, 1, 3),  # float64
+    }
+    keepax.save(tmp_path / "a", state)
+    like = {
+        "plain": jnp.zeros((2, 3), jnp.float32),
+        "bf16": jnp.zeros((4,), jnp.bfloat16),
+        "on3": jax.ShapeDtypeStruct((5,), jnp.int32,
+                                    sharding=jax.sharding.SingleDeviceSharding(device)),
+        "wide": jax.ShapeDtypeStruct((3,), jnp.float32),
+    }
+    back = keepax.restore(tmp_path / "a", like=like, dtype="like")
+    for name in ("plain", "bf16", "on3"):
+        expected = jax.device_put(np.asarray(state[name]),
+                                  device if name == "on3" else None)
+        assert back[name].dtype == expected.dtype, name
+        assert back[name].sharding == expected.sharding, name
+        assert back[name].committed == expected.committed, name
+        np.testing.assert_array_equal(np.asarray(back[name]), np.asarray(state[name]))
+    assert back["on3"].devices() == {device}
+    assert back["wide"].dtype == jnp.float32 and not back["wide"].committed
+    np.testing.assert_allclose(np.asarray(back["wide"]), state["wide"], rtol=1e-7)

@@ -266,7 +266,7 @@ class _Placer:
 
     def run(self) -> None:
         results: list[Any] = [None] * len(self._hosts)
-        fast = _fast_puts(self._hosts, self._dests, results)
+        _fast_puts(self._hosts, self._dests, results)
         for committed in (True, False):
             picked = [i for i, d in enumerate(self._dests)
                       if (d is not None) == committed and results[i] is None]
@@ -285,12 +285,12 @@ class _Placer:
         return self._results[i]
 
 
-def _fast_puts(hosts: list[np.ndarray], dests: list[Any], results: list[Any]) -> bool:
+def _fast_puts(hosts: list[np.ndarray], dests: list[Any], results: list[Any]) -> None:
     """Places the arrays bound for one device (the default one when ``dests[i]`` is None)
     with JAX's own per-array transfer (``jax.device_put`` ends in the same call), skipping
-    the ~20 us of Python ``jax.device_put`` spends per array; fills ``results`` and returns
-    whether it could (JAX's internals differ between versions: False leaves the rest to
-    ``jax.device_put``)."""
+    the ~20 us of Python ``jax.device_put`` spends per array. Fills ``results`` where it
+    can; ``jax.device_put`` places the rest (other shardings and dtypes, or all of them in
+    a JAX whose internals differ)."""
     try:
         from jax._src import core  # noqa: PLC0415
         from jax._src import dtypes as jax_dtypes  # noqa: PLC0415
@@ -300,7 +300,7 @@ def _fast_puts(hosts: list[np.ndarray], dests: list[Any], results: list[Any]) ->
         put = xc.batched_device_put
         default = jax.sharding.SingleDeviceSharding(pxla.get_default_device())
     except (ImportError, AttributeError):
-        return False
+        return
     avals: dict[tuple[Any, ...], Any] = {}
     canonical: dict[np.dtype, bool] = {}
     plain: dict[Any, bool] = {}  # per sharding: one device, in its default memory
@@ -308,7 +308,7 @@ def _fast_puts(hosts: list[np.ndarray], dests: list[Any], results: list[Any]) ->
         target = default if dest is None else dest
         if target not in plain:
             plain[target] = type(target) is jax.sharding.SingleDeviceSharding and (
-                target.memory_kind in (None, target._device.default_memory().kind))
+                target == jax.sharding.SingleDeviceSharding(next(iter(target.device_set))))
         if not plain[target] or type(host) is not np.ndarray:
             continue
         dtype = host.dtype
@@ -322,13 +322,12 @@ def _fast_puts(hosts: list[np.ndarray], dests: list[Any], results: list[Any]) ->
         if aval is None:
             aval = avals[key] = core.ShapedArray(host.shape, dtype)
         try:
-            placed = put(aval, target, [host], [target._device], dest is not None)
+            placed = put(aval, target, [host], list(target.device_set), dest is not None)
         except (TypeError, ValueError, AttributeError):
-            return False  # a JAX whose internals differ: jax.device_put does the rest
-        if i == 0 and not (isinstance(placed, jax.Array) and placed.shape == host.shape):
-            return False
+            return  # a JAX whose internals differ: jax.device_put does the rest
+        if not (isinstance(placed, jax.Array) and placed.shape == host.shape):
+            return
         results[i] = placed
-    return True
 
 
 def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
