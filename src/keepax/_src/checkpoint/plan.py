@@ -25,13 +25,13 @@ from keepax._src.format.manifest import (
     CODECS_VERSION,
     FORMAT_VERSION,
     TABLES_VERSION,
-    ArrayLeaf,
     Chunk,
     DataFile,
     Layout,
     Manifest,
     TableRef,
     ValueLeaf,
+    array_leaf,
 )
 from keepax._src.util import gc_paused
 from keepax.errors import UnsupportedLeafError
@@ -357,16 +357,16 @@ class LeafPlan:
         compressed save): the manifest is of version 1.2 if a chunk does (with ``tables``,
         whose chunks process 0 does not see: always)."""
         leaves: list[Any] = list(self.leaves)
+        names: dict[np.dtype, str] = {}
         for index, (kind, dtype, shape, extra) in self.arrays.items():
-            leaves[index] = ArrayLeaf(
-                path=self.structure.names[index],
-                type=kind,
-                shape=shape,
-                dtype=dtypes.dtype_name(dtype),
-                chunks=tuple(c for _, c in chunks.get(index, [])),
-                impl=extra.get("impl"),
-                sharding=extra.get("sharding"),
-                cells=extra.get("cells"),
+            name = names.get(dtype)
+            if name is None:
+                name = names[dtype] = dtypes.dtype_name(dtype)
+            pairs = chunks.get(index, ())
+            leaves[index] = array_leaf(
+                self.structure.names[index], kind, shape, name,
+                (pairs[0][1],) if len(pairs) == 1 else tuple(c for _, c in pairs),
+                extra.get("impl"), extra.get("sharding"), extra.get("cells"),
             )
         return Manifest(
             version=CODECS_VERSION if (tables and block_crcs) or (codecs and (tables or any(

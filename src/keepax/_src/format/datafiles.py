@@ -26,7 +26,14 @@ import numpy as np
 
 from keepax._src.format import blocks, codecs, dtypes, spec
 from keepax._src.format.codecs import Compression
-from keepax._src.format.manifest import ArrayLeaf, Chunk, DataFile, Manifest
+from keepax._src.format.manifest import (
+    ArrayLeaf,
+    Chunk,
+    DataFile,
+    Manifest,
+    compact_json,
+    raw_chunk,
+)
 from keepax._src.io.base import Reader, Storage, Writer
 from keepax._src.util import gc_paused
 
@@ -131,7 +138,7 @@ def header_json(metadata: dict[str, str], sources: Sequence[ChunkSource],
     sizes = [None] * len(sources) if stored is None else stored
     header.update(_entries([(s.name, s.dtype, s.shape, s.nbytes) if n is None
                             else (s.name, None, (n,), n) for s, n in zip(sources, sizes)]))
-    return json.dumps(header, separators=(",", ":")).encode("ascii")
+    return compact_json(header)
 
 
 def pad_header(text: bytes, length: int | None = None) -> bytes:
@@ -282,8 +289,8 @@ def write_data_files(
     for i, (group, header, crcs) in enumerate(zip(groups, headers, all_crcs)):
         offset = len(header)
         for source, (crc, size, per_block) in zip(group, crcs):
-            chunk = Chunk(i, offset, source.nbytes, source.start, source.shape, crc,
-                          crc32c_block=size, crc32c_blocks=per_block)
+            chunk = raw_chunk(i, offset, source.nbytes, source.start, source.shape, crc, size,
+                              per_block)
             chunks.setdefault(source.leaf, []).append((source, chunk))
             offset += source.nbytes
         files.append(DataFile(names[i], offset))

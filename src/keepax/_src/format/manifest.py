@@ -50,6 +50,9 @@ __all__ = [
     "CODECS_VERSION",
     "parse_chunk_extras",
     "parse_block_crcs",
+    "array_leaf",
+    "compact_json",
+    "raw_chunk",
 ]
 
 _MAX_CELLS = 1 << 24  # a layout with more cells than this is rejected before allocating
@@ -276,7 +279,8 @@ class Manifest:
                             "start": list(c.start),
                             "shape": list(c.shape),
                             "crc32c": c.crc32c,
-                        } | (c.extras() if c.uses_codecs else {})
+                        } | (c.extras() if c.codec != "raw" or c.stored_nbytes is not None
+                             or c.digest is not None or c.crc32c_block else {})
                         for c in leaf.chunks
                     ]
                     if self.version < CODECS_VERSION and any(c.uses_codecs for c in leaf.chunks):
@@ -301,7 +305,7 @@ class Manifest:
         }, separators=(",", ":"), allow_nan=False).encode()
         files = [{"name": f.name, "nbytes": f.nbytes} for f in self.files]
         # The bulk: keepax's own members (no JSON floats: floats are stored as hex strings).
-        bulk = _dumps({"files": files, "tree": self.tree, "leaves": leaves})
+        bulk = compact_json({"files": files, "tree": self.tree, "leaves": leaves})
         if not self.tables:
             return head[:-1] + b"," + bulk[1:]
         tail = json.dumps({
@@ -386,13 +390,35 @@ class CommitMarker:
         )
 
 
-def _dumps(doc: Any) -> bytes:
+def compact_json(doc: Any) -> bytes:
     """``json.dumps(doc)``, compact, for documents without floats: the same bytes, written by
     msgspec (10x faster) when they are printable ASCII (json escapes the rest)."""
     data = msgspec.json.encode(doc)
     if data.isascii() and b"\x7f" not in data:
         return data
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def array_leaf(path: str, type: str, shape: tuple[int, ...], dtype: str,
+               chunks: tuple[Chunk, ...], impl: str | None = None,
+               sharding: dict[str, Any] | None = None, cells: CellRef | None = None
+               ) -> ArrayLeaf:
+    """``ArrayLeaf(...)`` for fields the caller made (half the cost: a save makes one per
+    leaf)."""
+    return _new(ArrayLeaf, {"path": path, "type": type, "shape": shape, "dtype": dtype,
+                            "chunks": chunks, "impl": impl, "sharding": sharding,
+                            "cells": cells})
+
+
+def raw_chunk(file: int, offset: int, nbytes: int, start: tuple[int, ...],
+              shape: tuple[int, ...], crc32c: int, crc32c_block: int = 0,
+              crc32c_blocks: tuple[int, ...] = ()) -> Chunk:
+    """``Chunk(...)`` of a raw chunk, for fields the caller made (a save makes one per
+    chunk)."""
+    return _new(Chunk, {"file": file, "offset": offset, "nbytes": nbytes, "start": start,
+                        "shape": shape, "crc32c": crc32c, "codec": "raw", "stored_nbytes": None,
+                        "digest": None, "crc32c_block": crc32c_block,
+                        "crc32c_blocks": crc32c_blocks})
 
 
 def _new(cls: type[_T], fields: dict[str, Any]) -> _T:
