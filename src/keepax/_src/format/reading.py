@@ -206,6 +206,15 @@ def read_requests(
     stats = RestoreStats()
     by_chunk: dict[tuple[int, int], _Piece] = {}
     for request in requests:
+        if len(request.chunks) == 1 and request.chunks[0].shape == request.box[1] and (
+                request.chunks[0].start == request.box[0] and request.chunks[0].nbytes):
+            # The common request: one chunk holding exactly the box, read straight into it.
+            chunk = request.chunks[0]
+            piece = by_chunk.get((chunk.file, chunk.offset))
+            if piece is None:
+                piece = by_chunk[chunk.file, chunk.offset] = _Piece(chunk, request.leaf, [])
+            piece.targets.append((request, bytes_view(request.out)))
+            continue
         for chunk in request.chunks:
             if chunk.nbytes == 0 or intersect((chunk.start, chunk.shape), request.box) is None:
                 continue
