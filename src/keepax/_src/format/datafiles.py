@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -92,7 +93,7 @@ class ChunkSource:
     dtype: np.dtype
     data: Callable[[], np.ndarray]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
@@ -189,10 +190,21 @@ def _write_one(
     crcs: list[_Crcs] = []
     pending: list[memoryview] = [memoryview(header)]
     pending_bytes = len(header)
+    crc32c = _crc32c.crc32c
     for source in sources:
         array = source.data()
         if array.shape != source.shape:
             raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
+        if not block_crcs and array.nbytes < _SMALL and array.flags.c_contiguous:
+            # The common small chunk (what follows, without its branches): gathered.
+            view = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            crcs.append((crc32c(view), 0, ()))
+            pending.append(view)
+            pending_bytes += len(view)
+            if pending_bytes >= _BATCH_BYTES or len(pending) >= 1024:
+                writer.writev(pending)
+                pending, pending_bytes = [], 0
+            continue
         size = blocks.crc32c_block_size(source.shape, source.dtype.itemsize) if block_crcs else 0
         crcs_of = blocks.BlockCrcs(size) if size else None
         if array.flags.c_contiguous:
