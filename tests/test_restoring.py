@@ -275,8 +275,8 @@ def test_many_small_leaves_read_with_gaps_between_them(tmp_path) -> None:
     for g, leaves in state.items():
         for name, value in leaves.items():
             np.testing.assert_array_equal(np.asarray(back[g][name]), value)
-    every_other = [f"g1/w{i:03d}" for i in range(0, 300, 2)]
-    picked = keepax.restore(tmp_path / "a", select=every_other)
-    assert sorted(picked["g1"]) == [f"w{i:03d}" for i in range(0, 300, 2)]
+    kept = [i for i in range(300) if i % 25 != 5]  # small gaps: read, into scratch buffers
+    picked = keepax.restore(tmp_path / "a", select=[f"g1/w{i:03d}" for i in kept])
+    assert sorted(picked["g1"]) == [f"w{i:03d}" for i in kept]
     for name, value in picked["g1"].items():
         np.testing.assert_array_equal(value, state["g1"][name])
