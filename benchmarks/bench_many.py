@@ -4,7 +4,8 @@ States: ``10k`` (10,000 float32[256] arrays, 100 groups of 100, as in ``bench_co
 ``100k`` (1,000 layers x 100 float32[64] arrays). Per repeat, in an order that rotates from
 repeat to repeat:
 
-- keepax: ``save`` (durable), ``restore(like)`` cold (after ``drop_caches`` when writable) and
+- keepax: ``save`` (durable), the manifest's parse and validation (``Manifest.from_json`` of
+  its bytes), ``restore(like)`` cold (after ``drop_caches`` when writable) and
   warm, ``restore()`` to NumPy, ``inspect``, ``verify``;
 - safetensors (``safetensors.flax``): ``save_file`` + fsync of the file and the directory,
   ``load_file`` (which creates the ``jax.Array``s);
@@ -14,6 +15,8 @@ repeat to repeat:
 Prints medians (and µs per leaf) as JSON and as a Markdown table, written to ``--dir``::
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_many.py --states 10k,100k --repeats 5
+
+``--memory N`` adds the restore's peak extra RSS on the 10k state (N fresh processes).
 """
 
 from __future__ import annotations
@@ -113,10 +116,18 @@ def systems(state: dict[str, Any], work: str) -> dict[str, list[tuple[str, Calla
             host = serialization.from_bytes(state, f.read())
         return jax.block_until_ready(jax.device_put(host))
 
+    def manifest_parse() -> Any:
+        from keepax._src.format.manifest import Manifest  # noqa: PLC0415
+
+        with open(f"{ck}/manifest.json", "rb") as f:
+            data = f.read()
+        return Manifest.from_json(data, where=ck)
+
     like = lambda: jax.block_until_ready(keepax.restore(ck, like=state))  # noqa: E731
     return {
         "keepax": [
             ("save", keepax_save),
+            ("manifest_parse", manifest_parse),
             ("restore_like_cold", like),
             ("restore_like_warm", like),
             ("restore_numpy", lambda: keepax.restore(ck)),
@@ -160,6 +171,27 @@ def run_state(name: str, repeats: int, work: str) -> dict[str, Any]:
     }
 
 
+def memory(work: str, repeats: int) -> dict[str, list[float]]:
+    """Peak extra RSS (MiB) of ``restore(like)`` of the 10k state and of one batched
+    ``jax.device_put`` of its host copies, each in a fresh process (``bench_core``'s memory
+    worker, as in its reports), ``repeats`` times each."""
+    import argparse as _argparse  # noqa: PLC0415
+
+    import bench_core  # noqa: PLC0415
+
+    ckpt = f"{work}/memory-ckpt"
+    shutil.rmtree(ckpt, ignore_errors=True)
+    keepax.save(ckpt, bench_core.build_state("10k"))
+    args = _argparse.Namespace(dir=work, repeats=1, no_orbax=True)
+    out: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for op in ("keepax_restore", "jax_device_put"):
+            res = bench_core.run_worker(args, "memory", "10k", op=op, ckpt=ckpt)
+            out.setdefault(op, []).append(res.get("extra_peak_mib", float("nan")))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = []
     for name, res in result["states"].items():
@@ -180,6 +212,8 @@ def main() -> None:
     parser.add_argument("--states", default="10k", help="comma-separated: 10k, 100k")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default="bench_out/many")
+    parser.add_argument("--memory", type=int, default=0, metavar="N",
+                        help="also measure restore peak extra RSS, N fresh processes")
     args = parser.parse_args()
     work = os.path.abspath(args.dir)
     os.makedirs(work, exist_ok=True)
@@ -194,6 +228,9 @@ def main() -> None:
     for name in [s for s in args.states.split(",") if s]:
         result["states"][name] = run_state(name, args.repeats, f"{work}/{name}")
         shutil.rmtree(f"{work}/{name}", ignore_errors=True)
+    if args.memory:
+        result["memory_mib"] = memory(work, args.memory)
+        print("peak extra RSS, MiB:", json.dumps(result["memory_mib"]), flush=True)
     with open(f"{work}/many.json", "w") as f:
         json.dump(result, f, indent=1)
     table = markdown(result)

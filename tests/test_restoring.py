@@ -294,3 +294,53 @@ def test_a_sharding_on_local_devices_reads_each_byte_once_and_places_every_shard
     np.testing.assert_array_equal(np.asarray(back["b"]), value[0])
     doubled = jax.jit(lambda w: w * 2)(back["w"])  # a usable, correctly placed array
     np.testing.assert_array_equal(np.asarray(doubled), value * 2)
+
+
+def test_placed_arrays_match_what_jax_device_put_makes(tmp_path) -> None:
+    """The fast per-array placement gives what jax.device_put gives: the same values, dtype,
+    sharding and committedness (uncommitted on the default device, committed on a device),
+    also after a cast (float64 stored, float32 asked for)."""
+    device = jax.devices()[3]
+    state = {
+        "plain": jnp.arange(6, dtype=jnp.float32).reshape(2, 3),
+        "bf16": jnp.ones((4,), jnp.bfloat16),
+        "on3": jax.device_put(jnp.arange(5, dtype=jnp.int32), device),
+        "wide": np.linspace(0, 1, 3),  # float64
+    }
+    keepax.save(tmp_path / "a", state)
+    like = {
+        "plain": jnp.zeros((2, 3), jnp.float32),
+        "bf16": jnp.zeros((4,), jnp.bfloat16),
+        "on3": jax.ShapeDtypeStruct((5,), jnp.int32,
+                                    sharding=jax.sharding.SingleDeviceSharding(device)),
+        "wide": jax.ShapeDtypeStruct((3,), jnp.float32),
+    }
+    back = keepax.restore(tmp_path / "a", like=like, dtype="like")
+    for name in ("plain", "bf16", "on3"):
+        expected = jax.device_put(np.asarray(state[name]),
+                                  device if name == "on3" else None)
+        assert back[name].dtype == expected.dtype, name
+        assert back[name].sharding == expected.sharding, name
+        assert back[name].committed == expected.committed, name
+        np.testing.assert_array_equal(np.asarray(back[name]), np.asarray(state[name]))
+    assert back["on3"].devices() == {device}
+    assert back["wide"].dtype == jnp.float32 and not back["wide"].committed
+    np.testing.assert_allclose(np.asarray(back["wide"]), state["wide"], rtol=1e-7)
+
+
+def test_many_small_leaves_read_with_gaps_between_them(tmp_path) -> None:
+    """Small chunks are read together straight into their arrays; a selection leaves gaps
+    between the chunks read (read into scratch buffers), and every value lands in its leaf."""
+    rng = np.random.default_rng(0)
+    state = {f"g{g}": {f"w{i:03d}": rng.normal(size=(i % 7 + 1, 3)).astype(np.float32)
+                       for i in range(300)} for g in range(2)}
+    keepax.save(tmp_path / "a", state)
+    back = keepax.restore(tmp_path / "a", like=jax.tree_util.tree_map(jnp.asarray, state))
+    for g, leaves in state.items():
+        for name, value in leaves.items():
+            np.testing.assert_array_equal(np.asarray(back[g][name]), value)
+    kept = [i for i in range(300) if i % 25 != 5]  # small gaps: read, into scratch buffers
+    picked = keepax.restore(tmp_path / "a", select=[f"g1/w{i:03d}" for i in kept])
+    assert sorted(picked["g1"]) == [f"w{i:03d}" for i in kept]
+    for name, value in picked["g1"].items():
+        np.testing.assert_array_equal(value, state["g1"][name])

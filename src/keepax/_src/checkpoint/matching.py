@@ -50,24 +50,33 @@ class Target:
     like: Any = None  # for "perprocess": the like of the marked value
 
 
-def target_of(like_leaf: Any) -> Target | None:
-    """The :class:`Target` a ``like`` leaf asks for, or None for an unsupported leaf."""
+def target_of(like_leaf: Any, made: dict[Any, Target] | None = None) -> Target | None:
+    """The :class:`Target` a ``like`` leaf asks for, or None for an unsupported leaf.
+
+    ``made``: the targets of earlier leaves of one restore, which equal ones share (a
+    ``like`` of many arrays has few distinct shapes, dtypes and shardings)."""
     x = like_leaf
     if isinstance(x, per_process.PerProcess):
         return Target("perprocess", like=x.value)
     if isinstance(x, jax.ShapeDtypeStruct | jax.Array):
-        if is_key_array(x):
-            return Target("prngkey", tuple(x.shape), None, getattr(x, "sharding", None))
-        return Target(
-            "jax",
+        fields = (
             tuple(x.shape),
-            np.dtype(x.dtype),
+            x.dtype,
             getattr(x, "sharding", None),
             bool(getattr(x, "weak_type", False)),
             # An array made by jnp.asarray is "uncommitted"; jit treats the two differently
             # (it recompiles), so a restore reproduces it. No public API exposes the flag.
             bool(getattr(x, "_committed", True)),
         )
+        target = made.get(fields) if made is not None else None
+        if target is None:
+            if is_key_array(x):
+                target = Target("prngkey", fields[0], None, fields[2])
+            else:
+                target = Target("jax", fields[0], np.dtype(fields[1]), *fields[2:])
+            if made is not None:
+                made[fields] = target
+        return target
     if isinstance(x, np.ndarray):
         return Target("numpy", tuple(x.shape), x.dtype)
     if isinstance(x, np.generic):
@@ -151,7 +160,7 @@ def check_leaf(leaf: ArrayLeaf | ValueLeaf, target: Target, cast: Any) -> str | 
 
 def _names(path: tree.KeyPath) -> tuple[Any, ...]:
     """A key path by its entries' names: ``.x``, ``['x']`` and a node key ``x`` compare equal."""
-    return tuple(tree.entry_name(entry) for entry in path)
+    return tuple(map(tree.entry_name, path))
 
 
 def match_like(
@@ -169,13 +178,14 @@ def match_like(
     targets: dict[int, Target | None] = {}
     like_order: list[int] = []
     problems: list[str] = []
+    made: dict[Any, Target] = {}
     for like_path, like_leaf in like_leaves:
         index = by_name.get(_names(like_path))
         if index is None or index in targets:
             problems.append(f"{tree.keystr(like_path)}: in like but not in the checkpoint")
             like_order.append(-1)
             continue
-        target = target_of(like_leaf)
+        target = target_of(like_leaf, made)
         targets[index] = target
         like_order.append(index)
         if target is None:

@@ -193,7 +193,7 @@ def check_tree(manifest: Manifest, where: str) -> dict[int, tree.KeyPath]:
             path=where,
         )
     for index, key_path in paths.items():
-        if tree.keystr(key_path) != manifest.leaves[index].path:
+        if "".join(map(str, key_path)) != manifest.leaves[index].path:  # tree.keystr
             raise CorruptCheckpointError(
                 f"leaf {index} is recorded as {manifest.leaves[index].path!r} but sits at "
                 f"{tree.keystr(key_path)!r} in the tree",

@@ -26,13 +26,13 @@ from keepax._src.format.manifest import (
     FORMAT_VERSION,
     SHUFFLE_VERSION,
     TABLES_VERSION,
-    ArrayLeaf,
     Chunk,
     DataFile,
     Layout,
     Manifest,
     TableRef,
     ValueLeaf,
+    array_leaf,
 )
 from keepax._src.util import gc_paused
 from keepax.errors import UnsupportedLeafError
@@ -359,16 +359,16 @@ class LeafPlan:
         whose chunks process 0 does not see: always, of version 1.3 as a chunk may use
         ``zstd-shuffle``)."""
         leaves: list[Any] = list(self.leaves)
+        names: dict[np.dtype, str] = {}
         for index, (kind, dtype, shape, extra) in self.arrays.items():
-            leaves[index] = ArrayLeaf(
-                path=self.structure.names[index],
-                type=kind,
-                shape=shape,
-                dtype=dtypes.dtype_name(dtype),
-                chunks=tuple(c for _, c in chunks.get(index, [])),
-                impl=extra.get("impl"),
-                sharding=extra.get("sharding"),
-                cells=extra.get("cells"),
+            name = names.get(dtype)
+            if name is None:
+                name = names[dtype] = dtypes.dtype_name(dtype)
+            pairs = chunks.get(index, ())
+            leaves[index] = array_leaf(
+                self.structure.names[index], kind, shape, name,
+                (pairs[0][1],) if len(pairs) == 1 else tuple(c for _, c in pairs),
+                extra.get("impl"), extra.get("sharding"), extra.get("cells"),
             )
         return Manifest(
             version=max(
@@ -391,6 +391,57 @@ class LeafPlan:
         )
 
 
+class _Plain:
+    """Plans the common leaf fast: a ``jax.Array`` on one device or an ``np.ndarray``, of a
+    plain (little-endian, storable, non-key) dtype, in one chunk. What :func:`_array_sources`
+    would make of it, with its per-leaf checks done once per dtype and per sharding."""
+
+    def __init__(self) -> None:
+        self._dtypes: dict[Any, bool] = {}
+        self._shardings: dict[Any, bool] = {}
+
+    def _dtype_ok(self, dtype: Any) -> bool:
+        ok = self._dtypes.get(dtype)
+        if ok is None:
+            ok = self._dtypes[dtype] = (
+                isinstance(dtype, np.dtype) and dtypes.is_storable(dtype)
+                and dtype.byteorder != ">" and not is_key_array(np.empty(0, dtype)))
+        return ok
+
+    def add(
+        self, index: int, path: str, value: Any,
+        arrays: dict[int, tuple[str, np.dtype, tuple[int, ...], dict[str, Any]]],
+        sources: list[ChunkSource], buffers: list[SourceBuffer],
+    ) -> bool:
+        """Plans the leaf if it is a common one; False (nothing done) otherwise."""
+        if type(value) is np.ndarray:
+            kind: str = "numpy"
+            extra: dict[str, Any] = {}
+        elif isinstance(value, jax.Array):
+            sharding_ = value.sharding
+            single = self._shardings.get(sharding_)
+            if single is None:
+                single = self._shardings[sharding_] = (
+                    type(sharding_) is jax.sharding.SingleDeviceSharding)
+            if not single or value.is_deleted():
+                return False
+            kind, extra = "jax", {"sharding": None}
+        else:
+            return False
+        dtype, shape = value.dtype, value.shape
+        if not self._dtype_ok(dtype):
+            return False
+        size = math.prod(shape)
+        if not 0 < size * dtype.itemsize <= format.CHUNK_BYTES:
+            return False
+        shape = tuple(shape)
+        arrays[index] = (kind, dtype, shape, extra)
+        buffers.append(SourceBuffer(value, [(len(sources), ())], False))
+        sources.append(ChunkSource(index, path or "<root>", (0,) * len(shape), shape, dtype,
+                                   _chunk_getter(value, ())))
+        return True
+
+
 def plan_leaves(tree_: Any, assigner: tables.Assigner | None = None) -> LeafPlan:
     """Describes a tree and classifies its leaves into manifest values and array chunks.
 
@@ -408,7 +459,11 @@ def plan_leaves(tree_: Any, assigner: tables.Assigner | None = None) -> LeafPlan
     sources: list[ChunkSource] = []
     buffers: list[SourceBuffer] = []
     arrays: dict[int, tuple[str, np.dtype, tuple[int, ...], dict[str, Any]]] = {}
+    plain = _Plain()
     for index, (leaf_path, value) in enumerate(zip(structure.names, structure.leaves)):
+        if assigner is None and plain.add(index, leaf_path, value, arrays, sources, buffers):
+            leaves.append(None)
+            continue
         value_leaf = _value_leaf(value, leaf_path)
         if value_leaf is not None:
             leaves.append(value_leaf)

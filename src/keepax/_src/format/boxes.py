@@ -165,17 +165,35 @@ class HostArena:
 
     def __init__(self, block: int = 4 << 20, min_own: int = 64 << 10, alignment: int = 64):
         self._block, self._min_own, self._alignment = block, min_own, alignment
+        self._left: int | None = None
         self._buffer: np.ndarray | None = None
         self._used = 0
+
+    def _carved(self, shape: Sequence[int], dtype: np.dtype) -> int:
+        """The bytes :meth:`empty` carves from a block for this array (0: its own buffer)."""
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if nbytes >= self._min_own or nbytes == 0:
+            return 0
+        return -(-nbytes // self._alignment) * self._alignment
+
+    def reserve(self, shape: Sequence[int], dtype: np.dtype) -> None:
+        """Announces an array :meth:`empty` will be asked for. Once any is announced, no
+        block is larger than what is left to carve (a small restore never allocates a whole
+        block)."""
+        self._left = (self._left or 0) + self._carved(shape, dtype)
 
     def empty(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes >= self._min_own or nbytes == 0:
+        size = self._carved(shape, dtype)
+        if not size:
             return aligned_empty(shape, dtype, self._alignment)
         if self._buffer is None or self._used + nbytes > len(self._buffer):
-            self._buffer = aligned_empty((self._block,), np.dtype(np.uint8), self._alignment)
+            block = self._block if self._left is None else max(size, min(self._block, self._left))
+            self._buffer = aligned_empty((block,), np.dtype(np.uint8), self._alignment)
             self._used = 0
         out = self._buffer[self._used : self._used + nbytes]
-        self._used += -(-nbytes // self._alignment) * self._alignment
+        self._used += size
+        if self._left is not None:
+            self._left -= size
         return out.view(dtype).reshape(shape)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -26,7 +27,14 @@ import numpy as np
 
 from keepax._src.format import blocks, codecs, dtypes, spec
 from keepax._src.format.codecs import Compression
-from keepax._src.format.manifest import ArrayLeaf, Chunk, DataFile, Manifest
+from keepax._src.format.manifest import (
+    ArrayLeaf,
+    Chunk,
+    DataFile,
+    Manifest,
+    compact_json,
+    raw_chunk,
+)
 from keepax._src.io.base import Reader, Storage, Writer
 from keepax._src.util import gc_paused
 
@@ -85,7 +93,7 @@ class ChunkSource:
     dtype: np.dtype
     data: Callable[[], np.ndarray]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
@@ -131,7 +139,7 @@ def header_json(metadata: dict[str, str], sources: Sequence[ChunkSource],
     sizes = [None] * len(sources) if stored is None else stored
     header.update(_entries([(s.name, s.dtype, s.shape, s.nbytes) if n is None
                             else (s.name, None, (n,), n) for s, n in zip(sources, sizes)]))
-    return json.dumps(header, separators=(",", ":")).encode("ascii")
+    return compact_json(header)
 
 
 def pad_header(text: bytes, length: int | None = None) -> bytes:
@@ -182,10 +190,21 @@ def _write_one(
     crcs: list[_Crcs] = []
     pending: list[memoryview] = [memoryview(header)]
     pending_bytes = len(header)
+    crc32c = _crc32c.crc32c
     for source in sources:
         array = source.data()
         if array.shape != source.shape:
             raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
+        if not block_crcs and array.nbytes < _SMALL and array.flags.c_contiguous:
+            # The common small chunk (what follows, without its branches): gathered.
+            view = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            crcs.append((crc32c(view), 0, ()))
+            pending.append(view)
+            pending_bytes += len(view)
+            if pending_bytes >= _BATCH_BYTES or len(pending) >= 1024:
+                writer.writev(pending)
+                pending, pending_bytes = [], 0
+            continue
         size = blocks.crc32c_block_size(source.shape, source.dtype.itemsize) if block_crcs else 0
         crcs_of = blocks.BlockCrcs(size) if size else None
         if array.flags.c_contiguous:
@@ -282,8 +301,8 @@ def write_data_files(
     for i, (group, header, crcs) in enumerate(zip(groups, headers, all_crcs)):
         offset = len(header)
         for source, (crc, size, per_block) in zip(group, crcs):
-            chunk = Chunk(i, offset, source.nbytes, source.start, source.shape, crc,
-                          crc32c_block=size, crc32c_blocks=per_block)
+            chunk = raw_chunk(i, offset, source.nbytes, source.start, source.shape, crc, size,
+                              per_block)
             chunks.setdefault(source.leaf, []).append((source, chunk))
             offset += source.nbytes
         files.append(DataFile(names[i], offset))

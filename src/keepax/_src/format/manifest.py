@@ -11,11 +11,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
+import numpy as np
 
 from keepax._src.format import dtypes, spec
 from keepax._src.format.boxes import covers_exactly
+from keepax._src.format.chunk_fields import (
+    parse_block_crcs,
+    parse_chunk_extras,
+)
 from keepax._src.format.spec import (
     CODECS_VERSION,
     COMMIT_FILE,
@@ -49,12 +55,30 @@ __all__ = [
     "SHUFFLE_VERSION",
     "parse_chunk_extras",
     "parse_block_crcs",
+    "array_leaf",
+    "compact_json",
+    "raw_chunk",
 ]
 
 _MAX_CELLS = 1 << 24  # a layout with more cells than this is rejected before allocating
 
 ARRAY_TYPES = ("jax", "numpy", "npscalar", "bytes", "prngkey", "perprocess")
 VALUE_TYPES = ("int", "float", "bool", "complex", "str")
+
+_T = TypeVar("_T")
+_PLAIN_TYPES = ("jax", "numpy", "npscalar", "bytes")  # array leaves with no extra members
+_ITEMSIZES: dict[Any, int] = {}  # dtype name -> itemsize, of the names seen
+
+
+def _itemsize(name: Any) -> int | None:
+    """The itemsize of a manifest dtype name; None if it is not one."""
+    size = _ITEMSIZES.get(name) if isinstance(name, str) else None
+    if size is None:
+        try:
+            size = _ITEMSIZES[name] = dtypes.dtype_from_name(name).itemsize
+        except ValueError:
+            return None
+    return size
 
 _MAX_DIM = 1 << 48  # larger dimensions are rejected before any arithmetic or allocation
 
@@ -267,7 +291,8 @@ class Manifest:
                             "start": list(c.start),
                             "shape": list(c.shape),
                             "crc32c": c.crc32c,
-                        } | (c.extras() if c.uses_codecs else {})
+                        } | (c.extras() if c.codec != "raw" or c.stored_nbytes is not None
+                             or c.digest is not None or c.crc32c_block else {})
                         for c in leaf.chunks
                     ]
                     need = max((c.min_version for c in leaf.chunks), default=FORMAT_VERSION)
@@ -283,27 +308,30 @@ class Manifest:
             else:
                 entry = {"path": leaf.path, "type": leaf.type, "value": leaf.value}
             leaves.append(entry)
-        doc = {
+        head = json.dumps({
             "format": FORMAT_NAME,
             "version": spec.version_text(self.version),
             "created": self.created,
             "writer": self.writer,
             "metadata": self.metadata,
-            "files": [{"name": f.name, "nbytes": f.nbytes} for f in self.files],
-            "tree": self.tree,
-            "leaves": leaves,
-        }
-        if self.tables:
-            doc["tables"] = [
+        }, separators=(",", ":"), allow_nan=False).encode()
+        files = [{"name": f.name, "nbytes": f.nbytes} for f in self.files]
+        # The bulk: keepax's own members (no JSON floats: floats are stored as hex strings).
+        bulk = compact_json({"files": files, "tree": self.tree, "leaves": leaves})
+        if not self.tables:
+            return head[:-1] + b"," + bulk[1:]
+        tail = json.dumps({
+            "tables": [
                 {"process": t.process, "name": t.name, "nbytes": t.nbytes, "crc32c": t.crc32c}
                 | ({"shared": True} if t.shared else {})
                 for t in self.tables
-            ]
-            doc["layouts"] = [
+            ],
+            "layouts": [
                 {"grid": list(lay.grid), "writers": [list(w) for w in lay.writers]}
                 for lay in self.layouts
-            ]
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+            ],
+        }, separators=(",", ":"), allow_nan=False).encode()
+        return head[:-1] + b"," + bulk[1:-1] + b"," + tail[1:]
 
     @classmethod
     @gc_paused()
@@ -319,7 +347,12 @@ class Manifest:
           FormatVersionError: if it was written by a newer major format version.
         """
         try:
-            doc = spec.loads(data)
+            try:
+                doc = msgspec.json.decode(data)  # 2x faster than json
+            except msgspec.DecodeError:
+                # What msgspec refuses, json may still read (1e400 as inf, lone surrogates):
+                # it decides, so that the validation names the field.
+                doc = spec.loads(data)
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CorruptCheckpointError(
                 f"{MANIFEST_FILE} is not valid JSON ({e}); the checkpoint is damaged: restore "
@@ -369,104 +402,51 @@ class CommitMarker:
         )
 
 
+def compact_json(doc: Any) -> bytes:
+    """``json.dumps(doc)``, compact, for documents without floats: the same bytes, written by
+    msgspec (10x faster) when they are printable ASCII (json escapes the rest)."""
+    data = msgspec.json.encode(doc)
+    if data.isascii() and b"\x7f" not in data:
+        return data
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def array_leaf(path: str, type: str, shape: tuple[int, ...], dtype: str,
+               chunks: tuple[Chunk, ...], impl: str | None = None,
+               sharding: dict[str, Any] | None = None, cells: CellRef | None = None
+               ) -> ArrayLeaf:
+    """``ArrayLeaf(...)`` for fields the caller made (half the cost: a save makes one per
+    leaf)."""
+    return _new(ArrayLeaf, {"path": path, "type": type, "shape": shape, "dtype": dtype,
+                            "chunks": chunks, "impl": impl, "sharding": sharding,
+                            "cells": cells})
+
+
+def raw_chunk(file: int, offset: int, nbytes: int, start: tuple[int, ...],
+              shape: tuple[int, ...], crc32c: int, crc32c_block: int = 0,
+              crc32c_blocks: tuple[int, ...] = ()) -> Chunk:
+    """``Chunk(...)`` of a raw chunk, for fields the caller made (a save makes one per
+    chunk)."""
+    return _new(Chunk, {"file": file, "offset": offset, "nbytes": nbytes, "start": start,
+                        "shape": shape, "crc32c": crc32c, "codec": "raw", "stored_nbytes": None,
+                        "digest": None, "crc32c_block": crc32c_block,
+                        "crc32c_blocks": crc32c_blocks})
+
+
+def _new(cls: type[_T], fields: dict[str, Any]) -> _T:
+    """A frozen dataclass instance made from all its fields, already validated (half the
+    cost of calling the class, which sets each field through ``object.__setattr__``)."""
+    made = object.__new__(cls)
+    made.__dict__.update(fields)
+    return made
+
+
 def _nat(x: Any) -> bool:
     return type(x) is int and x >= 0
 
 
 def _nats(x: Any, n: int) -> bool:
     return type(x) is list and len(x) == n and all(type(i) is int and 0 <= i <= _MAX_DIM for i in x)
-
-
-def parse_chunk_extras(
-    entry: dict[str, Any],
-    nbytes: int,
-    version: tuple[int, int],
-    *,
-    where: str,
-    leaf: str | None,
-    fail: Callable[[str], CorruptCheckpointError],
-) -> tuple[str, int | None, str | None]:
-    """Parses a chunk's optional format 1.2 members: ``codec``, ``stored_nbytes``, ``digest``.
-
-    Args:
-      entry: The chunk's JSON object (a manifest chunk, or a chunk table row's extras).
-      nbytes: The chunk's logical size, already checked.
-      version: The format version of the document holding it.
-      where: The checkpoint, for errors.
-      leaf: The leaf's path, for errors.
-      fail: Builds the error for a malformed member.
-
-    Returns:
-      (codec, stored size or None, digest or None).
-
-    Raises:
-      FormatVersionError: an unknown codec in a document newer than this keepax knows.
-      CorruptCheckpointError: from ``fail``: an unknown codec, a stored size that does not fit
-        the codec, or a malformed digest.
-    """
-    codec = entry.get("codec", "raw")
-    if codec not in spec.CODECS:
-        if isinstance(codec, str) and version > spec.NEWEST_VERSION:
-            raise FormatVersionError(
-                f"a chunk uses codec {codec!r:.40}, unknown to this keepax (it reads format "
-                f"{spec.version_text(spec.NEWEST_VERSION)} and codecs "
-                f"{', '.join(spec.CODECS)}), in a checkpoint of format "
-                f"{spec.version_text(version)}; upgrade keepax to read it",
-                path=where, leaf=leaf,
-            )
-        raise fail(f"unknown codec {codec!r:.40} (format {spec.version_text(version)} knows "
-                   f"{', '.join(spec.CODECS)})")
-    if spec.CODEC_VERSIONS[codec] > version:
-        raise fail(f"codec {codec!r} needs format {spec.version_text(spec.CODEC_VERSIONS[codec])}"
-                   f" or later, not {spec.version_text(version)}")
-    stored = entry.get("stored_nbytes")
-    if codec == "raw":
-        if stored is not None and (not _nat(stored) or stored != nbytes):
-            raise fail(f"stored_nbytes {stored!r:.40} must equal nbytes {nbytes} for a raw chunk")
-    elif not _nat(stored) or stored == 0 or nbytes == 0:
-        raise fail(f"a {codec} chunk needs stored_nbytes >= 1 (got {stored!r:.40}) and nbytes "
-                   f">= 1 (got {nbytes})")
-    digest = entry.get("digest")
-    if digest is not None and not (
-        isinstance(digest, str) and len(digest) <= 161 and spec.DIGEST_RE.fullmatch(digest)
-    ):
-        raise fail(f"digest {digest!r:.60} is not '<algorithm>:<lowercase hex>'")
-    return codec, stored, digest
-
-
-MIN_CRC32C_BLOCK = 1 << 10
-MAX_CRC32C_BLOCK = 1 << 30
-
-
-def parse_block_crcs(
-    entry: dict[str, Any], nbytes: int, codec: str, fail: Callable[[str], CorruptCheckpointError]
-) -> tuple[int, tuple[int, ...]]:
-    """Parses a chunk's optional 1.2 block checksums, ``crc32c_block`` and ``crc32c_blocks``
-    (``docs/FORMAT.md`` §5.4).
-
-    Returns:
-      (block size, per-block CRC-32Cs), or ``(0, ())`` when the chunk has none.
-
-    Raises:
-      CorruptCheckpointError: from ``fail``: one member without the other, a block size that
-        is not a power of two in [2**10, 2**30], a list of the wrong length or with values
-        outside [0, 2**32), or block checksums on a chunk whose codec is not ``raw``.
-    """
-    block, crcs = entry.get("crc32c_block"), entry.get("crc32c_blocks")
-    if block is None and crcs is None:
-        return 0, ()
-    if not (type(block) is int and MIN_CRC32C_BLOCK <= block <= MAX_CRC32C_BLOCK
-            and block & (block - 1) == 0):
-        raise fail(f"crc32c_block {block!r:.40} must be a power of two from "
-                   f"{MIN_CRC32C_BLOCK} to {MAX_CRC32C_BLOCK}")
-    if codec != "raw":
-        raise fail(f"crc32c_blocks are defined for raw chunks only, not codec {codec!r:.40}")
-    count = -(-nbytes // block)
-    if not (isinstance(crcs, list) and len(crcs) == count
-            and all(type(x) is int and 0 <= x < 1 << 32 for x in crcs)):
-        raise fail(f"crc32c_blocks must be a list of {count} integers in [0, 2**32) (one per "
-                   f"{block} bytes of the chunk)")
-    return block, tuple(crcs)
 
 
 class _Validator:
@@ -506,6 +486,10 @@ class _Validator:
         return value
 
     def ints(self, x: Any, what: str, leaf: str | None = None) -> tuple[int, ...]:
+        if type(x) is list and len(x) <= 64 and all(
+            type(i) is int and 0 <= i <= _MAX_DIM for i in x
+        ):
+            return tuple(x)
         if not isinstance(x, list) or len(x) > 64:
             raise self.fail(f"{what} must be a list of at most 64 integers", leaf)
         out = tuple(self.nat(i, what, leaf) for i in x)
@@ -558,11 +542,13 @@ class _Validator:
             raise self.fail("a manifest with chunk tables lists at least one table and no files")
         self._layouts = layouts
         self._with_tables = "tables" in doc
+        self._ranges: tuple[list[int], list[int], list[int]] = ([], [], [])
         leaves = tuple(
-            self._leaf(x, i, len(files))
+            self._plain_leaf(x) or self._leaf(x, i, len(files))
             for i, x in enumerate(self._list(doc.get("leaves"), "leaves"))
         )
-        self._check_byte_ranges(leaves)
+        if self._ranges_overlap(leaves):
+            self._check_byte_ranges(leaves)
         tree = self.obj(doc.get("tree"), "tree")
         metadata = doc.get("metadata", {})
         writer = doc.get("writer", {})
@@ -623,6 +609,68 @@ class _Validator:
             layouts.append(Layout(grid, tuple(writers)))
         return tuple(tables), tuple(layouts)
 
+    def _plain_leaf(self, x: Any) -> ArrayLeaf | None:
+        """The common leaf, checked fast: an array in one raw chunk holding all its (> 0)
+        elements. None for any other leaf, valid or not (:meth:`_leaf` then checks it and
+        says what is wrong), before changing any state."""
+        if type(x) is not dict or self._with_tables or x.get("type") not in _PLAIN_TYPES:
+            return None
+        path, shape, chunks = x.get("path"), x.get("shape"), x.get("chunks")
+        itemsize = _itemsize(x.get("dtype"))
+        if ("cells" in x or type(path) is not str or type(shape) is not list or len(shape) > 64
+                or type(chunks) is not list or len(chunks) != 1 or itemsize is None):
+            return None
+        c = chunks[0]
+        if type(c) is not dict or len(c) != 6:  # else extras (format 1.2) or missing members
+            return None
+        file, offset, nbytes, crc = c.get("file"), c.get("offset"), c.get("nbytes"), c.get(
+            "crc32c")
+        volume = 1
+        for d in shape:
+            if type(d) is not int or not 0 < d <= _MAX_DIM:
+                return None
+            volume *= d
+        if not (type(file) is int and type(offset) is int and type(crc) is int
+                and 0 <= file < len(self._files) and offset >= 0 and crc >= 0
+                and nbytes == volume * itemsize and c.get("shape") == shape
+                and c.get("start") == [0] * len(shape)):
+            return None
+        end = offset + nbytes
+        if end > self._files[file].nbytes or self._claimed[file] + nbytes > self._files[
+                file].nbytes or (offset, nbytes) in self._seen.get(file, ()):
+            return None
+        self._seen.setdefault(file, set()).add((offset, nbytes))
+        self._claimed[file] += nbytes
+        files, begins, ends = self._ranges
+        files.append(file)
+        begins.append(offset)
+        ends.append(end)
+        sharding, impl = x.get("sharding"), x.get("impl")
+        box = tuple(shape)
+        return _new(ArrayLeaf, {
+            "path": path, "type": x["type"], "shape": box, "dtype": x["dtype"],
+            "chunks": (_new(Chunk, {
+                "file": file, "offset": offset, "nbytes": nbytes, "start": (0,) * len(box),
+                "shape": box, "crc32c": crc, "codec": "raw", "stored_nbytes": None,
+                "digest": None, "crc32c_block": 0, "crc32c_blocks": (),
+            }),),
+            "impl": impl if isinstance(impl, str) else None,
+            "sharding": sharding if isinstance(sharding, dict) else None, "cells": None,
+        })
+
+    def _ranges_overlap(self, leaves: tuple[Leaf, ...]) -> bool:
+        """Whether the chunks may share bytes of a data file (:meth:`_check_byte_ranges`
+        decides), checked with NumPy: the leaves :meth:`_plain_leaf` took have their ranges
+        in ``self._ranges``; any other leaf with chunks sends the decision there."""
+        if len(self._ranges[0]) != sum(
+            len(leaf.chunks) for leaf in leaves if type(leaf) is ArrayLeaf
+        ):
+            return True
+        files, begins, ends = (np.asarray(r, dtype=np.int64) for r in self._ranges)
+        order = np.lexsort((ends, begins, files))
+        files, begins, ends = files[order], begins[order], ends[order]
+        return bool(np.any((files[1:] == files[:-1]) & (begins[1:] < ends[:-1])))
+
     def _check_byte_ranges(self, leaves: tuple[Leaf, ...]) -> None:
         """No two chunks may share bytes of a data file."""
         ranges = sorted({
@@ -652,7 +700,9 @@ class _Validator:
         except (KeyError, TypeError):
             raise self.fail(f"chunk {j} must be an object with file, offset, nbytes, start, "
                             "shape and crc32c", path) from None
-        if not (_nat(file) and _nat(offset) and _nat(nbytes) and _nat(crc)):
+        if not (type(file) is int and type(offset) is int and type(nbytes) is int
+                and type(crc) is int and file >= 0 and offset >= 0 and nbytes >= 0
+                and crc >= 0):
             raise self.fail(f"chunk {j}: file, offset, nbytes and crc32c must be non-negative "
                             "integers", path)
         if not (_nats(start, len(shape)) and _nats(box, len(shape))):
@@ -682,11 +732,16 @@ class _Validator:
             raise self.fail(f"chunk {j} lies outside the array", path)
         if nbytes != math.prod(box) * itemsize:
             raise self.fail(f"chunk {j} size {nbytes} does not match its shape", path)
-        block, crcs = parse_block_crcs(
-            c, nbytes, codec, lambda message: self.fail(f"chunk {j}: {message}", path)
+        block, crcs = (0, ()) if "crc32c_block" not in c and "crc32c_blocks" not in c else (
+            parse_block_crcs(
+                c, nbytes, codec, lambda message: self.fail(f"chunk {j}: {message}", path)
+            )
         )
-        return Chunk(file, offset, nbytes, tuple(start), tuple(box), crc, codec, stored, digest,
-                     block, crcs)
+        return _new(Chunk, {
+            "file": file, "offset": offset, "nbytes": nbytes, "start": tuple(start),
+            "shape": tuple(box), "crc32c": crc, "codec": codec, "stored_nbytes": stored,
+            "digest": digest, "crc32c_block": block, "crc32c_blocks": crcs,
+        })
 
     def _leaf(self, x: Any, index: int, nfiles: int) -> Leaf:
         x = self.obj(x, f"leaves[{index}]")
@@ -730,16 +785,11 @@ class _Validator:
         if kind == "prngkey" and (not isinstance(impl, str) or name != "uint32" or not shape):
             raise self.fail("prngkey leaf needs an impl name and uint32 key data", path)
         sharding = x.get("sharding")
-        return ArrayLeaf(
-            path=path,
-            type=kind,
-            shape=shape,
-            dtype=name,
-            chunks=tuple(chunks),
-            impl=impl if isinstance(impl, str) else None,
-            sharding=sharding if isinstance(sharding, dict) else None,
-            cells=cells,
-        )
+        return _new(ArrayLeaf, {
+            "path": path, "type": kind, "shape": shape, "dtype": name, "chunks": tuple(chunks),
+            "impl": impl if isinstance(impl, str) else None,
+            "sharding": sharding if isinstance(sharding, dict) else None, "cells": cells,
+        })
 
     def _cells(self, x: Any, path: str, shape: tuple[int, ...]) -> CellRef:
         x = self.obj(x, "cells")

@@ -28,6 +28,7 @@ __all__ = ["ReadRequest", "RestoreStats", "check_sizes", "read_requests", "verif
 
 _SMALL = 256 << 10  # chunks below this are coalesced with their neighbours
 _BATCH_BYTES = 16 << 20  # at most this much read by one coalesced read
+_IOVECS = 256  # buffers per vectored read of small chunks
 _RUN_BYTES = 256 << 20  # consecutive big chunks read with one vectored request, up to this
 _WASTE = blocks.WASTE
 
@@ -206,6 +207,15 @@ def read_requests(
     stats = RestoreStats()
     by_chunk: dict[tuple[int, int], _Piece] = {}
     for request in requests:
+        if len(request.chunks) == 1 and request.chunks[0].shape == request.box[1] and (
+                request.chunks[0].start == request.box[0] and request.chunks[0].nbytes):
+            # The common request: one chunk holding exactly the box, read straight into it.
+            chunk = request.chunks[0]
+            piece = by_chunk.get((chunk.file, chunk.offset))
+            if piece is None:
+                piece = by_chunk[chunk.file, chunk.offset] = _Piece(chunk, request.leaf, [])
+            piece.targets.append((request, bytes_view(request.out)))
+            continue
         for chunk in request.chunks:
             if chunk.nbytes == 0 or intersect((chunk.start, chunk.shape), request.box) is None:
                 continue
@@ -215,7 +225,7 @@ def read_requests(
             piece.targets.append((request, _direct_view(request, chunk)))
     pieces = list(by_chunk.values())
     for piece in pieces:
-        if all(view is None for _, view in piece.targets):
+        if piece.targets[0][1] is None and all(view is None for _, view in piece.targets):
             piece.ranges = blocks.needed_ranges(piece.chunk, [r.box for r, _ in piece.targets])
     reading = _Reading(_Files(storage, directory, files, where), files, where, stats)
     streams = _sequential_streams(_read_steps(pieces, reading), workers)
@@ -309,8 +319,10 @@ class _Reading:
         """Reads adjacent small chunks of one file with one request."""
         first, last = group[0].chunk, group[-1].chunk
         span = last.offset + last.nbytes - first.offset
-        buffer = memoryview(bytearray(span))
         reader = self.opened.get(first.file, self.stats)
+        if type(reader).readv_into is not Reader.readv_into:  # vectored reads
+            return self._group_direct(reader, group, span)
+        buffer = memoryview(bytearray(span))
         if reader.read_into(first.offset, buffer) != span:
             raise CorruptCheckpointError(
                 f"data file {self.files[first.file].name} ends inside a chunk", path=self.where
@@ -320,6 +332,40 @@ class _Reading:
             view = buffer[begin : begin + piece.chunk.nbytes]
             _verify(view, piece, self.files, self.where)
             piece.deliver(view)
+        return span
+
+
+    def _group_direct(self, reader: Reader, group: list[_Piece], span: int) -> int:
+        """:meth:`group` with the chunks read straight into their outputs (a few hundred
+        per vectored request), gaps and chunks without a slab into scratch buffers."""
+        landings: list[memoryview] = []
+        end = group[0].chunk.offset
+        for piece in group:
+            chunk = piece.chunk
+            if chunk.offset > end:
+                landings.append(memoryview(bytearray(chunk.offset - end)))
+            view = piece.targets[0][1] if len(piece.targets) == 1 else piece.landing()
+            landings.append(view if view is not None else memoryview(bytearray(chunk.nbytes)))
+            end = chunk.offset + chunk.nbytes
+        offset = group[0].chunk.offset
+        for i in range(0, len(landings), _IOVECS):
+            batch = landings[i : i + _IOVECS]
+            want = sum(len(view) for view in batch)
+            if reader.readv_into(offset, batch) != want:
+                raise CorruptCheckpointError(
+                    f"data file {self.files[group[0].chunk.file].name} ends inside a chunk",
+                    path=self.where,
+                )
+            offset += want
+        filled = iter(landings)
+        end = group[0].chunk.offset
+        for piece in group:
+            if piece.chunk.offset > end:
+                next(filled)  # a gap
+            landing = next(filled)
+            _verify(landing, piece, self.files, self.where)
+            piece.deliver(landing, landing)
+            end = piece.chunk.offset + piece.chunk.nbytes
         return span
 
 
