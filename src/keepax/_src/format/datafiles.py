@@ -255,8 +255,10 @@ def write_data_files(
     workers: int = 4,
     block_crcs: bool = False,
     compression: Compression | None = None,
+    closer: Callable[[Writer], None] | None = None,
 ) -> tuple[list[DataFile], dict[int, list[tuple[ChunkSource, Chunk]]]]:
-    """Writes chunks into a few data files, in parallel, each made durable before returning.
+    """Writes chunks into a few data files, in parallel, each made durable before returning
+    (or handed, written, to ``closer``).
 
     Args:
       storage: Where to write.
@@ -269,13 +271,18 @@ def write_data_files(
         §5.4), so that readers needing part of a chunk read only that part.
       compression: Compress each chunk (in parallel, across cores), keeping it raw where that
         does not make it smaller; files then hold at most ``_PACK_BYTES`` logical bytes each.
+      closer: Takes each fully written file's writer in place of closing it here: the caller
+        then closes it (``Writer.close`` makes the file durable), e.g. on another thread while
+        it builds the manifest, and must do so before the commit.
 
     Returns:
       The files written (names relative to the checkpoint) and, per leaf index, its chunks
       with their file index (into the returned list), offset and checksum.
     """
     if compression is not None:
-        return _write_compressed(storage, directory, sources, prefix, compression)
+        return _write_compressed(storage, directory, sources, prefix, compression,
+                                 closer or Writer.close)
+    close = closer or Writer.close
     groups = _plan_files(sources, max_files)
     names = [f"data/{prefix}-{i:03d}.safetensors" for i in range(len(groups))]
     headers = [safetensors_header(g, f"{prefix}-{i:03d}") for i, g in enumerate(groups)]
@@ -287,7 +294,7 @@ def write_data_files(
         except BaseException:
             writer.abort()
             raise
-        writer.close()
+        close(writer)
         return crcs
 
     if len(groups) == 1:
@@ -347,7 +354,7 @@ def _encode(source: ChunkSource, compression: Compression, threads: int
 
 def _write_compressed(
     storage: Storage, directory: str, sources: Sequence[ChunkSource], prefix: str,
-    compression: Compression,
+    compression: Compression, close: Callable[[Writer], None],
 ) -> tuple[list[DataFile], dict[int, list[tuple[ChunkSource, Chunk]]]]:
     """:func:`write_data_files` with compression: files of at most ``_PACK_BYTES``, each
     compressed (small chunks side by side, big ones by several threads) then written; at most
@@ -372,7 +379,7 @@ def _write_compressed(
         except BaseException:
             writer.abort()
             raise
-        writer.close()
+        close(writer)
         offset = len(header)
         for source, size, (_, crc, codec) in zip(pack, sizes, encoded):
             chunk = Chunk(i, offset, source.nbytes, source.start, source.shape, crc, codec,
