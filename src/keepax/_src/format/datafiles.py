@@ -245,6 +245,10 @@ def _write_one(
     return crcs
 
 
+def _close(writer: Writer) -> None:
+    writer.close()  # (not ``Writer.close``: that is the abstract method, not the override)
+
+
 def write_data_files(
     storage: Storage,
     directory: str,
@@ -281,8 +285,8 @@ def write_data_files(
     """
     if compression is not None:
         return _write_compressed(storage, directory, sources, prefix, compression,
-                                 closer or Writer.close)
-    close = closer or Writer.close
+                                 closer or _close)
+    close = closer or _close
     groups = _plan_files(sources, max_files)
     names = [f"data/{prefix}-{i:03d}.safetensors" for i in range(len(groups))]
     headers = [safetensors_header(g, f"{prefix}-{i:03d}") for i, g in enumerate(groups)]
