@@ -116,14 +116,19 @@ def _entries(tensors: Sequence[tuple[str, np.dtype | None, Sequence[int], int]]
     byte string."""
     entries: dict[str, Any] = {}
     offset = 0
+    codes: dict[np.dtype | None, str | None] = {None: None}
     for name, dtype, shape, nbytes in tensors:
-        code = None if dtype is None else dtypes.safetensors_code(dtype)
-        entries[name] = {
+        try:
+            code = codes[dtype]
+        except KeyError:
+            code = codes[dtype] = dtypes.safetensors_code(dtype)  # type: ignore[arg-type]
+        end = offset + nbytes
+        entries[name] = {  # (tuples are written as JSON arrays)
             "dtype": code or "U8",
-            "shape": list(shape) if code is not None else [nbytes],
-            "data_offsets": [offset, offset + nbytes],
+            "shape": shape if code is not None else (nbytes,),
+            "data_offsets": (offset, end),
         }
-        offset += nbytes
+        offset = end
     return entries
 
 
@@ -196,8 +201,13 @@ def _write_one(
         if array.shape != source.shape:
             raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
         if not block_crcs and array.nbytes < _SMALL and array.flags.c_contiguous:
-            # The common small chunk (what follows, without its branches): gathered.
-            view = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            # The common small chunk (what follows, without its branches): gathered. A
+            # memoryview cast is 4x cheaper than a uint8 view, for dtypes with a buffer
+            # format (NumPy's own, native byte order; not ml_dtypes').
+            if array.dtype.isbuiltin == 1:
+                view = memoryview(array).cast("B")  # type: ignore[arg-type]
+            else:
+                view = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
             crcs.append((crc32c(view), 0, ()))
             pending.append(view)
             pending_bytes += len(view)
@@ -475,6 +485,7 @@ def check_header(
         entry = _entries([(name, dtype, c.shape, c.stored) if c.codec == "raw"
                           else (name, None, (c.stored,), c.stored)])[name]
         entry["data_offsets"] = [begin, begin + c.stored]
+        entry["shape"] = list(entry["shape"])  # as parsed from JSON
         if name in expected:
             problems.append(f"{where}: two chunks are named {name}")
         expected[name] = entry
