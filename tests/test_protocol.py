@@ -70,19 +70,19 @@ def test_a_local_save_whose_sync_fails_commits_nothing(
 ) -> None:
     # The files' syncs run on other threads (data files while the manifest is built; the
     # manifest beside the marker): a failure there must still stop the commit.
-    real = local._datasync
+    real = os.fsync
 
-    def datasync(fd: int) -> None:
+    def fsync(fd: int) -> None:
         if failing in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real(fd)
 
-    monkeypatch.setattr(local, "_datasync", datasync)
+    monkeypatch.setattr(local.os, "fsync", fsync)
     state = {f"w{i}": np.full(4, i, np.float32) for i in range(3)}
     with pytest.raises(OSError, match="Input/output error"):
         keepax.save(str(tmp_path / "ckpt"), state)
     assert os.listdir(tmp_path) == []  # nothing committed, the staging directory removed
-    monkeypatch.setattr(local, "_datasync", real)
+    monkeypatch.undo()
     keepax.save(str(tmp_path / "ckpt"), state)
     assert keepax.restore(str(tmp_path / "ckpt"))["w2"].tolist() == [2.0] * 4
 

@@ -27,8 +27,6 @@ __all__ = ["LocalStorage"]
 
 _IOV_MAX = 1024
 
-_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
-
 # What staging directories' names hold (``Storage.staging_name``).
 _STAGING = f"{STAGING_TAG}tmp-"
 
@@ -103,9 +101,7 @@ class _LocalWriter(Writer):
 
     def close(self) -> None:
         try:
-            # The data and what reading it needs (size, blocks); not the times. The name is
-            # made durable by the fsync of its directory (Storage.sync_dir, the commit).
-            _datasync(self._fd)
+            os.fsync(self._fd)  # (its name: by the fsync of its directory, sync_dir)
         except OSError as e:
             raise with_path(e, "syncing", self._where) from e
         finally:
