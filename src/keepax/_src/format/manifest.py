@@ -386,15 +386,11 @@ class CommitMarker:
 
 
 def _chunk_entry(c: Chunk, path: str, version: tuple[int, int]) -> dict[str, Any]:
-    """A chunk's manifest entry (``path``, ``version``: its leaf's and the manifest's).
-
-    Raises:
-      ValueError: The chunk's codec or digest needs a later format version.
-    """
+    """A chunk's manifest entry (``path``, ``version``: its leaf's and the manifest's); raises
+    ValueError if the chunk's codec or digest needs a later format version."""
     entry = {"file": c.file, "offset": c.offset, "nbytes": c.nbytes, "start": c.start,
              "shape": c.shape, "crc32c": c.crc32c}
-    if (c.codec == "raw" and c.stored_nbytes is None and c.digest is None
-            and not c.crc32c_block):
+    if c.codec == "raw" and c.stored_nbytes is None and c.digest is None and not c.crc32c_block:
         return entry  # the plain raw chunk: format 1.0
     need = c.min_version
     if version < need:
