@@ -4,15 +4,18 @@ and of the commit layer's place below the checkpoint layer."""
 from __future__ import annotations
 
 import ast
+import errno
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import keepax
 from keepax._src import checkpoint
 from keepax._src.commit import protocol
 from keepax._src.format.manifest import COMMIT_FILE, MANIFEST_FILE, Manifest
-from keepax._src.io import is_hidden_name, open_root
+from keepax._src.io import is_hidden_name, local, open_root
 from keepax.errors import CheckpointExistsError
 
 
@@ -59,6 +62,29 @@ def test_committing_over_a_checkpoint_needs_replace(root: str) -> None:
         protocol.commit(staging, _manifest(2))
     assert keepax.inspect(f"{root}/ckpt").metadata == {"v": 2}
     assert not [n for n in storage.list("") if is_hidden_name(n)]
+
+
+@pytest.mark.parametrize("failing", ["/data/", MANIFEST_FILE, COMMIT_FILE])
+def test_a_local_save_whose_sync_fails_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    # The files' syncs run on other threads (data files while the manifest is built; the
+    # manifest beside the marker): a failure there must still stop the commit.
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if failing in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(local.os, "fsync", fsync)
+    state = {f"w{i}": np.full(4, i, np.float32) for i in range(3)}
+    with pytest.raises(OSError, match="Input/output error"):
+        keepax.save(str(tmp_path / "ckpt"), state)
+    assert os.listdir(tmp_path) == []  # nothing committed, the staging directory removed
+    monkeypatch.undo()
+    keepax.save(str(tmp_path / "ckpt"), state)
+    assert keepax.restore(str(tmp_path / "ckpt"))["w2"].tolist() == [2.0] * 4
 
 
 def _imports(path: Path) -> set[str]:

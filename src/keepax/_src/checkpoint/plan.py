@@ -431,14 +431,16 @@ class _Plain:
         dtype, shape = value.dtype, value.shape
         if not self._dtype_ok(dtype):
             return False
-        size = math.prod(shape)
-        if not 0 < size * dtype.itemsize <= format.CHUNK_BYTES:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not 0 < nbytes <= format.CHUNK_BYTES:
             return False
         shape = tuple(shape)
         arrays[index] = (kind, dtype, shape, extra)
         buffers.append(SourceBuffer(value, [(len(sources), ())], False))
-        sources.append(ChunkSource(index, path or "<root>", (0,) * len(shape), shape, dtype,
-                                   _chunk_getter(value, ())))
+        source = ChunkSource(index, path or "<root>", (0,) * len(shape), shape, dtype,
+                             _chunk_getter(value, ()))
+        source.nbytes = nbytes  # known here: spares the cached property's first call
+        sources.append(source)
         return True
 
 

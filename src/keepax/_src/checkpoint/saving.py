@@ -6,6 +6,7 @@ multi-process run (:mod:`keepax._src.commit.distributed`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -36,6 +37,9 @@ __all__ = [
     "PreparedSave", "SAVE_NAMESPACE", "SYNC_TIMEOUT", "SaveResult", "check_metadata",
     "prepare_save", "save", "write_prepared",
 ]
+
+# Threads making a save's data files (at most 4) and their directory durable at once.
+_SYNC_THREADS = 5
 
 
 @gc_paused()
@@ -334,14 +338,22 @@ def write_prepared(
     with protocol.staged(
         storage, prepared.name, prepared.where, replace=prepared.overwrite
     ) as staging:
-        files, chunks = format.write_data_files(
-            storage, staging.path, chosen, prefix=f"p{jax.process_index():05d}",
-            compression=prepared.compression,
-        )
-        if files:
-            storage.sync_dir(f"{staging.path}/data")
-        manifest = plan.manifest(files, chunks, prepared.metadata, created=time.time(),
-                                 codecs=prepared.compression is not None)
+        # The data files and their directory are made durable on other threads while this
+        # one builds the manifest (fsync waits for the disk, not the CPU); all of it is
+        # durable before the commit (the pool's exit waits even if the manifest fails).
+        with concurrent.futures.ThreadPoolExecutor(_SYNC_THREADS) as syncer:
+            synced: list[concurrent.futures.Future[None]] = []
+            files, chunks = format.write_data_files(
+                storage, staging.path, chosen, prefix=f"p{jax.process_index():05d}",
+                compression=prepared.compression,
+                closer=lambda writer: synced.append(syncer.submit(writer.close)),
+            )
+            if files:
+                synced.append(syncer.submit(storage.sync_dir, f"{staging.path}/data"))
+            manifest = plan.manifest(files, chunks, prepared.metadata, created=time.time(),
+                                     codecs=prepared.compression is not None)
+            for future in synced:
+                future.result()
         written = protocol.commit(staging, manifest, before_commit=before_commit)
     written += sum(f.nbytes for f in files)
     return SaveResult(prepared.where, written, len(files), time.perf_counter() - began)

@@ -8,14 +8,16 @@ A checkpoint is written in four moves (``docs/FORMAT.md`` §Commit):
 2. The caller writes the data files (and chunk tables) under :attr:`Staging.path` and makes
    them durable.
 3. :func:`commit`: the manifest, then the commit marker (the last file written), then the
-   staging directory is renamed into place (rename backends; marker backends are done once
-   the marker is written).
+   staging directory is renamed into place (rename backends, which make the manifest and
+   marker durable together just before; marker backends are done once the marker is
+   written, after the manifest is durable).
 4. On any failure before the commit, :func:`discard` removes the staging directory (a leftover
    one is invisible to readers anyway: its name is hidden).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -30,7 +32,7 @@ from keepax._src.format.manifest import (
     CommitMarker,
     Manifest,
 )
-from keepax._src.io import Storage
+from keepax._src.io import Storage, Writer
 from keepax.errors import CheckpointExistsError
 
 __all__ = [
@@ -116,19 +118,56 @@ def commit(
     """
     storage = staging.storage
     manifest_bytes = manifest.to_json()
-    storage.write_bytes(f"{staging.path}/{MANIFEST_FILE}", manifest_bytes)
     marker = CommitMarker(
         manifest.version, len(manifest_bytes), datafiles.checksum(manifest_bytes), time.time()
     )
     marker_bytes = marker.to_json()
-    if before_commit is not None:
-        before_commit()
-    storage.write_bytes(f"{staging.path}/{COMMIT_FILE}", marker_bytes)
+    manifest_path, marker_path = f"{staging.path}/{MANIFEST_FILE}", f"{staging.path}/{COMMIT_FILE}"
+    if not storage.atomic_rename:  # the marker commits: the manifest is durable before it
+        storage.write_bytes(manifest_path, manifest_bytes)
+        if before_commit is not None:
+            before_commit()
+        storage.write_bytes(marker_path, marker_bytes)
+    else:  # the rename commits: both are made durable at once, before it
+        manifest_writer = _written(storage, manifest_path, manifest_bytes)
+        try:
+            if before_commit is not None:
+                before_commit()
+            marker_writer = _written(storage, marker_path, marker_bytes)
+        except BaseException:
+            manifest_writer.abort()
+            raise
+        _close_together(manifest_writer, marker_writer)
     try:
         storage.commit(staging.path, staging.name, replace=staging.replace)
     except FileExistsError as e:
         raise CheckpointExistsError(_EXISTS, path=staging.where) from e
     return len(manifest_bytes) + len(marker_bytes)
+
+
+def _written(storage: Storage, path: str, data: bytes) -> Writer:
+    """A new file holding ``data``, written but not yet closed (nor durable)."""
+    writer = storage.create(path)
+    try:
+        writer.write(memoryview(data))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
+
+
+def _close_together(first: Writer, second: Writer) -> None:
+    """Closes (makes durable) two writers at once: their syncs can share a journal commit.
+
+    Raises:
+      OSError: Either close failed (both are closed or aborted either way).
+    """
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        closing = pool.submit(first.close)
+        try:
+            second.close()
+        finally:
+            closing.result()
 
 
 def discard(staging: Staging) -> None:

@@ -268,39 +268,22 @@ class Manifest:
     def to_json(self) -> bytes:
         """Serialises the manifest (UTF-8 JSON)."""
         leaves = []
+        version = self.version
         for leaf in self.leaves:
             if isinstance(leaf, ArrayLeaf):
+                # Tuples are written as JSON arrays (by msgspec and json alike).
                 entry: dict[str, Any] = {
-                    "path": leaf.path,
-                    "type": leaf.type,
-                    "shape": list(leaf.shape),
+                    "path": leaf.path, "type": leaf.type, "shape": leaf.shape,
                     "dtype": leaf.dtype,
                 }
                 if leaf.cells is not None:
                     entry["cells"] = {
-                        "block": list(leaf.cells.block),
+                        "block": leaf.cells.block,
                         "layout": leaf.cells.layout,
                         "rotation": leaf.cells.rotation,
                     }
                 else:
-                    entry["chunks"] = [
-                        {
-                            "file": c.file,
-                            "offset": c.offset,
-                            "nbytes": c.nbytes,
-                            "start": list(c.start),
-                            "shape": list(c.shape),
-                            "crc32c": c.crc32c,
-                        } | (c.extras() if c.codec != "raw" or c.stored_nbytes is not None
-                             or c.digest is not None or c.crc32c_block else {})
-                        for c in leaf.chunks
-                    ]
-                    need = max((c.min_version for c in leaf.chunks), default=FORMAT_VERSION)
-                    if self.version < need:
-                        raise ValueError(
-                            f"{leaf.path}: its chunks' codecs and digests need format version "
-                            f"{spec.version_text(need)}, not {spec.version_text(self.version)}"
-                        )
+                    entry["chunks"] = [_chunk_entry(c, leaf.path, version) for c in leaf.chunks]
                 if leaf.impl is not None:
                     entry["impl"] = leaf.impl
                 if leaf.sharding is not None:
@@ -400,6 +383,22 @@ class CommitMarker:
             manifest_crc32c=v.nat(doc.get("manifest_crc32c"), "manifest_crc32c"),
             committed=v.time(doc.get("committed"), "committed"),
         )
+
+
+def _chunk_entry(c: Chunk, path: str, version: tuple[int, int]) -> dict[str, Any]:
+    """A chunk's manifest entry (``path``, ``version``: its leaf's and the manifest's); raises
+    ValueError if the chunk's codec or digest needs a later format version."""
+    entry = {"file": c.file, "offset": c.offset, "nbytes": c.nbytes, "start": c.start,
+             "shape": c.shape, "crc32c": c.crc32c}
+    if c.codec == "raw" and c.stored_nbytes is None and c.digest is None and not c.crc32c_block:
+        return entry  # the plain raw chunk: format 1.0
+    need = c.min_version
+    if version < need:
+        raise ValueError(
+            f"{path}: its chunks' codecs and digests need format version "
+            f"{spec.version_text(need)}, not {spec.version_text(version)}"
+        )
+    return entry | c.extras()
 
 
 def compact_json(doc: Any) -> bytes:

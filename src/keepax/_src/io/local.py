@@ -20,12 +20,15 @@ import shutil
 import stat
 from collections.abc import Callable
 
-from keepax._src.io.base import Reader, Storage, Writer, with_path
+from keepax._src.io.base import STAGING_TAG, Reader, Storage, Writer, with_path
 from keepax.errors import CorruptCheckpointError
 
 __all__ = ["LocalStorage"]
 
 _IOV_MAX = 1024
+
+# What staging directories' names hold (``Storage.staging_name``).
+_STAGING = f"{STAGING_TAG}tmp-"
 
 # renameat2(2) flags (Linux >= 3.15, glibc >= 2.28).
 _RENAME_NOREPLACE = 1
@@ -98,7 +101,7 @@ class _LocalWriter(Writer):
 
     def close(self) -> None:
         try:
-            os.fsync(self._fd)
+            os.fsync(self._fd)  # (its name: by the fsync of its directory, sync_dir)
         except OSError as e:
             raise with_path(e, "syncing", self._where) from e
         finally:
@@ -222,7 +225,13 @@ class LocalStorage(Storage):
         return _LocalWriter(full, self.display(path))
 
     def _makedirs(self, directory: str) -> None:
-        """Creates missing directories and fsyncs each new entry's parent (durable names)."""
+        """Creates missing directories and fsyncs each new entry's parent (durable names).
+
+        Except where the commit does it: a staging directory's own entry becomes durable
+        with the fsync of its parent after the rename that commits it, and its
+        subdirectories' entries with its fsync before that rename (:meth:`Storage.commit`);
+        until the commit a lost staging directory is an uncommitted save.
+        """
         if os.path.isdir(directory):
             return
         missing = []
@@ -234,7 +243,9 @@ class LocalStorage(Storage):
                 os.mkdir(d)
             except FileExistsError:
                 continue
-            _fsync_dir(os.path.dirname(d))
+            parent = os.path.dirname(d)
+            if not (_STAGING in os.path.basename(d) or _STAGING in os.path.basename(parent)):
+                _fsync_dir(parent)
 
     def open(self, path: str) -> Reader:
         top = path.split("/", 1)[0]
