@@ -193,8 +193,7 @@ def _write_one(
 ) -> list[_Crcs]:
     """Writes header then chunks; returns each chunk's checksums."""
     crcs: list[_Crcs] = []
-    pending: list[memoryview] = [memoryview(header)]
-    pending_bytes = len(header)
+    gathered = _Gathered(writer, memoryview(header))
     crc32c = _crc32c.crc32c
     for source in sources:
         array = source.data()
@@ -209,11 +208,7 @@ def _write_one(
             else:
                 view = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
             crcs.append((crc32c(view), 0, ()))
-            pending.append(view)
-            pending_bytes += len(view)
-            if pending_bytes >= _BATCH_BYTES or len(pending) >= 1024:
-                writer.writev(pending)
-                pending, pending_bytes = [], 0
+            gathered.add(view)
             continue
         size = blocks.crc32c_block_size(source.shape, source.dtype.itemsize) if block_crcs else 0
         crcs_of = blocks.BlockCrcs(size) if size else None
@@ -223,21 +218,13 @@ def _write_one(
                 crcs_of.feed(view)
             crcs.append((checksum(view), size, crcs_of.finish() if crcs_of is not None else ()))
             if len(view) >= _SMALL:
-                if pending:
-                    writer.writev(pending)
-                    pending, pending_bytes = [], 0
+                gathered.flush()
                 writer.write(view)
             else:
-                pending.append(view)
-                pending_bytes += len(view)
-                if pending_bytes >= _BATCH_BYTES or len(pending) >= 1024:
-                    writer.writev(pending)
-                    pending, pending_bytes = [], 0
+                gathered.add(view)
             continue
         # Non-contiguous (strided, Fortran-ordered, ...): copy out in bounded row blocks.
-        if pending:
-            writer.writev(pending)
-            pending, pending_bytes = [], 0
+        gathered.flush()
         row_bytes = max(1, array[:1].nbytes if array.ndim else array.nbytes)
         rows = max(1, _COPY_BLOCK // row_bytes)
         crc = 0
@@ -250,9 +237,27 @@ def _write_one(
             writer.write(view)
             del block, view  # before the next block is copied: one block held at a time
         crcs.append((crc, size, crcs_of.finish() if crcs_of is not None else ()))
-    if pending:
-        writer.writev(pending)
+    gathered.flush()
     return crcs
+
+
+class _Gathered:
+    """Small chunks gathered into vectored writes (of at most ``_BATCH_BYTES`` or 1,024
+    pieces each), in order with the writes made around them."""
+
+    def __init__(self, writer: Writer, first: memoryview) -> None:
+        self.writer, self.views, self.nbytes = writer, [first], len(first)
+
+    def add(self, view: memoryview) -> None:
+        self.views.append(view)
+        self.nbytes += len(view)
+        if self.nbytes >= _BATCH_BYTES or len(self.views) >= 1024:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.views:
+            self.writer.writev(self.views)
+            self.views, self.nbytes = [], 0
 
 
 def _close(writer: Writer) -> None:
