@@ -179,18 +179,20 @@ def _read_leaves(
     deadline = deadline or Deadline(None, opened.where)
     boxes_of: dict[int, dict[Any, Any]] = {}
     arena = sharding.HostArena(block=_ARENA_BLOCK, min_own=_ARENA_MIN_OWN)
+    dtype_of = _DtypeNames()
     for index in indices:
         leaf = opened.manifest.leaves[index]
-        if isinstance(leaf, ArrayLeaf) and leaf.type == "perprocess":
+        if not isinstance(leaf, ArrayLeaf):
+            continue
+        if leaf.type == "perprocess":
             width = leaf.shape[1]
             boxes_of[index] = {((row, 0), (1, width)): None for row in
                                per_process_.rows_wanted(leaf, per_process, opened.where)}
-        elif isinstance(leaf, ArrayLeaf):
+        else:
             boxes_of[index] = _target_boxes(leaf, targets.get(index))
-        if isinstance(leaf, ArrayLeaf):
-            dtype = dtypes.dtype_from_name(leaf.dtype)
-            for box in boxes_of[index]:
-                arena.reserve(box[1], dtype)  # no block larger than this restore needs
+        dtype = dtype_of[leaf.dtype]
+        for box in boxes_of[index]:
+            arena.reserve(box[1], dtype)  # no block larger than this restore needs
     with vanishing(opened):
         manifest, table_bytes = deadline.run("finding the data (chunk tables, file sizes)",
                                              lambda: _resolve_tables(opened, boxes_of))
@@ -209,9 +211,11 @@ def _read_leaves(
                     values[index] = transform(leaf.path, values[index])
                 continue
             parts: _Parts = {}
+            dtype = dtype_of[leaf.dtype]
             for box, devices in boxes_of[index].items():
-                parts[box] = (devices, arena.empty(box[1], dtypes.dtype_from_name(leaf.dtype)))
-                requests.append(ReadRequest(leaf.path, leaf.chunks, box, parts[box][1]))
+                host = arena.empty(box[1], dtype)
+                parts[box] = (devices, host)
+                requests.append(ReadRequest(leaf.path, leaf.chunks, box, host))
             finishers.append((index, leaf, parts))
         read = deadline.run("reading the data", lambda: reading.read_requests(
             opened.storage, opened.name, files, requests, where=opened.where))
@@ -220,17 +224,57 @@ def _read_leaves(
         stats.chunks_read += read.chunks_read
         stats.files_opened += read.files_opened
     placer = _Placer()
-    pending = [(index, _finish(leaf, targets.get(index), cast, parts, placer))
-               if leaf.type != "perprocess" else
-               (index, _per_process_value(leaf, targets.get(index), parts, opened.where,
-                                          per_process))
-               for index, leaf, parts in finishers]
+    pending: list[tuple[int, Callable[[], Any]]] = []
+    placed: list[tuple[int, int]] = []  # (leaf index, placer slot) of the common leaf
+    for index, leaf, parts in finishers:
+        target = targets.get(index)
+        if leaf.type == "perprocess":
+            pending.append((index, _per_process_value(leaf, target, parts, opened.where,
+                                                      per_process)))
+            continue
+        host = _plain_host(leaf, target, cast, parts, dtype_of) if transform is None else None
+        if host is None:
+            pending.append((index, _finish(leaf, target, cast, parts, placer)))
+        elif target is None:
+            values[index] = host  # to NumPy, as read
+        else:  # as _place does it, without its per-leaf closure
+            placed.append((index, placer.put(host, target.sharding if (
+                target.sharding is not None and target.committed) else None)))
     placer.run()
+    for index, slot in placed:
+        values[index] = placer.get(slot)
     for index, make in pending:
         values[index] = make()
         if transform is not None:
             values[index] = transform(manifest.leaves[index].path, values[index])
     return values
+
+
+class _DtypeNames(dict[str, np.dtype]):
+    """Manifest dtype names to dtypes, each looked up once per restore."""
+
+    def __missing__(self, name: str) -> np.dtype:
+        dtype = self[name] = dtypes.dtype_from_name(name)
+        return dtype
+
+
+def _plain_host(
+    leaf: ArrayLeaf, target: Target | None, cast: Any, parts: _Parts, dtype_of: _DtypeNames,
+) -> np.ndarray | None:
+    """The host buffer of the common leaf, read whole, that becomes the restored value as it
+    is (no ``like``: a NumPy array) or placed once (an unweakened ``jax`` target on one
+    sharding or the default device); None for any other leaf (:func:`_finish` makes it)."""
+    if leaf.type not in ("jax", "numpy", "npscalar") or len(parts) != 1:
+        return None
+    ((devices, host),) = parts.values()
+    if devices is not None:
+        return None
+    if cast is not None and final_dtype(dtype_of[leaf.dtype], target, cast) != host.dtype:
+        return None
+    if target is None and leaf.type != "npscalar" or (
+            target is not None and target.kind == "jax" and not target.weak_type):
+        return host
+    return None
 
 
 def _resolve_tables(opened: Opened, boxes_of: dict[int, dict[Any, Any]]) -> tuple[Manifest, int]:
@@ -325,13 +369,17 @@ def _fast_puts(hosts: list[np.ndarray], dests: list[Any], results: list[Any]) ->
         return
     avals: dict[tuple[Any, ...], Any] = {}
     canonical: dict[np.dtype, bool] = {}
-    plain: dict[Any, bool] = {}  # per sharding: one device, in its default memory
+    # Per destination (by id: the dests outlive this call), its sharding and devices when it
+    # is one device in its default memory, else None.
+    plain: dict[int, tuple[Any, list[Any]] | None] = {id(None): (default, list(default.device_set))}
     for i, (host, dest) in enumerate(zip(hosts, dests)):
-        target = default if dest is None else dest
-        if target not in plain:
-            plain[target] = type(target) is jax.sharding.SingleDeviceSharding and (
-                target == jax.sharding.SingleDeviceSharding(next(iter(target.device_set))))
-        if not plain[target] or type(host) is not np.ndarray:
+        found = plain.get(id(dest), False)
+        if found is False:
+            found = plain[id(dest)] = (dest, list(dest.device_set)) if (
+                type(dest) is jax.sharding.SingleDeviceSharding
+                and dest == jax.sharding.SingleDeviceSharding(next(iter(dest.device_set)))
+            ) else None
+        if found is None or type(host) is not np.ndarray:
             continue
         dtype = host.dtype
         if dtype not in canonical:  # float64 without x64, float0: jax.device_put converts
@@ -344,7 +392,7 @@ def _fast_puts(hosts: list[np.ndarray], dests: list[Any], results: list[Any]) ->
         if aval is None:
             aval = avals[key] = core.ShapedArray(host.shape, dtype)
         try:
-            placed = put(aval, target, [host], list(target.device_set), dest is not None)
+            placed = put(aval, found[0], [host], found[1], dest is not None)
         except (TypeError, ValueError, AttributeError):
             return  # a JAX whose internals differ: jax.device_put does the rest
         if not (isinstance(placed, jax.Array) and placed.shape == host.shape):
