@@ -180,8 +180,10 @@ def _read_leaves(
     boxes_of: dict[int, dict[Any, Any]] = {}
     arena = sharding.HostArena(block=_ARENA_BLOCK, min_own=_ARENA_MIN_OWN)
     dtype_of = _DtypeNames()
+    whole: dict[tuple[int, ...], dict[Any, Any]] = {}  # per shape: its one whole box (shared)
+    leaves = opened.manifest.leaves
     for index in indices:
-        leaf = opened.manifest.leaves[index]
+        leaf = leaves[index]
         if not isinstance(leaf, ArrayLeaf):
             continue
         if leaf.type == "perprocess":
@@ -189,7 +191,7 @@ def _read_leaves(
             boxes_of[index] = {((row, 0), (1, width)): None for row in
                                per_process_.rows_wanted(leaf, per_process, opened.where)}
         else:
-            boxes_of[index] = _target_boxes(leaf, targets.get(index))
+            boxes_of[index] = _target_boxes(leaf, targets.get(index), whole)
         dtype = dtype_of[leaf.dtype]
         for box in boxes_of[index]:
             arena.reserve(box[1], dtype)  # no block larger than this restore needs
@@ -294,25 +296,31 @@ def _resolve_tables(opened: Opened, boxes_of: dict[int, dict[Any, Any]]) -> tupl
     return manifest, table_bytes
 
 
-def _target_boxes(leaf: ArrayLeaf, target: Target | None) -> dict[Any, Any]:
+def _target_boxes(
+    leaf: ArrayLeaf, target: Target | None, whole: dict[tuple[int, ...], dict[Any, Any]],
+) -> dict[Any, Any]:
     """The boxes of a leaf this process must read, each with its target devices (None: the
     whole array, placed with one transfer on its target's sharding).
 
     A sharding whose devices all belong to this process gets the whole array, read once:
     JAX cuts it into the shards itself (zero-copy views on CPU), at a fraction of the cost of
     one transfer per device and one ``make_array_from_single_device_arrays`` per leaf.
+    ``whole``: per shape, the whole-array boxes handed out (the same one for equal shapes).
     """
     shape = tuple(leaf.shape)
     if (
         target is not None
+        and target.committed
         and target.kind == "jax"
         and target.sharding is not None
-        and target.committed
         and len(target.sharding.device_set) > 1
         and not target.sharding.is_fully_addressable
     ):
         return sharding.target_boxes(target.sharding, shape)
-    return {((0,) * len(shape), shape): None}
+    boxes = whole.get(shape)
+    if boxes is None:
+        boxes = whole[shape] = {((0,) * len(shape), shape): None}
+    return boxes
 
 
 class _Placer:

@@ -169,9 +169,9 @@ class HostArena:
         self._buffer: np.ndarray | None = None
         self._used = 0
 
-    def _carved(self, shape: Sequence[int], dtype: np.dtype) -> int:
-        """The bytes :meth:`empty` carves from a block for this array (0: its own buffer)."""
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    def _carved(self, nbytes: int) -> int:
+        """The bytes :meth:`empty` carves from a block for an array of ``nbytes`` (0: its own
+        buffer)."""
         if nbytes >= self._min_own or nbytes == 0:
             return 0
         return -(-nbytes // self._alignment) * self._alignment
@@ -180,20 +180,22 @@ class HostArena:
         """Announces an array :meth:`empty` will be asked for. Once any is announced, no
         block is larger than what is left to carve (a small restore never allocates a whole
         block)."""
-        self._left = (self._left or 0) + self._carved(shape, dtype)
+        itemsize = (dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)).itemsize
+        self._left = (self._left or 0) + self._carved(math.prod(shape) * itemsize)
 
     def empty(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
+        if not isinstance(dtype, np.dtype):
+            dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
-        size = self._carved(shape, dtype)
+        size = self._carved(nbytes)
         if not size:
             return aligned_empty(shape, dtype, self._alignment)
         if self._buffer is None or self._used + nbytes > len(self._buffer):
             block = self._block if self._left is None else max(size, min(self._block, self._left))
             self._buffer = aligned_empty((block,), np.dtype(np.uint8), self._alignment)
             self._used = 0
-        out = self._buffer[self._used : self._used + nbytes]
+        out = np.ndarray(tuple(shape), dtype, self._buffer, self._used)  # one call: a view
         self._used += size
         if self._left is not None:
             self._left -= size
-        return out.view(dtype).reshape(shape)
+        return out

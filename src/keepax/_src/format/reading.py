@@ -68,7 +68,7 @@ class RestoreStats:
     table_bytes_read: int = 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Piece:
     """One chunk to read (once), and every place its bytes go."""
 
@@ -207,15 +207,18 @@ def read_requests(
     stats = RestoreStats()
     by_chunk: dict[tuple[int, int], _Piece] = {}
     for request in requests:
-        if len(request.chunks) == 1 and request.chunks[0].shape == request.box[1] and (
-                request.chunks[0].start == request.box[0] and request.chunks[0].nbytes):
-            # The common request: one chunk holding exactly the box, read straight into it.
-            chunk = request.chunks[0]
-            piece = by_chunk.get((chunk.file, chunk.offset))
-            if piece is None:
-                piece = by_chunk[chunk.file, chunk.offset] = _Piece(chunk, request.leaf, [])
-            piece.targets.append((request, bytes_view(request.out)))
-            continue
+        chunks = request.chunks
+        if len(chunks) == 1:
+            chunk = chunks[0]
+            box = request.box
+            if chunk.shape == box[1] and chunk.start == box[0] and chunk.nbytes:
+                # The common request: one chunk holding exactly the box, read straight into it.
+                key = (chunk.file, chunk.offset)
+                piece = by_chunk.get(key)
+                if piece is None:
+                    piece = by_chunk[key] = _Piece(chunk, request.leaf, [])
+                piece.targets.append((request, bytes_view(request.out)))
+                continue
         for chunk in request.chunks:
             if chunk.nbytes == 0 or intersect((chunk.start, chunk.shape), request.box) is None:
                 continue
@@ -360,12 +363,15 @@ class _Reading:
         filled = iter(landings)
         end = group[0].chunk.offset
         for piece in group:
-            if piece.chunk.offset > end:
+            chunk = piece.chunk
+            if chunk.offset > end:
                 next(filled)  # a gap
             landing = next(filled)
-            _verify(landing, piece, self.files, self.where)
-            piece.deliver(landing, landing)
-            end = piece.chunk.offset + piece.chunk.nbytes
+            if checksum(landing) != chunk.crc32c:
+                _verify(landing, piece, self.files, self.where)  # raises, saying where
+            if len(piece.targets) > 1 or piece.targets[0][1] is not landing:
+                piece.deliver(landing, landing)
+            end = chunk.offset + chunk.nbytes
         return span
 
 
