@@ -215,9 +215,9 @@ def _read_leaves(
             parts: _Parts = {}
             dtype = dtype_of[leaf.dtype]
             for box, devices in boxes_of[index].items():
-                host = arena.empty(box[1], dtype)
+                host, view = arena.empty_with_bytes(box[1], dtype)
                 parts[box] = (devices, host)
-                requests.append(ReadRequest(leaf.path, leaf.chunks, box, host))
+                requests.append(ReadRequest(leaf.path, leaf.chunks, box, host, view))
             finishers.append((index, leaf, parts))
         read = deadline.run("reading the data", lambda: reading.read_requests(
             opened.storage, opened.name, files, requests, where=opened.where))
