@@ -177,33 +177,14 @@ def _read_leaves(
     """Reads the given leaves (verified) and makes each the value its target asks for,
     applying ``transform`` to each as it is made (the storage reads within ``deadline``)."""
     deadline = deadline or Deadline(None, opened.where)
-    boxes_of: dict[int, dict[Any, Any]] = {}
-    arena = sharding.HostArena(block=_ARENA_BLOCK, min_own=_ARENA_MIN_OWN)
-    dtype_of = _DtypeNames()
-    whole: dict[tuple[int, ...], dict[Any, Any]] = {}  # per shape: its one whole box (shared)
-    leaves = opened.manifest.leaves
-    for index in indices:
-        leaf = leaves[index]
-        if not isinstance(leaf, ArrayLeaf):
-            continue
-        if leaf.type == "perprocess":
-            width = leaf.shape[1]
-            boxes_of[index] = {((row, 0), (1, width)): None for row in
-                               per_process_.rows_wanted(leaf, per_process, opened.where)}
-        else:
-            boxes_of[index] = _target_boxes(leaf, targets.get(index), whole)
-        dtype = dtype_of[leaf.dtype]
-        for box in boxes_of[index]:
-            arena.reserve(box[1], dtype)  # no block larger than this restore needs
+    plan = _ReadPlan(opened, targets, cast, transform is None)
+    plan.add(indices, per_process)
     with vanishing(opened):
         manifest, table_bytes = deadline.run("finding the data (chunk tables, file sizes)",
-                                             lambda: _resolve_tables(opened, boxes_of))
+                                             lambda: _resolve_tables(opened, plan.boxes_of))
         if stats is not None:
             stats.table_bytes_read += table_bytes
-        files = manifest.files
         values: dict[int, Any] = {}
-        requests: list[ReadRequest] = []
-        finishers: list[tuple[int, ArrayLeaf, _Parts]] = []
         for index in indices:
             leaf = manifest.leaves[index]
             if isinstance(leaf, ValueLeaf):
@@ -211,37 +192,28 @@ def _read_leaves(
                                          leaf.path)
                 if transform is not None:
                     values[index] = transform(leaf.path, values[index])
-                continue
-            parts: _Parts = {}
-            dtype = dtype_of[leaf.dtype]
-            for box, devices in boxes_of[index].items():
-                host, view = arena.empty_with_bytes(box[1], dtype)
-                parts[box] = (devices, host)
-                requests.append(ReadRequest(leaf.path, leaf.chunks, box, host, view))
-            finishers.append((index, leaf, parts))
+            else:
+                plan.request(index, leaf)
         read = deadline.run("reading the data", lambda: reading.read_requests(
-            opened.storage, opened.name, files, requests, where=opened.where))
+            opened.storage, opened.name, manifest.files, plan.requests, where=opened.where))
     if stats is not None:
         stats.bytes_read += read.bytes_read
         stats.chunks_read += read.chunks_read
         stats.files_opened += read.files_opened
     placer = _Placer()
-    pending: list[tuple[int, Callable[[], Any]]] = []
-    placed: list[tuple[int, int]] = []  # (leaf index, placer slot) of the common leaf
-    for index, leaf, parts in finishers:
-        target = targets.get(index)
-        if leaf.type == "perprocess":
-            pending.append((index, _per_process_value(leaf, target, parts, opened.where,
-                                                      per_process)))
-            continue
-        host = _plain_host(leaf, target, cast, parts, dtype_of) if transform is None else None
-        if host is None:
-            pending.append((index, _finish(leaf, target, cast, parts, placer)))
-        elif target is None:
+    placed: list[tuple[int, int]] = []  # (leaf index, placer slot) of the plain leaves
+    for index, host in plan.plain_hosts:
+        target = targets[index] if index in targets else None
+        if target is None:
             values[index] = host  # to NumPy, as read
         else:  # as _place does it, without its per-leaf closure
             placed.append((index, placer.put(host, target.sharding if (
                 target.sharding is not None and target.committed) else None)))
+    pending = [(index, _per_process_value(leaf, targets.get(index), parts, opened.where,
+                                          per_process)
+                if leaf.type == "perprocess" else
+                _finish(leaf, targets.get(index), cast, parts, placer))
+               for index, leaf, parts in plan.finishers]
     placer.run()
     for index, slot in placed:
         values[index] = placer.get(slot)
@@ -252,31 +224,91 @@ def _read_leaves(
     return values
 
 
+class _ReadPlan:
+    """The boxes a restore reads, their host buffers and read requests.
+
+    The plain leaf (an array read whole, restored as it is read: to NumPy without ``like``,
+    or placed once as an unweakened ``jax`` leaf) skips the per-leaf records the others need
+    (boxes with devices, a finishing step).
+    """
+
+    def __init__(self, opened: Opened, targets: dict[int, Target | None], cast: Any,
+                 plain_ok: bool):
+        self.opened, self.targets, self.cast, self.plain_ok = opened, targets, cast, plain_ok
+        self.boxes_of: dict[int, dict[Any, Any]] = {}
+        self.arena = sharding.HostArena(block=_ARENA_BLOCK, min_own=_ARENA_MIN_OWN)
+        self.dtype_of = _DtypeNames()
+        self.plain: set[int] = set()
+        self.requests: list[ReadRequest] = []
+        self.plain_hosts: list[tuple[int, np.ndarray]] = []
+        self.finishers: list[tuple[int, ArrayLeaf, _Parts]] = []
+
+    def add(self, indices: Sequence[int], per_process: PerProcessChoice) -> None:
+        """Decides the boxes of the given leaves (reserving their buffers' bytes)."""
+        whole: dict[tuple[int, ...], dict[Any, Any]] = {}  # per shape: one whole box, shared
+        leaves, targets, arena, dtype_of = (self.opened.manifest.leaves, self.targets,
+                                            self.arena, self.dtype_of)
+        for index in indices:
+            leaf = leaves[index]
+            if not isinstance(leaf, ArrayLeaf):
+                continue
+            target = targets[index] if index in targets else None
+            if leaf.type == "perprocess":
+                width = leaf.shape[1]
+                boxes = {((row, 0), (1, width)): None for row in
+                         per_process_.rows_wanted(leaf, per_process, self.opened.where)}
+            else:
+                boxes = _target_boxes(leaf, target, whole)
+                if self.plain_ok and _is_plain(leaf, target, self.cast, boxes, dtype_of):
+                    self.plain.add(index)
+            self.boxes_of[index] = boxes
+            dtype = dtype_of[leaf.dtype]
+            for box in boxes:
+                arena.reserve(box[1], dtype)  # no block larger than this restore needs
+
+    def request(self, index: int, leaf: ArrayLeaf) -> None:
+        """Allocates the host buffers of a leaf (from the resolved manifest) and asks for
+        their boxes."""
+        dtype = self.dtype_of[leaf.dtype]
+        if index in self.plain:
+            (box,) = self.boxes_of[index]
+            host, view = self.arena.empty_with_bytes(box[1], dtype)
+            self.requests.append(ReadRequest(leaf.path, leaf.chunks, box, host, view))
+            self.plain_hosts.append((index, host))
+            return
+        parts: _Parts = {}
+        for box, devices in self.boxes_of[index].items():
+            host, view = self.arena.empty_with_bytes(box[1], dtype)
+            parts[box] = (devices, host)
+            self.requests.append(ReadRequest(leaf.path, leaf.chunks, box, host, view))
+        self.finishers.append((index, leaf, parts))
+
+
+def _is_plain(
+    leaf: ArrayLeaf, target: Target | None, cast: Any, boxes: dict[Any, Any],
+    dtype_of: _DtypeNames,
+) -> bool:
+    """Whether a leaf is read whole into one host buffer that becomes the restored value as
+    it is (no ``like``: a NumPy array) or placed once (an unweakened ``jax`` target on one
+    sharding or the default device); :func:`_finish` makes any other."""
+    if leaf.type not in ("jax", "numpy", "npscalar") or len(boxes) != 1 or (
+            next(iter(boxes.values())) is not None):
+        return False
+    if cast is not None:
+        stored = dtype_of[leaf.dtype]
+        if final_dtype(stored, target, cast) != stored:
+            return False
+    if target is None:
+        return leaf.type != "npscalar"
+    return target.kind == "jax" and not target.weak_type
+
+
 class _DtypeNames(dict[str, np.dtype]):
     """Manifest dtype names to dtypes, each looked up once per restore."""
 
     def __missing__(self, name: str) -> np.dtype:
         dtype = self[name] = dtypes.dtype_from_name(name)
         return dtype
-
-
-def _plain_host(
-    leaf: ArrayLeaf, target: Target | None, cast: Any, parts: _Parts, dtype_of: _DtypeNames,
-) -> np.ndarray | None:
-    """The host buffer of the common leaf, read whole, that becomes the restored value as it
-    is (no ``like``: a NumPy array) or placed once (an unweakened ``jax`` target on one
-    sharding or the default device); None for any other leaf (:func:`_finish` makes it)."""
-    if leaf.type not in ("jax", "numpy", "npscalar") or len(parts) != 1:
-        return None
-    ((devices, host),) = parts.values()
-    if devices is not None:
-        return None
-    if cast is not None and final_dtype(dtype_of[leaf.dtype], target, cast) != host.dtype:
-        return None
-    if target is None and leaf.type != "npscalar" or (
-            target is not None and target.kind == "jax" and not target.weak_type):
-        return host
-    return None
 
 
 def _resolve_tables(opened: Opened, boxes_of: dict[int, dict[Any, Any]]) -> tuple[Manifest, int]:
