@@ -177,15 +177,19 @@ def match_like(
     key_paths = opened.key_paths
     # A like path equal to a stored key path (the same entry types: the common case) is found
     # without naming its entries; any other is looked up by its entries' names.
-    by_path = {key_paths[i]: i for i in wanted}
+    stored_paths = [key_paths[i] for i in wanted]
+    in_order = stored_paths == [p for p, _ in like_leaves]
+    by_path = {} if in_order else dict(zip(stored_paths, wanted))
     by_name: dict[tuple[Any, ...], int] | None = None
     targets: dict[int, Target | None] = {}
     like_order: list[int] = []
     problems: list[str] = []
     made: dict[Any, Target] = {}
     fine: set[tuple[Any, ...]] = set()  # (type, shape, dtype, target) already checked
-    for like_path, like_leaf in like_leaves:
-        index = by_path.get(like_path)
+    for position, (like_path, like_leaf) in enumerate(like_leaves):
+        # The same paths in the same order (the common case): the n-th like leaf is the
+        # n-th wanted leaf.
+        index = wanted[position] if in_order else by_path.get(like_path)
         if index is None:
             if by_name is None:
                 by_name = {_names(key_paths[i]): i for i in wanted}

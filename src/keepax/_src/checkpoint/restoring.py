@@ -246,25 +246,37 @@ class _ReadPlan:
     def add(self, indices: Sequence[int], per_process: PerProcessChoice) -> None:
         """Decides the boxes of the given leaves (reserving their buffers' bytes)."""
         whole: dict[tuple[int, ...], dict[Any, Any]] = {}  # per shape: one whole box, shared
-        leaves, targets, arena, dtype_of = (self.opened.manifest.leaves, self.targets,
-                                            self.arena, self.dtype_of)
+        # Leaves of one type, shape and dtype with one target (targets are shared) get the
+        # same boxes and the same answer from _is_plain: decided once.
+        decided: dict[tuple[Any, ...], tuple[dict[Any, Any], bool]] = {}
+        sizes: dict[tuple[Any, ...], int] = {}  # how many buffers of each shape and dtype
+        leaves, targets, dtype_of = self.opened.manifest.leaves, self.targets, self.dtype_of
         for index in indices:
             leaf = leaves[index]
             if not isinstance(leaf, ArrayLeaf):
                 continue
             target = targets[index] if index in targets else None
             if leaf.type == "perprocess":
-                width = leaf.shape[1]
-                boxes = {((row, 0), (1, width)): None for row in
+                boxes = {((row, 0), (1, leaf.shape[1])): None for row in
                          per_process_.rows_wanted(leaf, per_process, self.opened.where)}
+                plain = False
             else:
-                boxes = _target_boxes(leaf, target, whole)
-                if self.plain_ok and _is_plain(leaf, target, self.cast, boxes, dtype_of):
-                    self.plain.add(index)
+                key = (leaf.type, leaf.shape, leaf.dtype, id(target))
+                if key in decided:
+                    boxes, plain = decided[key]
+                else:
+                    boxes = _target_boxes(leaf, target, whole)
+                    plain = self.plain_ok and _is_plain(leaf, target, self.cast, boxes,
+                                                        dtype_of)
+                    decided[key] = boxes, plain
+            if plain:
+                self.plain.add(index)
             self.boxes_of[index] = boxes
-            dtype = dtype_of[leaf.dtype]
             for box in boxes:
-                arena.reserve(box[1], dtype)  # no block larger than this restore needs
+                size = (box[1], leaf.dtype)
+                sizes[size] = sizes.get(size, 0) + 1
+        for (shape, name), count in sizes.items():
+            self.arena.reserve(shape, dtype_of[name], count)  # no block larger than needed
 
     def request(self, index: int, leaf: ArrayLeaf) -> None:
         """Allocates the host buffers of a leaf (from the resolved manifest) and asks for

@@ -177,12 +177,12 @@ class HostArena:
             return 0
         return -(-nbytes // self._alignment) * self._alignment
 
-    def reserve(self, shape: Sequence[int], dtype: np.dtype) -> None:
-        """Announces an array :meth:`empty` will be asked for. Once any is announced, no
-        block is larger than what is left to carve (a small restore never allocates a whole
-        block)."""
+    def reserve(self, shape: Sequence[int], dtype: np.dtype, count: int = 1) -> None:
+        """Announces ``count`` arrays :meth:`empty` will be asked for. Once any is
+        announced, no block is larger than what is left to carve (a small restore never
+        allocates a whole block)."""
         itemsize = (dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)).itemsize
-        self._left = (self._left or 0) + self._carved(math.prod(shape) * itemsize)
+        self._left = (self._left or 0) + count * self._carved(math.prod(shape) * itemsize)
 
     def empty(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         """An uninitialised aligned C-contiguous array."""
