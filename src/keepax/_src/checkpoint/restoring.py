@@ -423,10 +423,12 @@ def _fast_puts(hosts: list[np.ndarray], dests: list[Any], results: list[Any]) ->
     canonical: dict[np.dtype, bool] = {}
     # Per destination (by id: the dests outlive this call), its sharding and devices when it
     # is one device in its default memory, else None.
-    plain: dict[int, tuple[Any, list[Any]] | None] = {id(None): (default, list(default.device_set))}
+    plain: dict[int, tuple[Any, list[Any]] | None] = {
+        id(None): (default, list(default.device_set))}
     for i, (host, dest) in enumerate(zip(hosts, dests)):
-        found = plain.get(id(dest), False)
-        if found is False:
+        if id(dest) in plain:
+            found = plain[id(dest)]
+        else:
             found = plain[id(dest)] = (dest, list(dest.device_set)) if (
                 type(dest) is jax.sharding.SingleDeviceSharding
                 and dest == jax.sharding.SingleDeviceSharding(next(iter(dest.device_set)))

@@ -662,20 +662,16 @@ class _Validator:
         ranges[2].append(end)
         sharding, impl = x.get("sharding"), x.get("impl")
         box = tuple(shape)
-        # As _new, inlined: two calls per leaf add up over 10^5 leaves.
-        chunk = object.__new__(Chunk)
-        chunk.__dict__.update({
-            "file": file, "offset": offset, "nbytes": nbytes, "start": _ZEROS[len(box)],
-            "shape": box, "crc32c": crc, "codec": "raw", "stored_nbytes": None,
-            "digest": None, "crc32c_block": 0, "crc32c_blocks": (),
-        })
-        leaf = object.__new__(ArrayLeaf)
-        leaf.__dict__.update({
-            "path": path, "type": kind, "shape": box, "dtype": dtype, "chunks": (chunk,),
+        return _new(ArrayLeaf, {
+            "path": path, "type": kind, "shape": box, "dtype": dtype,
+            "chunks": (_new(Chunk, {
+                "file": file, "offset": offset, "nbytes": nbytes, "start": _ZEROS[len(box)],
+                "shape": box, "crc32c": crc, "codec": "raw", "stored_nbytes": None,
+                "digest": None, "crc32c_block": 0, "crc32c_blocks": (),
+            }),),
             "impl": impl if isinstance(impl, str) else None,
             "sharding": sharding if isinstance(sharding, dict) else None, "cells": None,
         })
-        return leaf
 
     def _ranges_overlap(self, leaves: tuple[Leaf, ...]) -> bool:
         """Whether the chunks may share bytes of a data file (:meth:`_check_byte_ranges`
