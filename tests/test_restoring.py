@@ -344,3 +344,29 @@ def test_many_small_leaves_read_with_gaps_between_them(tmp_path) -> None:
     assert sorted(picked["g1"]) == [f"w{i:03d}" for i in kept]
     for name, value in picked["g1"].items():
         np.testing.assert_array_equal(value, state["g1"][name])
+
+
+def test_leaves_alike_in_shape_are_still_matched_and_placed_one_by_one(tmp_path) -> None:
+    """Leaves of one shape and dtype share their checks and read plan only while their like
+    leaves ask for the same: a weak-typed, a NumPy, a committed and an uncommitted like
+    leaf of equal shapes each get what they ask for, and a mismatch among many equal
+    leaves is reported for the leaf that differs."""
+    device = jax.devices()[0]
+    state = {f"w{i}": np.full((4,), i, np.float32) for i in range(6)}
+    keepax.save(tmp_path / "a", state)
+    like: dict[str, object] = {k: jnp.asarray(v) for k, v in state.items()}
+    like["w1"] = jax.device_put(state["w1"], device)  # committed
+    like["w2"] = state["w2"]  # NumPy
+    like["w3"] = jax.ShapeDtypeStruct((4,), jnp.float32, weak_type=True)
+    back = keepax.restore(tmp_path / "a", like=like)
+    for k, v in state.items():
+        np.testing.assert_array_equal(np.asarray(back[k]), v)
+    assert type(back["w2"]) is np.ndarray
+    assert back["w1"].committed and not back["w0"].committed
+    assert back["w3"].weak_type and not back["w4"].weak_type
+    like["w5"] = jax.ShapeDtypeStruct((4,), jnp.float16)
+    with pytest.raises(TreeMismatchError, match=r"\['w5'\]: dtype float32") as e:
+        keepax.restore(tmp_path / "a", like=like)
+    assert "(1 problem)" in str(e.value)
+    numpy_back = keepax.restore(tmp_path / "a", dtype=jnp.float16)
+    assert all(v.dtype == np.float16 for v in numpy_back.values())

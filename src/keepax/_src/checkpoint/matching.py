@@ -174,13 +174,26 @@ def match_like(
       TreeMismatchError: listing every leaf that does not match, with the fix when known.
     """
     leaves = opened.manifest.leaves
-    by_name = {_names(opened.key_paths[i]): i for i in wanted}
+    key_paths = opened.key_paths
+    # A like path equal to a stored key path (the same entry types: the common case) is found
+    # without naming its entries; any other is looked up by its entries' names.
+    stored_paths = [key_paths[i] for i in wanted]
+    in_order = stored_paths == [p for p, _ in like_leaves]
+    by_path = {} if in_order else dict(zip(stored_paths, wanted))
+    by_name: dict[tuple[Any, ...], int] | None = None
     targets: dict[int, Target | None] = {}
     like_order: list[int] = []
     problems: list[str] = []
     made: dict[Any, Target] = {}
-    for like_path, like_leaf in like_leaves:
-        index = by_name.get(_names(like_path))
+    fine: set[tuple[Any, ...]] = set()  # (type, shape, dtype, target) already checked
+    for position, (like_path, like_leaf) in enumerate(like_leaves):
+        # The same paths in the same order (the common case): the n-th like leaf is the
+        # n-th wanted leaf.
+        index = wanted[position] if in_order else by_path.get(like_path)
+        if index is None:
+            if by_name is None:
+                by_name = {_names(key_paths[i]): i for i in wanted}
+            index = by_name.get(_names(like_path))
         if index is None or index in targets:
             problems.append(f"{tree.keystr(like_path)}: in like but not in the checkpoint")
             like_order.append(-1)
@@ -189,9 +202,19 @@ def match_like(
         targets[index] = target
         like_order.append(index)
         if target is None:
-            problem: str | None = _unsupported(tree.keystr(like_path), like_leaf)
+            problems.append(_unsupported(tree.keystr(like_path), like_leaf))
+            continue
+        leaf = leaves[index]
+        if type(leaf) is ArrayLeaf:
+            # Equal leaves meet equal targets (shared by target_of): check each pair once.
+            seen = (leaf.type, leaf.shape, leaf.dtype, id(target))
+            if seen in fine:
+                continue
+            problem = check_leaf(leaf, target, cast)
+            if problem is None and target.kind != "perprocess":
+                fine.add(seen)
         else:
-            problem = check_leaf(leaves[index], target, cast)
+            problem = check_leaf(leaf, target, cast)
         if problem:
             problems.append(problem)
     extra = sorted(set(wanted) - set(targets))

@@ -183,20 +183,23 @@ def check_tree(manifest: Manifest, where: str) -> dict[int, tree.KeyPath]:
     Raises:
       CorruptCheckpointError: naming the first inconsistency.
     """
+    names: dict[int, str] = {}
     try:
-        paths = tree.leaf_paths(manifest.tree)
+        paths = tree.leaf_paths(manifest.tree, names)
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(f"invalid tree: {e}", path=where) from None
-    if sorted(paths) != list(range(len(manifest.leaves))):
+    leaves = manifest.leaves
+    # Distinct indices >= 0, as many as the leaves, all below their count: exactly range(n).
+    if len(paths) != len(leaves) or (paths and max(paths) >= len(leaves)):
         raise CorruptCheckpointError(
-            f"the tree names {len(paths)} leaves, the manifest lists {len(manifest.leaves)}",
+            f"the tree names {len(paths)} leaves, the manifest lists {len(leaves)}",
             path=where,
         )
-    for index, key_path in paths.items():
-        if "".join(map(str, key_path)) != manifest.leaves[index].path:  # tree.keystr
+    for index, name in names.items():
+        if name != leaves[index].path:
             raise CorruptCheckpointError(
-                f"leaf {index} is recorded as {manifest.leaves[index].path!r} but sits at "
-                f"{tree.keystr(key_path)!r} in the tree",
+                f"leaf {index} is recorded as {leaves[index].path!r} but sits at "
+                f"{tree.keystr(paths[index])!r} in the tree",
                 path=where,
             )
     return paths

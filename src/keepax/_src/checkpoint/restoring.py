@@ -177,29 +177,14 @@ def _read_leaves(
     """Reads the given leaves (verified) and makes each the value its target asks for,
     applying ``transform`` to each as it is made (the storage reads within ``deadline``)."""
     deadline = deadline or Deadline(None, opened.where)
-    boxes_of: dict[int, dict[Any, Any]] = {}
-    arena = sharding.HostArena(block=_ARENA_BLOCK, min_own=_ARENA_MIN_OWN)
-    for index in indices:
-        leaf = opened.manifest.leaves[index]
-        if isinstance(leaf, ArrayLeaf) and leaf.type == "perprocess":
-            width = leaf.shape[1]
-            boxes_of[index] = {((row, 0), (1, width)): None for row in
-                               per_process_.rows_wanted(leaf, per_process, opened.where)}
-        elif isinstance(leaf, ArrayLeaf):
-            boxes_of[index] = _target_boxes(leaf, targets.get(index))
-        if isinstance(leaf, ArrayLeaf):
-            dtype = dtypes.dtype_from_name(leaf.dtype)
-            for box in boxes_of[index]:
-                arena.reserve(box[1], dtype)  # no block larger than this restore needs
+    plan = _ReadPlan(opened, targets, cast, transform is None)
+    plan.add(indices, per_process)
     with vanishing(opened):
         manifest, table_bytes = deadline.run("finding the data (chunk tables, file sizes)",
-                                             lambda: _resolve_tables(opened, boxes_of))
+                                             lambda: _resolve_tables(opened, plan.boxes_of))
         if stats is not None:
             stats.table_bytes_read += table_bytes
-        files = manifest.files
         values: dict[int, Any] = {}
-        requests: list[ReadRequest] = []
-        finishers: list[tuple[int, ArrayLeaf, _Parts]] = []
         for index in indices:
             leaf = manifest.leaves[index]
             if isinstance(leaf, ValueLeaf):
@@ -207,30 +192,135 @@ def _read_leaves(
                                          leaf.path)
                 if transform is not None:
                     values[index] = transform(leaf.path, values[index])
-                continue
-            parts: _Parts = {}
-            for box, devices in boxes_of[index].items():
-                parts[box] = (devices, arena.empty(box[1], dtypes.dtype_from_name(leaf.dtype)))
-                requests.append(ReadRequest(leaf.path, leaf.chunks, box, parts[box][1]))
-            finishers.append((index, leaf, parts))
+            else:
+                plan.request(index, leaf)
         read = deadline.run("reading the data", lambda: reading.read_requests(
-            opened.storage, opened.name, files, requests, where=opened.where))
+            opened.storage, opened.name, manifest.files, plan.requests, where=opened.where))
     if stats is not None:
         stats.bytes_read += read.bytes_read
         stats.chunks_read += read.chunks_read
         stats.files_opened += read.files_opened
     placer = _Placer()
-    pending = [(index, _finish(leaf, targets.get(index), cast, parts, placer))
-               if leaf.type != "perprocess" else
-               (index, _per_process_value(leaf, targets.get(index), parts, opened.where,
-                                          per_process))
-               for index, leaf, parts in finishers]
+    placed: list[tuple[int, int]] = []  # (leaf index, placer slot) of the plain leaves
+    for index, host in plan.plain_hosts:
+        target = targets[index] if index in targets else None
+        if target is None:
+            values[index] = host  # to NumPy, as read
+        else:  # as _place does it, without its per-leaf closure
+            placed.append((index, placer.put(host, target.sharding if (
+                target.sharding is not None and target.committed) else None)))
+    pending = [(index, _per_process_value(leaf, targets.get(index), parts, opened.where,
+                                          per_process)
+                if leaf.type == "perprocess" else
+                _finish(leaf, targets.get(index), cast, parts, placer))
+               for index, leaf, parts in plan.finishers]
     placer.run()
+    for index, slot in placed:
+        values[index] = placer.get(slot)
     for index, make in pending:
         values[index] = make()
         if transform is not None:
             values[index] = transform(manifest.leaves[index].path, values[index])
     return values
+
+
+class _ReadPlan:
+    """The boxes a restore reads, their host buffers and read requests.
+
+    The plain leaf (an array read whole, restored as it is read: to NumPy without ``like``,
+    or placed once as an unweakened ``jax`` leaf) skips the per-leaf records the others need
+    (boxes with devices, a finishing step).
+    """
+
+    def __init__(self, opened: Opened, targets: dict[int, Target | None], cast: Any,
+                 plain_ok: bool):
+        self.opened, self.targets, self.cast, self.plain_ok = opened, targets, cast, plain_ok
+        self.boxes_of: dict[int, dict[Any, Any]] = {}
+        self.arena = sharding.HostArena(block=_ARENA_BLOCK, min_own=_ARENA_MIN_OWN)
+        self.dtype_of = _DtypeNames()
+        self.plain: set[int] = set()
+        self.requests: list[ReadRequest] = []
+        self.plain_hosts: list[tuple[int, np.ndarray]] = []
+        self.finishers: list[tuple[int, ArrayLeaf, _Parts]] = []
+
+    def add(self, indices: Sequence[int], per_process: PerProcessChoice) -> None:
+        """Decides the boxes of the given leaves (reserving their buffers' bytes)."""
+        whole: dict[tuple[int, ...], dict[Any, Any]] = {}  # per shape: one whole box, shared
+        # Leaves of one type, shape and dtype with one target (targets are shared) get the
+        # same boxes and the same answer from _is_plain: decided once.
+        decided: dict[tuple[Any, ...], tuple[dict[Any, Any], bool]] = {}
+        sizes: dict[tuple[Any, ...], int] = {}  # how many buffers of each shape and dtype
+        leaves, targets, dtype_of = self.opened.manifest.leaves, self.targets, self.dtype_of
+        for index in indices:
+            leaf = leaves[index]
+            if not isinstance(leaf, ArrayLeaf):
+                continue
+            target = targets[index] if index in targets else None
+            if leaf.type == "perprocess":
+                boxes = {((row, 0), (1, leaf.shape[1])): None for row in
+                         per_process_.rows_wanted(leaf, per_process, self.opened.where)}
+                plain = False
+            else:
+                key = (leaf.type, leaf.shape, leaf.dtype, id(target))
+                if key in decided:
+                    boxes, plain = decided[key]
+                else:
+                    boxes = _target_boxes(leaf, target, whole)
+                    plain = self.plain_ok and _is_plain(leaf, target, self.cast, boxes,
+                                                        dtype_of)
+                    decided[key] = boxes, plain
+            if plain:
+                self.plain.add(index)
+            self.boxes_of[index] = boxes
+            for box in boxes:
+                size = (box[1], leaf.dtype)
+                sizes[size] = sizes.get(size, 0) + 1
+        for (shape, name), count in sizes.items():
+            self.arena.reserve(shape, dtype_of[name], count)  # no block larger than needed
+
+    def request(self, index: int, leaf: ArrayLeaf) -> None:
+        """Allocates the host buffers of a leaf (from the resolved manifest) and asks for
+        their boxes."""
+        dtype = self.dtype_of[leaf.dtype]
+        if index in self.plain:
+            (box,) = self.boxes_of[index]
+            host, view = self.arena.empty_with_bytes(box[1], dtype)
+            self.requests.append(ReadRequest(leaf.path, leaf.chunks, box, host, view))
+            self.plain_hosts.append((index, host))
+            return
+        parts: _Parts = {}
+        for box, devices in self.boxes_of[index].items():
+            host, view = self.arena.empty_with_bytes(box[1], dtype)
+            parts[box] = (devices, host)
+            self.requests.append(ReadRequest(leaf.path, leaf.chunks, box, host, view))
+        self.finishers.append((index, leaf, parts))
+
+
+def _is_plain(
+    leaf: ArrayLeaf, target: Target | None, cast: Any, boxes: dict[Any, Any],
+    dtype_of: _DtypeNames,
+) -> bool:
+    """Whether a leaf is read whole into one host buffer that becomes the restored value as
+    it is (no ``like``: a NumPy array) or placed once (an unweakened ``jax`` target on one
+    sharding or the default device); :func:`_finish` makes any other."""
+    if leaf.type not in ("jax", "numpy", "npscalar") or len(boxes) != 1 or (
+            next(iter(boxes.values())) is not None):
+        return False
+    if cast is not None:
+        stored = dtype_of[leaf.dtype]
+        if final_dtype(stored, target, cast) != stored:
+            return False
+    if target is None:
+        return leaf.type != "npscalar"
+    return target.kind == "jax" and not target.weak_type
+
+
+class _DtypeNames(dict[str, np.dtype]):
+    """Manifest dtype names to dtypes, each looked up once per restore."""
+
+    def __missing__(self, name: str) -> np.dtype:
+        dtype = self[name] = dtypes.dtype_from_name(name)
+        return dtype
 
 
 def _resolve_tables(opened: Opened, boxes_of: dict[int, dict[Any, Any]]) -> tuple[Manifest, int]:
@@ -250,25 +340,31 @@ def _resolve_tables(opened: Opened, boxes_of: dict[int, dict[Any, Any]]) -> tupl
     return manifest, table_bytes
 
 
-def _target_boxes(leaf: ArrayLeaf, target: Target | None) -> dict[Any, Any]:
+def _target_boxes(
+    leaf: ArrayLeaf, target: Target | None, whole: dict[tuple[int, ...], dict[Any, Any]],
+) -> dict[Any, Any]:
     """The boxes of a leaf this process must read, each with its target devices (None: the
     whole array, placed with one transfer on its target's sharding).
 
     A sharding whose devices all belong to this process gets the whole array, read once:
     JAX cuts it into the shards itself (zero-copy views on CPU), at a fraction of the cost of
     one transfer per device and one ``make_array_from_single_device_arrays`` per leaf.
+    ``whole``: per shape, the whole-array boxes handed out (the same one for equal shapes).
     """
     shape = tuple(leaf.shape)
     if (
         target is not None
+        and target.committed
         and target.kind == "jax"
         and target.sharding is not None
-        and target.committed
         and len(target.sharding.device_set) > 1
         and not target.sharding.is_fully_addressable
     ):
         return sharding.target_boxes(target.sharding, shape)
-    return {((0,) * len(shape), shape): None}
+    boxes = whole.get(shape)
+    if boxes is None:
+        boxes = whole[shape] = {((0,) * len(shape), shape): None}
+    return boxes
 
 
 class _Placer:
@@ -325,13 +421,19 @@ def _fast_puts(hosts: list[np.ndarray], dests: list[Any], results: list[Any]) ->
         return
     avals: dict[tuple[Any, ...], Any] = {}
     canonical: dict[np.dtype, bool] = {}
-    plain: dict[Any, bool] = {}  # per sharding: one device, in its default memory
+    # Per destination (by id: the dests outlive this call), its sharding and devices when it
+    # is one device in its default memory, else None.
+    plain: dict[int, tuple[Any, list[Any]] | None] = {
+        id(None): (default, list(default.device_set))}
     for i, (host, dest) in enumerate(zip(hosts, dests)):
-        target = default if dest is None else dest
-        if target not in plain:
-            plain[target] = type(target) is jax.sharding.SingleDeviceSharding and (
-                target == jax.sharding.SingleDeviceSharding(next(iter(target.device_set))))
-        if not plain[target] or type(host) is not np.ndarray:
+        if id(dest) in plain:
+            found = plain[id(dest)]
+        else:
+            found = plain[id(dest)] = (dest, list(dest.device_set)) if (
+                type(dest) is jax.sharding.SingleDeviceSharding
+                and dest == jax.sharding.SingleDeviceSharding(next(iter(dest.device_set)))
+            ) else None
+        if found is None or type(host) is not np.ndarray:
             continue
         dtype = host.dtype
         if dtype not in canonical:  # float64 without x64, float0: jax.device_put converts
@@ -344,7 +446,7 @@ def _fast_puts(hosts: list[np.ndarray], dests: list[Any], results: list[Any]) ->
         if aval is None:
             aval = avals[key] = core.ShapedArray(host.shape, dtype)
         try:
-            placed = put(aval, target, [host], list(target.device_set), dest is not None)
+            placed = put(aval, found[0], [host], found[1], dest is not None)
         except (TypeError, ValueError, AttributeError):
             return  # a JAX whose internals differ: jax.device_put does the rest
         if not (isinstance(placed, jax.Array) and placed.shape == host.shape):

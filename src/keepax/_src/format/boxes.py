@@ -167,33 +167,46 @@ class HostArena:
         self._block, self._min_own, self._alignment = block, min_own, alignment
         self._left: int | None = None
         self._buffer: np.ndarray | None = None
+        self._bytes = memoryview(b"")  # the block's bytes
         self._used = 0
 
-    def _carved(self, shape: Sequence[int], dtype: np.dtype) -> int:
-        """The bytes :meth:`empty` carves from a block for this array (0: its own buffer)."""
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    def _carved(self, nbytes: int) -> int:
+        """The bytes :meth:`empty` carves from a block for an array of ``nbytes`` (0: its own
+        buffer)."""
         if nbytes >= self._min_own or nbytes == 0:
             return 0
         return -(-nbytes // self._alignment) * self._alignment
 
-    def reserve(self, shape: Sequence[int], dtype: np.dtype) -> None:
-        """Announces an array :meth:`empty` will be asked for. Once any is announced, no
-        block is larger than what is left to carve (a small restore never allocates a whole
-        block)."""
-        self._left = (self._left or 0) + self._carved(shape, dtype)
+    def reserve(self, shape: Sequence[int], dtype: np.dtype, count: int = 1) -> None:
+        """Announces ``count`` arrays :meth:`empty` will be asked for. Once any is
+        announced, no block is larger than what is left to carve (a small restore never
+        allocates a whole block)."""
+        itemsize = (dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)).itemsize
+        self._left = (self._left or 0) + count * self._carved(math.prod(shape) * itemsize)
 
     def empty(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
+        """An uninitialised aligned C-contiguous array."""
+        return self.empty_with_bytes(shape, dtype)[0]
+
+    def empty_with_bytes(
+        self, shape: Sequence[int], dtype: np.dtype
+    ) -> tuple[np.ndarray, memoryview]:
+        """:meth:`empty`, with a flat byte view of the array (to read into)."""
+        if not isinstance(dtype, np.dtype):
+            dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
-        size = self._carved(shape, dtype)
+        size = self._carved(nbytes)
         if not size:
-            return aligned_empty(shape, dtype, self._alignment)
+            out = aligned_empty(shape, dtype, self._alignment)
+            return out, memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         if self._buffer is None or self._used + nbytes > len(self._buffer):
             block = self._block if self._left is None else max(size, min(self._block, self._left))
             self._buffer = aligned_empty((block,), np.dtype(np.uint8), self._alignment)
+            self._bytes = memoryview(self._buffer)  # type: ignore[arg-type]
             self._used = 0
-        out = self._buffer[self._used : self._used + nbytes]
+        used = self._used
+        out = np.ndarray(tuple(shape), dtype, self._buffer, used)  # one call: a view
         self._used += size
         if self._left is not None:
             self._left -= size
-        return out.view(dtype).reshape(shape)
+        return out, self._bytes[used : used + nbytes]

@@ -80,6 +80,7 @@ def _itemsize(name: Any) -> int | None:
             return None
     return size
 
+_ZEROS = tuple((0,) * n for n in range(65))  # the start of a whole box, by rank (<= 64)
 _MAX_DIM = 1 << 48  # larger dimensions are rejected before any arithmetic or allocation
 
 
@@ -612,44 +613,58 @@ class _Validator:
         """The common leaf, checked fast: an array in one raw chunk holding all its (> 0)
         elements. None for any other leaf, valid or not (:meth:`_leaf` then checks it and
         says what is wrong), before changing any state."""
-        if type(x) is not dict or self._with_tables or x.get("type") not in _PLAIN_TYPES:
+        if type(x) is not dict or self._with_tables or "cells" in x:
             return None
-        path, shape, chunks = x.get("path"), x.get("shape"), x.get("chunks")
-        itemsize = _itemsize(x.get("dtype"))
-        if ("cells" in x or type(path) is not str or type(shape) is not list or len(shape) > 64
-                or type(chunks) is not list or len(chunks) != 1 or itemsize is None):
+        try:
+            kind, path, shape, chunks, dtype = (
+                x["type"], x["path"], x["shape"], x["chunks"], x["dtype"])
+            if kind not in _PLAIN_TYPES or type(chunks) is not list or len(chunks) != 1:
+                return None
+            c = chunks[0]
+            if type(c) is not dict or len(c) != 6:  # else extras (format 1.2) or missing ones
+                return None
+            file, offset, nbytes, crc = c["file"], c["offset"], c["nbytes"], c["crc32c"]
+            start, box_shape = c["start"], c["shape"]
+        except (KeyError, TypeError):
             return None
-        c = chunks[0]
-        if type(c) is not dict or len(c) != 6:  # else extras (format 1.2) or missing members
+        itemsize = _ITEMSIZES.get(dtype) if type(dtype) is str else None
+        if itemsize is None:
+            itemsize = _itemsize(dtype)
+        if type(path) is not str or type(shape) is not list or len(shape) > 64 or (
+                itemsize is None):
             return None
-        file, offset, nbytes, crc = c.get("file"), c.get("offset"), c.get("nbytes"), c.get(
-            "crc32c")
         volume = 1
         for d in shape:
             if type(d) is not int or not 0 < d <= _MAX_DIM:
                 return None
             volume *= d
+        files = self._files
         if not (type(file) is int and type(offset) is int and type(crc) is int
-                and 0 <= file < len(self._files) and offset >= 0 and crc >= 0
-                and nbytes == volume * itemsize and c.get("shape") == shape
-                and c.get("start") == [0] * len(shape)):
+                and 0 <= file < len(files) and offset >= 0 and crc >= 0
+                and nbytes == volume * itemsize and box_shape == shape
+                and type(start) is list and len(start) == len(shape) and not any(start)
+                and all(type(i) is int for i in start)):
             return None
         end = offset + nbytes
-        if end > self._files[file].nbytes or self._claimed[file] + nbytes > self._files[
-                file].nbytes or (offset, nbytes) in self._seen.get(file, ()):
+        size = files[file].nbytes
+        seen = self._seen.get(file)
+        if end > size or self._claimed[file] + nbytes > size or (
+                seen is not None and (offset, nbytes) in seen):
             return None
-        self._seen.setdefault(file, set()).add((offset, nbytes))
+        if seen is None:
+            seen = self._seen[file] = set()
+        seen.add((offset, nbytes))
         self._claimed[file] += nbytes
-        files, begins, ends = self._ranges
-        files.append(file)
-        begins.append(offset)
-        ends.append(end)
+        ranges = self._ranges
+        ranges[0].append(file)
+        ranges[1].append(offset)
+        ranges[2].append(end)
         sharding, impl = x.get("sharding"), x.get("impl")
         box = tuple(shape)
         return _new(ArrayLeaf, {
-            "path": path, "type": x["type"], "shape": box, "dtype": x["dtype"],
+            "path": path, "type": kind, "shape": box, "dtype": dtype,
             "chunks": (_new(Chunk, {
-                "file": file, "offset": offset, "nbytes": nbytes, "start": (0,) * len(box),
+                "file": file, "offset": offset, "nbytes": nbytes, "start": _ZEROS[len(box)],
                 "shape": box, "crc32c": crc, "codec": "raw", "stored_nbytes": None,
                 "digest": None, "crc32c_block": 0, "crc32c_blocks": (),
             }),),

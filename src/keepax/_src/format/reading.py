@@ -43,12 +43,14 @@ class ReadRequest:
       chunks: The leaf's chunks (all of them; only those overlapping ``box`` are read).
       box: The box of the global array that ``out`` holds.
       out: Destination array, C-contiguous, of the leaf's stored dtype and ``box``'s shape.
+      view: ``out``'s bytes, if the caller has them at hand (else made when needed).
     """
 
     leaf: str
     chunks: Sequence[Chunk]
     box: Box
     out: np.ndarray
+    view: memoryview | None = None
 
 
 @dataclasses.dataclass
@@ -68,7 +70,7 @@ class RestoreStats:
     table_bytes_read: int = 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Piece:
     """One chunk to read (once), and every place its bytes go."""
 
@@ -207,15 +209,19 @@ def read_requests(
     stats = RestoreStats()
     by_chunk: dict[tuple[int, int], _Piece] = {}
     for request in requests:
-        if len(request.chunks) == 1 and request.chunks[0].shape == request.box[1] and (
-                request.chunks[0].start == request.box[0] and request.chunks[0].nbytes):
-            # The common request: one chunk holding exactly the box, read straight into it.
-            chunk = request.chunks[0]
-            piece = by_chunk.get((chunk.file, chunk.offset))
-            if piece is None:
-                piece = by_chunk[chunk.file, chunk.offset] = _Piece(chunk, request.leaf, [])
-            piece.targets.append((request, bytes_view(request.out)))
-            continue
+        chunks = request.chunks
+        if len(chunks) == 1:
+            chunk = chunks[0]
+            box = request.box
+            if chunk.shape == box[1] and chunk.start == box[0] and chunk.nbytes:
+                # The common request: one chunk holding exactly the box, read straight into it.
+                key = (chunk.file, chunk.offset)
+                piece = by_chunk.get(key)
+                if piece is None:
+                    piece = by_chunk[key] = _Piece(chunk, request.leaf, [])
+                view = request.view
+                piece.targets.append((request, bytes_view(request.out) if view is None else view))
+                continue
         for chunk in request.chunks:
             if chunk.nbytes == 0 or intersect((chunk.start, chunk.shape), request.box) is None:
                 continue
@@ -360,12 +366,15 @@ class _Reading:
         filled = iter(landings)
         end = group[0].chunk.offset
         for piece in group:
-            if piece.chunk.offset > end:
+            chunk = piece.chunk
+            if chunk.offset > end:
                 next(filled)  # a gap
             landing = next(filled)
-            _verify(landing, piece, self.files, self.where)
-            piece.deliver(landing, landing)
-            end = piece.chunk.offset + piece.chunk.nbytes
+            if checksum(landing) != chunk.crc32c:
+                _verify(landing, piece, self.files, self.where)  # raises, saying where
+            if len(piece.targets) > 1 or piece.targets[0][1] is not landing:
+                piece.deliver(landing, landing)
+            end = chunk.offset + chunk.nbytes
         return span
 
 
@@ -374,31 +383,40 @@ def _read_steps(
 ) -> list[tuple[int, int, Callable[[Any], int], Any]]:
     """Cuts the pieces into read steps: runs of adjacent small chunks, and runs of
     consecutive big ones (each as (file, offset, function, argument))."""
-    steps: list[tuple[int, int, Callable[[Any], int], Any]] = [
-        (p.chunk.file, p.chunk.offset, reading.decode if p.chunk.codec != "raw" else
-         reading.partial, p)
-        for p in pieces if p.chunk.codec != "raw" or p.ranges is not None
-    ]
-    pieces = [p for p in pieces if p.chunk.codec == "raw" and p.ranges is None]
-    small = sorted(
-        (p for p in pieces if p.chunk.nbytes < _SMALL), key=lambda p: (p.chunk.file, p.chunk.offset)
-    )
+    steps: list[tuple[int, int, Callable[[Any], int], Any]] = []
+    small: list[tuple[int, int, _Piece]] = []  # (file, offset) is unique per piece
+    pieces_left: list[_Piece] = []
+    for p in pieces:
+        c = p.chunk
+        if c.codec != "raw" or p.ranges is not None:
+            steps.append((c.file, c.offset, reading.decode if c.codec != "raw" else
+                          reading.partial, p))
+        elif c.nbytes < _SMALL:
+            small.append((c.file, c.offset, p))
+        else:
+            pieces_left.append(p)
+    pieces = pieces_left
+    small.sort()
     group: list[_Piece] = []
     useful = waste = 0
-    for piece in small:
+    first = end = -1  # the group's first offset, and where its last chunk ends
+    for file, offset, piece in small:
+        nbytes = piece.chunk.nbytes
         if group:
-            prev = group[-1].chunk
-            gap = piece.chunk.offset - (prev.offset + prev.nbytes)
-            span = piece.chunk.offset + piece.chunk.nbytes - group[0].chunk.offset
+            gap = offset - end
             # Gaps are read only while they cost under 1/_WASTE of the bytes wanted.
-            if (piece.chunk.file != prev.file or not 0 <= gap <= _SMALL or span > _BATCH_BYTES
-                    or (waste + gap) * _WASTE > useful + piece.chunk.nbytes):
-                steps.append((group[0].chunk.file, group[0].chunk.offset, reading.group, group))
+            if (file != group[-1].chunk.file or not 0 <= gap <= _SMALL
+                    or offset + nbytes - first > _BATCH_BYTES
+                    or (waste + gap) * _WASTE > useful + nbytes):
+                steps.append((group[0].chunk.file, first, reading.group, group))
                 group, useful, waste = [], 0, 0
             else:
                 waste += gap
+        if not group:
+            first = offset
         group.append(piece)
-        useful += piece.chunk.nbytes
+        useful += nbytes
+        end = offset + nbytes
     if group:
         steps.append((group[0].chunk.file, group[0].chunk.offset, reading.group, group))
     run: list[_Piece] = []

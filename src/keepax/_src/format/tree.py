@@ -336,20 +336,42 @@ def entry_name(entry: Any) -> Any:
     return entry.key
 
 
-def leaf_paths(node: dict[str, Any]) -> dict[int, KeyPath]:
-    """Returns the key path of every leaf of a JSON description, by leaf index.
+def leaf_paths(
+    node: dict[str, Any], names: dict[int, str] | None = None
+) -> dict[int, KeyPath]:
+    """Returns the key path of every leaf of a JSON description, by leaf index (in tree
+    order), and fills ``names`` (if given) with each leaf's :func:`keystr`.
 
     Raises:
       CorruptCheckpointError: if the description is malformed or names a leaf twice.
     """
     collected: dict[int, KeyPath] = {}
 
-    def record(index: int, path: KeyPath) -> None:
-        if index in collected:
-            raise CorruptCheckpointError(f"leaf {index} appears twice in the tree")
-        collected[index] = path
+    def walk(n: Any, path: KeyPath, name: str) -> None:
+        if not isinstance(n, dict):
+            raise CorruptCheckpointError(f"tree node is not an object: {n!r:.80}")
+        kind = n.get("k")
+        if kind == "leaf":
+            index = n.get("i")
+            if type(index) is not int or index < 0:
+                raise CorruptCheckpointError(f"leaf node without index: {n!r:.80}")
+            if index in collected:
+                raise CorruptCheckpointError(f"leaf {index} appears twice in the tree")
+            collected[index] = path
+            if names is not None:
+                names[index] = name
+            return
+        if kind == "none":
+            return
+        entries, children = _container_entries(n, kind, path)
+        for entry, child in zip(entries, children):
+            # keystr(path + (entry,)) == name + str(entry): one str() per entry, not per depth.
+            walk(child, path + (entry,), name + str(entry))  # noqa: F821 - see the del below
 
-    rebuild_plain(node, lambda i: None, on_leaf=record)
+    try:
+        walk(node, (), "")
+    finally:
+        del walk  # the recursive closure is a reference cycle
     return collected
 
 
