@@ -361,19 +361,22 @@ class LeafPlan:
         ``zstd-shuffle``)."""
         leaves: list[Any] = list(self.leaves)
         names: dict[np.dtype, str] = {}
+        paths = self.structure.names
         for index, (kind, dtype, shape, extra) in self.arrays.items():
             name = names.get(dtype)
             if name is None:
                 name = names[dtype] = dtypes.dtype_name(dtype)
             pairs = chunks.get(index, ())
             leaves[index] = array_leaf(
-                self.structure.names[index], kind, shape, name,
+                paths[index], kind, shape, name,
                 (pairs[0][1],) if len(pairs) == 1 else tuple(c for _, c in pairs),
                 extra.get("impl"), extra.get("sharding"), extra.get("cells"),
             )
         return Manifest(
             version=max(
-                (c.min_version for pairs in chunks.values() for _, c in pairs),
+                (c.min_version for pairs in chunks.values() for _, c in pairs
+                 if c.codec != "raw" or c.stored_nbytes is not None or c.digest is not None
+                 or c.crc32c_block),  # (c.uses_codecs, inline: a plain chunk needs 1.0)
                 default=FORMAT_VERSION,
             ) if not tables else SHUFFLE_VERSION if codecs
             else CODECS_VERSION if block_crcs else TABLES_VERSION,
@@ -446,7 +449,7 @@ class _Plain:
         arrays[index] = (kind, dtype, shape, extra)
         buffers.append(SourceBuffer(value, [(len(sources), ())], False))
         source = ChunkSource(index, path or "<root>", start, shape, dtype,
-                             functools.partial(chunk_view, value, ()))
+                             functools.partial(np.asarray, value))  # chunk_view(value, ())
         source.nbytes = nbytes  # known here: spares the cached property's first call
         sources.append(source)
         return True
