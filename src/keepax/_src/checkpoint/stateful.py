@@ -142,12 +142,13 @@ def _under(path: str, prefix: str) -> bool:
 # Restoring into the objects of a like tree.
 
 
-def has_objects(tree: Any) -> bool:
-    """Whether ``tree`` holds an object with ``get_state()``/``set_state()``."""
+def has_objects(tree: Any, also: type | None = None) -> bool:
+    """Whether ``tree`` holds an object with ``get_state()``/``set_state()`` (or, with
+    ``also``, an instance of that type: one pass over the tree looks for both)."""
     found: list[bool] = []
 
     def seen(x: Any) -> bool:  # asks once per node and leaf (not again of each leaf)
-        if is_stateful(x):
+        if is_stateful(x) or (also is not None and isinstance(x, also)):
             found.append(True)
             return True
         return False
