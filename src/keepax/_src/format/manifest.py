@@ -282,9 +282,6 @@ class Manifest:
                         "layout": leaf.cells.layout,
                         "rotation": leaf.cells.rotation,
                     }
-                elif len(leaf.chunks) == 1 and _plain(c := leaf.chunks[0]):
-                    entry["chunks"] = [{"file": c.file, "offset": c.offset, "nbytes": c.nbytes,
-                                        "start": c.start, "shape": c.shape, "crc32c": c.crc32c}]
                 else:
                     entry["chunks"] = [_chunk_entry(c, leaf.path, version) for c in leaf.chunks]
                 if leaf.impl is not None:
@@ -388,17 +385,12 @@ class CommitMarker:
         )
 
 
-def _plain(c: Chunk) -> bool:
-    """Whether ``c`` is a plain raw chunk (format 1.0: no 1.2 members)."""
-    return c.codec == "raw" and c.stored_nbytes is None and c.digest is None and not c.crc32c_block
-
-
 def _chunk_entry(c: Chunk, path: str, version: tuple[int, int]) -> dict[str, Any]:
     """A chunk's manifest entry (``path``, ``version``: its leaf's and the manifest's); raises
     ValueError if the chunk's codec or digest needs a later format version."""
     entry = {"file": c.file, "offset": c.offset, "nbytes": c.nbytes, "start": c.start,
              "shape": c.shape, "crc32c": c.crc32c}
-    if _plain(c):
+    if c.codec == "raw" and c.stored_nbytes is None and c.digest is None and not c.crc32c_block:
         return entry  # the plain raw chunk: format 1.0
     need = c.min_version
     if version < need:
