@@ -10,6 +10,7 @@ process writes each cell of each array.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -360,19 +361,22 @@ class LeafPlan:
         ``zstd-shuffle``)."""
         leaves: list[Any] = list(self.leaves)
         names: dict[np.dtype, str] = {}
+        paths = self.structure.names
         for index, (kind, dtype, shape, extra) in self.arrays.items():
             name = names.get(dtype)
             if name is None:
                 name = names[dtype] = dtypes.dtype_name(dtype)
             pairs = chunks.get(index, ())
             leaves[index] = array_leaf(
-                self.structure.names[index], kind, shape, name,
+                paths[index], kind, shape, name,
                 (pairs[0][1],) if len(pairs) == 1 else tuple(c for _, c in pairs),
                 extra.get("impl"), extra.get("sharding"), extra.get("cells"),
             )
         return Manifest(
             version=max(
-                (c.min_version for pairs in chunks.values() for _, c in pairs),
+                (c.min_version for pairs in chunks.values() for _, c in pairs
+                 if c.codec != "raw" or c.stored_nbytes is not None or c.digest is not None
+                 or c.crc32c_block),  # (c.uses_codecs, inline: a plain chunk needs 1.0)
                 default=FORMAT_VERSION,
             ) if not tables else SHUFFLE_VERSION if codecs
             else CODECS_VERSION if block_crcs else TABLES_VERSION,
@@ -394,19 +398,28 @@ class LeafPlan:
 class _Plain:
     """Plans the common leaf fast: a ``jax.Array`` on one device or an ``np.ndarray``, of a
     plain (little-endian, storable, non-key) dtype, in one chunk. What :func:`_array_sources`
-    would make of it, with its per-leaf checks done once per dtype and per sharding."""
+    would make of it, with its per-leaf checks done once per sharding and per dtype and
+    shape."""
 
     def __init__(self) -> None:
-        self._dtypes: dict[Any, bool] = {}
+        self._shapes: dict[Any, tuple[int, tuple[int, ...], tuple[int, ...]] | None] = {}
         self._shardings: dict[Any, bool] = {}
 
-    def _dtype_ok(self, dtype: Any) -> bool:
-        ok = self._dtypes.get(dtype)
-        if ok is None:
-            ok = self._dtypes[dtype] = (
-                isinstance(dtype, np.dtype) and dtypes.is_storable(dtype)
-                and dtype.byteorder != ">" and not is_key_array(np.empty(0, dtype)))
-        return ok
+    def _shape(self, dtype: Any, shape: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]] | None:
+        """(bytes, chunk start, shape) of a leaf of this dtype and shape, or None when it is
+        not a common one (an unusual dtype, empty, or too large for one chunk)."""
+        key = (dtype, shape)
+        try:
+            return self._shapes[key]
+        except KeyError:
+            pass
+        ok = (isinstance(dtype, np.dtype) and dtypes.is_storable(dtype)
+              and dtype.byteorder != ">" and not is_key_array(np.empty(0, dtype)))
+        nbytes = math.prod(shape) * dtype.itemsize if ok else 0
+        shape = tuple(shape)
+        found = self._shapes[key] = (
+            (nbytes, (0,) * len(shape), shape) if 0 < nbytes <= format.CHUNK_BYTES else None)
+        return found
 
     def add(
         self, index: int, path: str, value: Any,
@@ -428,17 +441,15 @@ class _Plain:
             kind, extra = "jax", {"sharding": None}
         else:
             return False
-        dtype, shape = value.dtype, value.shape
-        if not self._dtype_ok(dtype):
+        dtype = value.dtype
+        found = self._shape(dtype, value.shape)
+        if found is None:
             return False
-        nbytes = math.prod(shape) * dtype.itemsize
-        if not 0 < nbytes <= format.CHUNK_BYTES:
-            return False
-        shape = tuple(shape)
+        nbytes, start, shape = found
         arrays[index] = (kind, dtype, shape, extra)
         buffers.append(SourceBuffer(value, [(len(sources), ())], False))
-        source = ChunkSource(index, path or "<root>", (0,) * len(shape), shape, dtype,
-                             _chunk_getter(value, ()))
+        source = ChunkSource(index, path or "<root>", start, shape, dtype,
+                             functools.partial(np.asarray, value))  # chunk_view(value, ())
         source.nbytes = nbytes  # known here: spares the cached property's first call
         sources.append(source)
         return True

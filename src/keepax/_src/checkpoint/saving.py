@@ -195,8 +195,9 @@ def prepare_save(
         coordinator = None
     if coordinator is None:
         storage, name, where, checked = _check_inputs(path, metadata, overwrite, storage_options)
-        tree_, _ = stateful.state_tree(tree_, step)
-        tree_, _ = per_process.take_apart(tree_, 0, 1)
+        if stateful.has_objects(tree_, also=per_process.PerProcess):  # (else: nothing to do)
+            tree_, _ = stateful.state_tree(tree_, step)
+            tree_, _ = per_process.take_apart(tree_, 0, 1)
         return PreparedSave(storage, name, where, overwrite, checked, plan_leaves(tree_),
                             step=step, compression=compressing)
     where = str(path)

@@ -22,10 +22,15 @@ from keepax.errors import KeepaxError, TreeMismatchError, UnsupportedLeafError
 __all__ = ["has_objects", "is_stateful", "restore_objects", "state_tree"]
 
 
+_PLAIN = frozenset({dict, list, tuple, type(None), np.ndarray, int, float, bool, str, bytes})
+"""Types whose instances never have ``get_state`` (no instance attributes): answered at once."""
+
+
 def is_stateful(x: Any) -> bool:
     """Whether ``x`` is an object with ``get_state()`` and ``set_state()`` (not a class)."""
     return (
-        not isinstance(x, type)
+        type(x) not in _PLAIN
+        and not isinstance(x, type)
         and callable(getattr(x, "get_state", None))
         and callable(getattr(x, "set_state", None))
     )
@@ -137,9 +142,19 @@ def _under(path: str, prefix: str) -> bool:
 # Restoring into the objects of a like tree.
 
 
-def has_objects(tree: Any) -> bool:
-    """Whether ``tree`` holds an object with ``get_state()``/``set_state()``."""
-    return any(is_stateful(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_stateful))
+def has_objects(tree: Any, also: type | None = None) -> bool:
+    """Whether ``tree`` holds an object with ``get_state()``/``set_state()`` (or, with
+    ``also``, an instance of that type: one pass over the tree looks for both)."""
+    found: list[bool] = []
+
+    def seen(x: Any) -> bool:  # asks once per node and leaf (not again of each leaf)
+        if is_stateful(x) or (also is not None and isinstance(x, also)):
+            found.append(True)
+            return True
+        return False
+
+    jax.tree_util.tree_leaves(tree, is_leaf=seen)
+    return bool(found)
 
 
 Restore = Callable[..., Any]

@@ -195,11 +195,13 @@ def _write_one(
     crcs: list[_Crcs] = []
     gathered = _Gathered(writer, memoryview(header))
     crc32c = _crc32c.crc32c
+    small = _SMALL if not block_crcs else 0
     for source in sources:
         array = source.data()
         if array.shape != source.shape:
             raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
-        if not block_crcs and array.nbytes < _SMALL and array.flags.c_contiguous:
+        nbytes = array.nbytes
+        if nbytes < small and array.flags.c_contiguous:
             # The common small chunk (what follows, without its branches): gathered. A
             # memoryview cast is 4x cheaper than a uint8 view, for dtypes with a buffer
             # format (NumPy's own, native byte order; not ml_dtypes').
@@ -208,7 +210,11 @@ def _write_one(
             else:
                 view = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
             crcs.append((crc32c(view), 0, ()))
-            gathered.add(view)
+            views = gathered.views  # gathered.add(view), inline
+            views.append(view)
+            gathered.nbytes += nbytes
+            if gathered.nbytes >= _BATCH_BYTES or len(views) >= 1024:
+                gathered.flush()
             continue
         size = blocks.crc32c_block_size(source.shape, source.dtype.itemsize) if block_crcs else 0
         crcs_of = blocks.BlockCrcs(size) if size else None

@@ -197,6 +197,19 @@ def describe(tree: Any) -> Structure:
             leaves.append(node)
             names.append(name)
             return {"k": "leaf", "i": len(leaves) - 1}
+        kind_ = type(node)
+        if kind_ is dict and all(type(k) is str for k in node):
+            # The common node, without asking JAX (which sorts str keys the same way).
+            keys = sorted(node)
+            entries_ = [DictKey(k) for k in keys]
+            return {"k": "dict", "keys": keys,
+                    "c": [walk(node[k], path + (e,), name + str(e))  # noqa: F821 - see del
+                          for k, e in zip(keys, entries_)]}
+        if kind_ is list or kind_ is tuple:
+            entries_ = [SequenceKey(i) for i in range(len(node))]
+            return {"k": "list" if kind_ is list else "tuple",
+                    "c": [walk(child, path + (e,), name + str(e))  # noqa: F821 - see del
+                          for child, e in zip(node, entries_)]}
         children, treedef = jax.tree_util.tree_flatten_with_path(
             node, is_leaf=lambda x: x is not node
         )
