@@ -503,8 +503,8 @@ class _Streamer:
             for s in sources:
                 value = leaves[s.leaf] if s.leaf < len(leaves) else None
                 key, array, tap = self._key(s, value, hints)
-                p = _Planned(s, key, None if tap else self.store.lookup(key, self.pinned),
-                             tap=tap)
+                hit = None if tap is not None else self.store.lookup(key, self.pinned)
+                p = _Planned(s, key, hit, tap=tap)
                 if p.hit is None:
                     p.fresh = len(fresh) if tap is not None else seen.setdefault(key, len(fresh))
                     if p.fresh == len(fresh):
