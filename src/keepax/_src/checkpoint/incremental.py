@@ -219,6 +219,11 @@ class ChunkStore:
         with self._lock:
             return self._drop(self._steps.pop(name, set()))
 
+    def empty(self) -> bool:
+        """Whether no chunk is known to be stored (nothing to refer to)."""
+        with self._lock:
+            return not self._chunks
+
     def referenced(self) -> set[str]:
         """Store files referred to by a committed step or a save in flight."""
         with self._lock:
@@ -335,9 +340,10 @@ class ChunkStore:
 @dataclasses.dataclass
 class _Planned:
     source: ChunkSource
-    key: Key
+    key: Key  # (its digest is known only once written when ``tap`` is set)
     hit: StoredChunk | None  # the stored copy, or None: written by this save
     fresh: int = -1  # index into the fresh sources when written by this save
+    tap: digests.Streaming | None = None  # written without hashing first: digested writing
 
 
 _PACK_DIV, _PACK_MIN, _PACK_MAX = 8, 16 << 20, 256 << 20
@@ -350,6 +356,9 @@ _Written = dict[int, tuple[DataFile, Chunk]]
 """id of a fresh source -> the file (as written under the store) and its chunk entry."""
 
 _HintKey = tuple[tuple[int, ...], tuple[int, ...]]
+_Where = tuple[str, tuple[int, ...], str]
+"""A chunk's place in the state: tensor name (leaf path and start), shape, dtype name."""
+_FUSE_MIN = 1 << 20  # smaller chunks are always hashed before they are written
 
 
 class _Hints:
@@ -363,6 +372,8 @@ class _Hints:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_id: dict[int, tuple[weakref.ref[Any], dict[_HintKey, Key]]] = {}
+        self.samples: dict[_Where, int] = {}
+        """The previous save's chunk samples (:func:`digests.sample`), by place."""
 
     def get(self, value: Any, source: ChunkSource) -> Key | None:
         """The key recorded for ``source`` of leaf ``value``, if it is the same live array."""
@@ -400,7 +411,15 @@ class _Streamer:
     time, so that hashing overlaps writing. Each chunk's data is read once (by this thread);
     a new chunk is held only until its file is written, and at most ``_IN_FLIGHT`` bytes of
     them at once (a non-contiguous chunk is held as the view it is: hashing and writing copy
-    it out in bounded blocks)."""
+    it out in bounded blocks).
+
+    A chunk predicted to have changed is not hashed first: its writer digests it block by
+    block as it writes it (each byte read from memory once, not twice). The prediction is a
+    hint only (:meth:`_tap`): a contiguous chunk of at least ``_FUSE_MIN`` bytes, uncompressed,
+    whose sample (:func:`digests.sample`) differs from its place's at the previous save, or,
+    while the store holds no chunk, any such chunk whose sample no earlier chunk of this save
+    had (zero-filled moments are hashed first: one is probably a copy of another). Such a
+    chunk that turns out to equal a stored one keeps its new copy (see :meth:`run`)."""
 
     def __init__(self, prepared: PreparedSave, store: ChunkStore, pinned: set[str],
                  prefix: str, total: int, consume: bool) -> None:
@@ -413,7 +432,11 @@ class _Streamer:
             collections.deque())
         self.files = 0
         self.written: _Written = {}
-        self.hashed = 0  # chunks hashed (the others were known from hints)
+        self.hashed = 0  # chunks hashed first (the others known from hints, or digested)
+        self.fuse = prepared.compression is None
+        self.first = store.empty()
+        self.samples: dict[_Where, int] = {}
+        self.sampled: set[int] = set()
 
     def _write(self, pack: list[ChunkSource], number: int) -> _Written:
         files, written = datafiles.write_data_files(
@@ -427,20 +450,48 @@ class _Streamer:
         while sum(n for _, n in self.pending) > _IN_FLIGHT:
             self.written.update(self.pending.popleft()[0].result())
 
-    def _key(self, s: ChunkSource, value: Any, hints: _Hints) -> tuple[Key, np.ndarray | None]:
+    def _tap(self, s: ChunkSource, array: np.ndarray) -> digests.Streaming | None:
+        """A digest to feed while ``s`` is written if it is predicted to have changed; None:
+        hash it first (it may be stored already)."""
+        if not self.fuse or s.nbytes < _FUSE_MIN:
+            return None
+        sample = digests.sample(array)
+        if sample is None:
+            return None
+        where = (s.name, s.shape, dtypes.dtype_name(s.dtype))
+        self.samples[where] = sample
+        if sample in self.sampled:
+            return None  # probably a copy of an earlier chunk of this save (zeros)
+        self.sampled.add(sample)
+        before = self.store.hints.samples.get(where)
+        return digests.Streaming() if (self.first if before is None else before != sample) \
+            else None
+
+    def _key(self, s: ChunkSource, value: Any, hints: _Hints
+             ) -> tuple[Key, np.ndarray | None, digests.Streaming | None]:
         key = hints.get(value, s)
         array = s.data() if key is None or self.consume else None
         if array is not None and array.shape != s.shape:
             raise ValueError(f"chunk {s.name}: got shape {array.shape}, want {s.shape}")
+        tap = None
         if key is None:
             assert array is not None
-            self.hashed += 1
-            key = (digests.digest(array), s.nbytes, dtypes.dtype_name(s.dtype))
-        return key, array
+            tap = self._tap(s, array)
+            digest = "" if tap is not None else digests.digest(array)
+            self.hashed += tap is None
+            key = (digest, s.nbytes, dtypes.dtype_name(s.dtype))
+        return key, array, tap
 
     def run(self, sources: Sequence[ChunkSource]) -> tuple[list[_Planned], list[ChunkSource]]:
         """Plans every chunk (a stored copy or new), writes the new ones (into
-        :attr:`written`); returns the plan and the new chunks."""
+        :attr:`written`); returns the plan and the new chunks.
+
+        A digested chunk (written without hashing first) refers to its new copy even where
+        it turns out to equal a stored chunk or another of this save: that copy is complete
+        and checksummed, and a store file is reclaimed only whole, so referring elsewhere
+        would leave its bytes unreclaimable inside a live file. Its place's sample is then
+        unchanged at the next save, which hashes it first again.
+        """
         planned: list[_Planned] = []
         fresh: list[ChunkSource] = []
         seen: dict[Key, int] = {}
@@ -448,26 +499,23 @@ class _Streamer:
         size = 0
         leaves = _leaves(self.prepared)
         hints = self.store.hints
-        remember: dict[int, tuple[Any, dict[_HintKey, Key]]] = {}
         try:
             for s in sources:
                 value = leaves[s.leaf] if s.leaf < len(leaves) else None
-                key, array = self._key(s, value, hints)
-                if isinstance(value, jax.Array):
-                    remember.setdefault(id(value), (value, {}))[1][(s.start, s.shape)] = key
-                p = _Planned(s, key, self.store.lookup(key, self.pinned))
+                key, array, tap = self._key(s, value, hints)
+                hit = None if tap is not None else self.store.lookup(key, self.pinned)
+                p = _Planned(s, key, hit, tap=tap)
                 if p.hit is None:
-                    if key not in seen:
-                        seen[key] = len(fresh)
+                    p.fresh = len(fresh) if tap is not None else seen.setdefault(key, len(fresh))
+                    if p.fresh == len(fresh):
                         # Read once: a hinted chunk not read yet is read by its writer.
-                        fresh.append(s if array is None else
-                                     dataclasses.replace(s, data=_constant(array)))
+                        fresh.append(s if array is None else dataclasses.replace(
+                            s, data=_constant(array), tap=None if tap is None else tap.update))
                         pack.append(fresh[-1])
                         size += s.nbytes
                         if size >= self.target:
                             self._submit(pack, size)
                             pack, size = [], 0
-                    p.fresh = seen[key]
                 planned.append(p)
                 del array
             if pack:
@@ -476,8 +524,21 @@ class _Streamer:
                 self.written.update(self.pending.popleft()[0].result())
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        hints.replace(remember)
+        self._remember(planned, leaves)
         return planned, fresh
+
+    def _remember(self, planned: list[_Planned], leaves: Sequence[Any]) -> None:
+        """Completes the digested chunks' keys; keeps this save's hints for the next."""
+        remember: dict[int, tuple[Any, dict[_HintKey, Key]]] = {}
+        for p in planned:
+            if p.tap is not None:
+                p.key = (p.tap.value(), *p.key[1:])
+            s = p.source
+            value = leaves[s.leaf] if s.leaf < len(leaves) else None
+            if isinstance(value, jax.Array):
+                remember.setdefault(id(value), (value, {}))[1][(s.start, s.shape)] = p.key
+        self.store.hints.replace(remember)
+        self.store.hints.samples = self.samples
 
 
 def _constant(array: np.ndarray) -> Callable[[], np.ndarray]:

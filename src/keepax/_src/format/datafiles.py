@@ -60,6 +60,7 @@ MAX_HEADER_BYTES = 100_000_000
 _SMALL = 256 << 10  # chunks below this are gathered into one writev
 _BATCH_BYTES = 16 << 20  # at most this much gathered into one writev
 _COPY_BLOCK = 8 << 20  # non-contiguous sources are copied out in blocks of about this size
+_TAP_BLOCK = 1 << 20  # a tapped chunk is checksummed, tapped and written in blocks of this
 
 
 def checksum(data: memoryview | bytes, value: int = 0) -> int:
@@ -84,6 +85,8 @@ class ChunkSource:
       dtype: The array's dtype.
       data: Returns the chunk's values as a NumPy array of ``shape`` (any memory layout);
         called once, by the thread that writes the chunk.
+      tap: If set, shown every byte of the chunk, in order, block by block as it is written
+        (while the block is in cache), e.g. to digest it in the same pass; uncompressed only.
     """
 
     leaf: int
@@ -92,6 +95,7 @@ class ChunkSource:
     shape: tuple[int, ...]
     dtype: np.dtype
     data: Callable[[], np.ndarray]
+    tap: Callable[[memoryview], None] | None = None
 
     @functools.cached_property
     def nbytes(self) -> int:
@@ -201,7 +205,7 @@ def _write_one(
         if array.shape != source.shape:
             raise ValueError(f"chunk {source.name}: got shape {array.shape}, want {source.shape}")
         nbytes = array.nbytes
-        if nbytes < small and array.flags.c_contiguous:
+        if nbytes < small and array.flags.c_contiguous and source.tap is None:
             # The common small chunk (what follows, without its branches): gathered. A
             # memoryview cast is 4x cheaper than a uint8 view, for dtypes with a buffer
             # format (NumPy's own, native byte order; not ml_dtypes').
@@ -218,6 +222,10 @@ def _write_one(
             continue
         size = blocks.crc32c_block_size(source.shape, source.dtype.itemsize) if block_crcs else 0
         crcs_of = blocks.BlockCrcs(size) if size else None
+        if array.flags.c_contiguous and source.tap is not None:
+            gathered.flush()
+            crcs.append(_write_tapped(writer, bytes_view(array), source.tap, size, crcs_of))
+            continue
         if array.flags.c_contiguous:
             view = bytes_view(array)
             if crcs_of is not None:
@@ -240,11 +248,28 @@ def _write_one(
             crc = checksum(view, crc)
             if crcs_of is not None:
                 crcs_of.feed(view)
+            if source.tap is not None:
+                source.tap(view)
             writer.write(view)
             del block, view  # before the next block is copied: one block held at a time
         crcs.append((crc, size, crcs_of.finish() if crcs_of is not None else ()))
     gathered.flush()
     return crcs
+
+
+def _write_tapped(writer: Writer, view: memoryview, tap: Callable[[memoryview], None],
+                  size: int, crcs_of: blocks.BlockCrcs | None) -> _Crcs:
+    """Writes a tapped chunk block by block, each block checksummed, tapped and written while
+    it is still in cache (the chunk is read from memory once)."""
+    crc = 0
+    for at in range(0, len(view), _TAP_BLOCK):
+        block = view[at : at + _TAP_BLOCK]
+        crc = checksum(block, crc)
+        if crcs_of is not None:
+            crcs_of.feed(block)
+        tap(block)
+        writer.write(block)
+    return crc, size, crcs_of.finish() if crcs_of is not None else ()
 
 
 class _Gathered:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import numpy as np
 import xxhash
 
-__all__ = ["ALGORITHM", "digest"]
+__all__ = ["ALGORITHM", "Streaming", "digest", "sample"]
 
 ALGORITHM = "xxh3-128"
 
 _BLOCK = 8 << 20
 """Non-contiguous arrays are copied out and hashed in row blocks of about this size."""
+_SPOTS, _SPOT = 16, 256
+"""A sample is this many runs of this many bytes, spread evenly over an array's bytes."""
 
 
 def _bytes(array: np.ndarray) -> memoryview:
@@ -34,3 +36,34 @@ def digest(array: np.ndarray) -> str:
     for r in range(0, array.shape[0], rows):
         state.update(_bytes(np.ascontiguousarray(array[r : r + rows])))
     return f"{ALGORITHM}:{state.hexdigest()}"
+
+
+class Streaming:
+    """The digest of bytes fed in order, block by block: :meth:`value` equals :func:`digest`
+    of the whole array they make (XXH3's streaming and one-shot forms agree)."""
+
+    def __init__(self) -> None:
+        self._state = xxhash.xxh3_128()
+
+    def update(self, data: memoryview) -> None:
+        """Feeds the next bytes."""
+        self._state.update(data)
+
+    def value(self) -> str:
+        """``xxh3-128:<32 hex digits>`` of every byte fed so far."""
+        return f"{ALGORITHM}:{self._state.hexdigest()}"
+
+
+def sample(array: np.ndarray) -> int | None:
+    """A cheap fingerprint of a C-contiguous array: XXH3-64 of ``_SPOTS`` runs of ``_SPOT``
+    bytes spread evenly over its bytes (a few KiB read, whatever its size); None for a
+    non-contiguous array. Two arrays with different samples differ; equal samples prove
+    nothing (a hint only: :func:`digest` decides)."""
+    if not array.flags.c_contiguous:
+        return None
+    view = _bytes(array)
+    step = max(_SPOT, len(view) // _SPOTS)
+    state = xxhash.xxh3_64()
+    for at in range(0, len(view), step):
+        state.update(view[at : at + _SPOT])
+    return int(state.intdigest())
