@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 # Must be set before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -35,3 +36,19 @@ def directory(root: str) -> str:
 
 
 pytest_plugins = ["s3_fixtures"]
+
+
+@pytest.fixture
+def digest_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the chunks hashed whole (``digests.digest``; the real function runs), by size."""
+    from keepax._src.format import digests
+
+    calls: list[int] = []
+    real = digests.digest
+
+    def counting(array: Any) -> str:
+        calls.append(array.nbytes)
+        return real(array)
+
+    monkeypatch.setattr(digests, "digest", counting)
+    return calls

@@ -16,20 +16,6 @@ from keepax._src.format.manifest import ArrayLeaf, Manifest
 N = 1 << 19  # float32 elements: 2 MiB leaves, digested when predicted changed (>= 1 MiB)
 
 
-@pytest.fixture
-def digest_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the chunks hashed before writing (the real function runs)."""
-    calls: list[int] = []
-    real = digests.digest
-
-    def counting(array: np.ndarray) -> str:
-        calls.append(array.nbytes)
-        return real(array)
-
-    monkeypatch.setattr(digests, "digest", counting)
-    return calls
-
-
 def _state(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {f"w{i}": rng.standard_normal(N, dtype=np.float32) for i in range(3)}

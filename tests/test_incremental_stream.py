@@ -16,20 +16,6 @@ import keepax
 from keepax._src.format import digests, spec
 
 
-@pytest.fixture
-def digest_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the digests computed (the real function runs)."""
-    calls: list[int] = []
-    real = digests.digest
-
-    def counting(array: np.ndarray) -> str:
-        calls.append(array.nbytes)
-        return real(array)
-
-    monkeypatch.setattr(digests, "digest", counting)
-    return calls
-
-
 def _store_files(d: str) -> set[str]:
     data = os.path.join(d, spec.STORE_DIR, "data")
     return set(os.listdir(data)) if os.path.isdir(data) else set()

@@ -270,13 +270,9 @@ def rebuild_plain(
     _MISSING = object()
 
     def walk(n: Any, path: KeyPath) -> Any:
-        if not isinstance(n, dict):
-            raise CorruptCheckpointError(f"tree node is not an object: {n!r:.80}")
-        kind = n.get("k")
+        kind = _kind(n)
         if kind == "leaf":
-            index = n.get("i")
-            if type(index) is not int or index < 0:
-                raise CorruptCheckpointError(f"leaf node without index: {n!r:.80}")
+            index = _leaf_index(n)
             if keep is not None and not keep(path):
                 return _MISSING
             if on_leaf is not None:
@@ -361,13 +357,9 @@ def leaf_paths(
     collected: dict[int, KeyPath] = {}
 
     def walk(n: Any, path: KeyPath, name: str) -> None:
-        if not isinstance(n, dict):
-            raise CorruptCheckpointError(f"tree node is not an object: {n!r:.80}")
-        kind = n.get("k")
+        kind = _kind(n)
         if kind == "leaf":
-            index = n.get("i")
-            if type(index) is not int or index < 0:
-                raise CorruptCheckpointError(f"leaf node without index: {n!r:.80}")
+            index = _leaf_index(n)
             if index in collected:
                 raise CorruptCheckpointError(f"leaf {index} appears twice in the tree")
             collected[index] = path
@@ -404,3 +396,18 @@ def path_matches(path: KeyPath, selector: Sequence[Any]) -> bool:
             continue
         return False
     return True
+
+
+def _kind(n: Any) -> Any:
+    """A JSON tree node's kind (``"k"``), once it is checked to be an object."""
+    if not isinstance(n, dict):
+        raise CorruptCheckpointError(f"tree node is not an object: {n!r:.80}")
+    return n.get("k")
+
+
+def _leaf_index(n: dict[str, Any]) -> int:
+    """A leaf node's index (``"i"``), checked."""
+    index = n.get("i")
+    if type(index) is not int or index < 0:
+        raise CorruptCheckpointError(f"leaf node without index: {n!r:.80}")
+    return index
