@@ -64,15 +64,13 @@ def drop_caches() -> bool:
 
 
 def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Makes a file and its name durable (fsync of the file, then of its directory)."""
+    fsync_file_dir(path)
     fsync_file_dir(os.path.dirname(path))
 
 
 def fsync_file_dir(path: str) -> None:
+    """fsyncs one file or directory."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

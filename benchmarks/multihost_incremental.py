@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +50,9 @@ def child(args: argparse.Namespace) -> int:
     mesh = mp_prelude.global_mesh((count * DEVICES,), ("rows",))
     rows = NamedSharding(mesh, PartitionSpec("rows"))
     width = 1024
-    n = count * DEVICES * max(1, int(args.gib * 2**30 / 4 / width / (count * DEVICES)))
-    m = count * DEVICES * max(1, int(n * ADAPTER / (count * DEVICES)))
+    per = count * DEVICES  # every sharded dimension divides evenly over the devices
+    rows_per_layer = per * max(1, int(args.gib * 2**30 / 4 / width / 8 / per))
+    m = per * max(1, int(8 * rows_per_layer * ADAPTER / per))
 
     def sharded(shape: tuple[int, int], seed: int) -> jax.Array:
         def make(i: Any) -> np.ndarray:
@@ -60,7 +62,7 @@ def child(args: argparse.Namespace) -> int:
                                        dtype=np.float32)
         return jax.make_array_from_callback(shape, rows, make)
 
-    base = {f"layer{k}": sharded((n // 8, width), k) for k in range(8)}
+    base = {f"layer{k}": sharded((rows_per_layer, width), k) for k in range(8)}
 
     def state(step: int) -> dict[str, Any]:
         return {"base": base, "step": step,
@@ -92,13 +94,12 @@ def child(args: argparse.Namespace) -> int:
 
 
 def run_group(work: str, cargs: list[str], timeout: float) -> list[dict[str, Any]]:
-    from multiproc import describe_all, start_processes
+    """Runs the two children of this script to the end; their results, by process."""
+    from multiproc import run_processes
 
-    with start_processes(os.path.abspath(__file__), 2, tmp_path=work, args=["--child", *cargs],
-                         devices_per_process=DEVICES) as group:
-        results = group.wait(timeout)
-    if not all(r.ok for r in results):
-        raise RuntimeError(describe_all(results))
+    results = run_processes(os.path.abspath(__file__), 2, tmp_path=Path(work),
+                            args=["--child", *cargs], timeout=timeout,
+                            devices_per_process=DEVICES)
     return sorted((r.result for r in results), key=lambda r: r["process"])
 
 

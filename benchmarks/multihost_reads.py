@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,14 +127,12 @@ def child(args: argparse.Namespace) -> int:
 
 
 def run_group(n: int, work: str, cargs: list[str], timeout: float) -> list[dict[str, Any]]:
-    from multiproc import describe_all, start_processes
+    """Runs ``n`` children of this script to the end; their results, by index."""
+    from multiproc import run_processes
 
-    with start_processes(os.path.abspath(__file__), n, tmp_path=work, args=["--child", *cargs],
-                         devices_per_process=DEVICES) as group:
-        results = group.wait(timeout)
-    if not all(r.ok for r in results):
-        raise RuntimeError(describe_all(results))
-    return [r.result for r in results]
+    return [r.result for r in run_processes(
+        os.path.abspath(__file__), n, tmp_path=Path(work), args=["--child", *cargs],
+        timeout=timeout, devices_per_process=DEVICES)]
 
 
 SCENARIOS = [
