@@ -583,6 +583,16 @@ def _remove_written(storage: Storage, prefix: str) -> None:
                     storage.delete(f"{STORE_DATA}/{base}")
 
 
+def _check_step_name(prepared: PreparedSave) -> None:
+    """The store's references (``../.keepax-store/...``) hold for steps directly under the
+    manager directory only, which is where a manager writes them."""
+    if "/" in prepared.name:
+        raise KeepaxError(
+            "incremental saves write steps directly under the manager directory, not "
+            f"{prepared.name!r}: save this checkpoint with incremental=False (or through "
+            "the manager)", path=prepared.where)
+
+
 def write_incremental(prepared: PreparedSave, sources: Sequence[ChunkSource], store: ChunkStore,
                       *, before_commit: Callable[[], None] | None = None,
                       consume: bool = True) -> SaveResult:
@@ -602,9 +612,7 @@ def write_incremental(prepared: PreparedSave, sources: Sequence[ChunkSource], st
     """
     began = time.perf_counter()
     storage = prepared.storage
-    if "/" in prepared.name:
-        raise KeepaxError("incremental saves write steps directly under the manager directory",
-                          path=prepared.where)
+    _check_step_name(prepared)
     pinned: set[str] = set()
     prefix = f"{uuid.uuid4().hex[:16]}-p00000"
     new_files: dict[str, int] = {}
@@ -656,9 +664,7 @@ class SharedSave:
 
     def __init__(self, prepared: PreparedSave, store: ChunkStore, process: int, *,
                  consume: bool) -> None:
-        if "/" in prepared.name:
-            raise KeepaxError("incremental saves write steps directly under the manager "
-                              "directory", path=prepared.where)
+        _check_step_name(prepared)
         self._prepared, self._store, self._consume = prepared, store, consume
         self._prefix = f"{uuid.uuid4().hex[:16]}-p{process:05d}"
         self._pinned: set[str] = set()
